@@ -1,0 +1,1 @@
+"""The `moe-offload` command line (thin: parse, call the library, print)."""

@@ -1,0 +1,152 @@
+"""moe-offload: run Mixtral-class Mixture-of-Experts models on one memory-constrained GPU."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run Mixtral-class Mixture-of-Experts models on one memory-constrained GPU, "
+                       "streaming experts between disk, pinned RAM and the GPU.")
+
+
+def user_errors(fn):
+    """Turn the project's UserError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from quant.errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"moe-offload: error: {exc}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("moe-offload: interrupted", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, temperature: float, top_k: int,
+              top_p: float, seed: Optional[int], chat: bool, device: str, dtype: str, as_json: bool,
+              context: int, **store_options) -> None:
+    import offload
+    from offload.generate import Sampling
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if max_new_tokens < 1:
+        raise offload.UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    rt = offload.load(model, device=device, dtype=dtype, context=context, **store_options)
+    pieces = []
+    out = sys.stderr if as_json else sys.stdout
+    if not as_json:
+        out.write(prompt)
+    for piece in rt.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat):
+        pieces.append(piece)
+        if not as_json:
+            out.write(piece)
+            out.flush()
+    if as_json:
+        stats = rt.stats()
+        record = {"text": "".join(pieces), "tokens": rt.last.get("tokens", []),
+                  "prompt_tokens": stats.pop("prompt_tokens"), "stats": stats}
+        sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        out.write("\n")
+        s = rt.stats()
+        typer.echo(f"[{s['new_tokens']} tokens, {s['tokens_per_s']:.2f} tok/s, prefill {s['prefill_s']:.3f}s, "
+                   f"device {s['device']}]", err=True)
+
+
+GEN_OPTIONS = dict(
+    max_new_tokens=typer.Option(64, "--max-new-tokens", "-n", help="Stop after this many new tokens."),
+    temperature=typer.Option(0.0, "--temperature", "-t", help="0 = greedy; higher = more random."),
+    top_k=typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = all)."),
+    top_p=typer.Option(1.0, "--top-p", help="Sample from the smallest set with this much probability."),
+    seed=typer.Option(None, "--seed", help="Seed for sampling (same seed, same text)."),
+    chat=typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    device=typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype=typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16 (auto: float32 on CPU, half on GPU)"),
+    as_json=typer.Option(False, "--json", help="Print exactly one JSON object (text, tokens, stats) on stdout."),
+    context=typer.Option(2048, "--context", help="Longest prompt + generation, in tokens (sizes the KV cache)."),
+)
+
+
+@app.command()
+@user_errors
+def generate(
+    model: Optional[str] = typer.Argument(None, help="Model folder (Hugging Face Mixtral layout), or 'demo'. "
+                                                     "With a single argument, it is the prompt and the demo model runs."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt text."),
+    max_new_tokens: int = GEN_OPTIONS["max_new_tokens"], temperature: float = GEN_OPTIONS["temperature"],
+    top_k: int = GEN_OPTIONS["top_k"], top_p: float = GEN_OPTIONS["top_p"], seed: Optional[int] = GEN_OPTIONS["seed"],
+    chat: bool = GEN_OPTIONS["chat"], device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"],
+    as_json: bool = GEN_OPTIONS["as_json"], context: int = GEN_OPTIONS["context"],
+) -> None:
+    """Generate text from PROMPT with MODEL, streaming it to the terminal."""
+    if prompt is None:
+        model, prompt = "demo", model
+    if prompt is None or not prompt.strip():
+        from offload import UserError
+
+        raise UserError("the prompt is empty (usage: moe-offload generate [MODEL] PROMPT)")
+    _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, dtype, as_json, context)
+
+
+@app.command()
+@user_errors
+def demo(
+    prompt: str = typer.Argument("The for statement", help="The prompt text."),
+    max_new_tokens: int = GEN_OPTIONS["max_new_tokens"], temperature: float = GEN_OPTIONS["temperature"],
+    top_k: int = GEN_OPTIONS["top_k"], top_p: float = GEN_OPTIONS["top_p"], seed: Optional[int] = GEN_OPTIONS["seed"],
+    device: str = GEN_OPTIONS["device"], as_json: bool = GEN_OPTIONS["as_json"],
+) -> None:
+    """Generate with the small Mixtral-architecture model shipped in the package (no download)."""
+    _generate("demo", prompt, max_new_tokens, temperature, top_k, top_p, seed, False, device, "auto", as_json, 2048)
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: str = typer.Argument("demo", help="Model folder, or 'demo'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+) -> None:
+    """Describe a model: layers, experts, parameters dense vs experts, bytes per expert, dense bytes on the GPU."""
+    from offload.inspect import describe
+
+    info = describe(model)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=info["path"], show_header=False)
+    for key, value in info.items():
+        if key == "path":
+            continue
+        text = _human_bytes(value) if key.startswith("bytes") else (f"{value:,}" if isinstance(value, int) else str(value))
+        table.add_row(key.replace("_", " "), text)
+    Console().print(table)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

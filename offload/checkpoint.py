@@ -1,0 +1,190 @@
+"""A Hugging Face Mixtral model folder, read lazily: config, safetensors shards, tokenizer files.
+
+Only the safetensors headers are read when a checkpoint is opened. Every tensor's name, dtype, shape and
+byte range are known from them, so the folder is validated up front (missing shard, wrong shape, truncated
+file) and any tensor can later be read on its own, straight into a caller's buffer (pinned memory for the
+expert store), without ever loading the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import MIXTRAL_MODEL_TYPES, ModelConfig
+from .errors import UserError
+
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64,
+}
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes are: the shard file and the absolute byte range inside it."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
+    """Parse one .safetensors file's header; check every byte range lies inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise UserError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size, 100 << 20):
+                raise UserError(f"{path}: not a safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing shard file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable safetensors header ({exc})") from None
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        if base + end > size:
+            raise UserError(f"{path}: truncated (tensor {name} ends at byte {base + end}, file has {size})")
+        out[name] = TensorLocation(path, dtype, tuple(info["shape"]), base + begin, end - begin)
+    return out
+
+
+def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
+    """Hub names of one expert's w1 (gate), w2 (down) and w3 (up) projections."""
+    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+    return f"{p}.w1.weight", f"{p}.w2.weight", f"{p}.w3.weight"
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Mixtral checkpoint must hold, with its shape."""
+    D, F, V, E = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_local_experts
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, D)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes.update({
+            f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,),
+            f"{p}.self_attn.q_proj.weight": (q, D), f"{p}.self_attn.k_proj.weight": (kv, D),
+            f"{p}.self_attn.v_proj.weight": (kv, D), f"{p}.self_attn.o_proj.weight": (D, q),
+            f"{p}.block_sparse_moe.gate.weight": (E, D),
+        })
+        for e in range(E):
+            w1, w2, w3 = expert_names(i, e)
+            shapes.update({w1: (F, D), w2: (D, F), w3: (F, D)})
+    return shapes
+
+
+class Checkpoint:
+    """A model folder opened for lazy reading. `read(name)` loads one tensor; nothing is read up front."""
+
+    def __init__(self, path: str | os.PathLike, model_types: tuple[str, ...] = MIXTRAL_MODEL_TYPES):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"{self.path}: no such model folder")
+        if not self.path.is_dir():
+            raise UserError(f"{self.path}: not a folder (expected a Hugging Face model folder)")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"{config_path}: missing (is this a Hugging Face model folder?)")
+        try:
+            self.raw_config = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{config_path}: not valid JSON ({exc})") from None
+        if not isinstance(self.raw_config, dict):
+            raise UserError(f"{config_path}: expected a JSON object")
+        self.config = ModelConfig.from_dict(self.raw_config, source=str(config_path), model_types=model_types)
+        self.locations = self._index()
+        self._files: dict[Path, object] = {}
+        self._lock = threading.Lock()
+
+    def _index(self) -> dict[str, TensorLocation]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{index}: unreadable shard index ({exc})") from None
+            shards = sorted(set(weight_map.values()))
+        elif (self.path / "model.safetensors").is_file():
+            weight_map, shards = None, ["model.safetensors"]
+        else:
+            raise UserError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        locations: dict[str, TensorLocation] = {}
+        for shard in shards:
+            for name, loc in read_safetensors_header(self.path / shard).items():
+                if weight_map is None or weight_map.get(name) == shard:
+                    locations[name] = loc
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in locations]
+            if missing:
+                raise UserError(f"{self.path / weight_map[missing[0]]}: does not hold tensor {missing[0]} named by the index")
+        return locations
+
+    def validate(self, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        """Check every tensor the model needs is present with the right shape (headers only)."""
+        shapes = expected_shapes(self.config) if shapes is None else shapes
+        for name, shape in shapes.items():
+            loc = self.locations.get(name)
+            if loc is None:
+                raise UserError(f"{self.path}: checkpoint has no tensor {name}")
+            if loc.shape != shape:
+                raise UserError(f"{loc.file}: tensor {name} has shape {list(loc.shape)}, config.json implies {list(shape)}")
+
+    def _file(self, path: Path):
+        f = self._files.get(path)
+        if f is None:
+            try:
+                f = self._files[path] = open(path, "rb")
+            except OSError as exc:
+                raise UserError(f"{path}: cannot open shard ({exc.strerror})") from None
+        return f
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor `name`'s raw bytes into the CPU uint8 buffer `out` (e.g. a slice of a pinned blob)."""
+        loc = self.locations[name]
+        assert out.dtype == torch.uint8 and out.numel() == loc.nbytes and out.device.type == "cpu"
+        with self._lock:
+            f = self._file(loc.file)
+        try:
+            got = os.preadv(f.fileno(), [memoryview(out.numpy())], loc.start)
+        except OSError as exc:
+            raise UserError(f"{loc.file}: read failed for {name} ({exc.strerror})") from None
+        if got != loc.nbytes:
+            raise UserError(f"{loc.file}: truncated while running (tensor {name}: read {got} of {loc.nbytes} bytes)")
+        return out
+
+    def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Load one tensor, optionally cast and moved."""
+        loc = self.locations[name]
+        buf = torch.empty(loc.nbytes, dtype=torch.uint8)
+        t = self.read_into(name, buf).view(loc.dtype).view(loc.shape)
+        return t.to(device=device, dtype=dtype or loc.dtype)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def file_bytes(self) -> int:
+        return sum(loc.nbytes for loc in self.locations.values())

@@ -1,0 +1,80 @@
+"""Generation, in the order it happens: prefill, decode one token, sample, the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .errors import UserError
+from .model import Transformer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0          # 0: no top-k cut
+    top_p: float = 1.0      # 1: no nucleus cut
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def prefill(model: Transformer, prompt: torch.Tensor) -> torch.Tensor:
+    """Run the whole prompt [T] in one pass; logits of its last position [V]."""
+    return model.forward(prompt, 0)[-1]
+
+
+def decode_one(model: Transformer, token: int, pos: int) -> torch.Tensor:
+    """Run one token at position `pos`; its logits [V]."""
+    return model.forward(torch.tensor([token], device=model.device), pos)[-1]
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+    """Pick the next token id from logits [V] (float32)."""
+    if s.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float().cpu() / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        drop = torch.cumsum(sorted_p, 0) - sorted_p >= s.top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sampling,
+                 stop_ids: set[int] = frozenset()) -> Iterator[int]:
+    """Yield generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens."""
+    if not prompt_ids:
+        raise UserError("the prompt is empty")
+    if len(prompt_ids) + max_new_tokens > model.max_seq:
+        raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds "
+                        f"the model's context ({model.max_seq} positions)")
+    generator = None
+    if s.seed is not None:
+        generator = torch.Generator().manual_seed(s.seed)
+    logits = prefill(model, torch.tensor(prompt_ids, device=model.device))
+    pos = len(prompt_ids)
+    for i in range(max_new_tokens):
+        token = sample(logits, s, generator)
+        if token in stop_ids:
+            return
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = decode_one(model, token, pos)
+            pos += 1

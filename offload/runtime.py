@@ -1,0 +1,141 @@
+"""`load()` and `Runtime`: a checkpoint, its tokenizer, the model forward and the expert store, wired together."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import UserError
+from .generate import Sampling, generate_ids
+from .model import MoE, Attention, Block, Transformer
+from .store import ExpertStore
+from .tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """'demo' (or nothing) names the small model shipped with the package; anything else is a folder."""
+    if model is None or str(model) == "demo":
+        from .demo import DEMO_DIR
+
+        return DEMO_DIR
+    return Path(model).expanduser()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (this torch build or machine has none)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """'auto': float32 on CPU (fast and exact there); on a GPU the checkpoint's half type, else float16."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+        return DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if checkpoint_dtype == "bfloat16" else torch.float16
+
+
+def build_model(ckpt: Checkpoint, experts, device: torch.device, dtype: torch.dtype, context: int) -> Transformer:
+    """Load every dense (non-expert) weight onto the device and wire the MoE blocks to `experts`."""
+    cfg = ckpt.config
+
+    def w(name: str) -> torch.Tensor:
+        return ckpt.read(name, dtype=dtype, device=device)
+
+    blocks = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        attn = Attention(cfg, i, w(f"{p}.self_attn.q_proj.weight"), w(f"{p}.self_attn.k_proj.weight"),
+                         w(f"{p}.self_attn.v_proj.weight"), w(f"{p}.self_attn.o_proj.weight"))
+        moe = MoE(cfg, i, w(f"{p}.block_sparse_moe.gate.weight"), experts)
+        blocks.append(Block(cfg, attn, moe, w(f"{p}.input_layernorm.weight"), w(f"{p}.post_attention_layernorm.weight")))
+    embed = w("model.embed_tokens.weight")
+    lm_head = embed if cfg.tie_word_embeddings else w("lm_head.weight")
+    return Transformer(cfg, embed, blocks, w("model.norm.weight"), lm_head, context)
+
+
+class Runtime:
+    """A loaded model ready to generate. `generate()` streams text; `stats()` says what it cost."""
+
+    def __init__(self, ckpt: Checkpoint, model: Transformer, tokenizer: Tokenizer, store: ExpertStore):
+        self.ckpt, self.model, self.tokenizer, self.store = ckpt, model, tokenizer, store
+        self.last: dict = {}
+
+    @property
+    def config(self):
+        return self.ckpt.config
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, sampling: Sampling = Sampling()) -> Iterator[int]:
+        """Yield generated ids; timing lands in `stats()`."""
+        self.store.reset_stats()
+        t0 = time.perf_counter()
+        first = None
+        n = 0
+        for token in generate_ids(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids):
+            if first is None:
+                first = time.perf_counter()
+            n += 1
+            yield token
+        end = time.perf_counter()
+        first = first or end
+        decode_s = end - first
+        self.last = {
+            "prompt_tokens": len(prompt_ids), "new_tokens": n,
+            "prefill_s": round(first - t0, 6),
+            "decode_s": round(decode_s, 6),
+            # The first token comes from prefill; decode speed counts the tokens after it.
+            "tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else 0.0,
+        }
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+                 chat: bool = False) -> Iterator[str]:
+        """Yield text pieces as tokens are generated."""
+        ids = self.encode(prompt, chat)
+        decoder = StreamDecoder(self.tokenizer)
+        for token in self.generate_ids(ids, max_new_tokens, sampling):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        self.last["tokens"] = decoder.ids
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if not prompt or not prompt.strip():
+            raise UserError("the prompt is empty")
+        return self.tokenizer.encode(prompt, chat=chat)
+
+    def stats(self) -> dict:
+        out = dict(self.last)
+        out.pop("tokens", None)
+        out.update(self.store.stats())
+        return out
+
+
+def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: str = "auto",
+         context: int = 2048, **store_options) -> Runtime:
+    """Open a Mixtral model folder (or 'demo') for generation. Extra options go to the expert store."""
+    ckpt = Checkpoint(resolve_model_path(path))
+    ckpt.validate()
+    cfg = ckpt.config
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
+    if context <= 0:
+        raise UserError(f"--context must be positive, got {context}")
+    context = min(context, cfg.max_position_embeddings)
+    tokenizer = Tokenizer(ckpt.path, cfg.bos_token_id, cfg.eos_token_id)
+    store = ExpertStore(ckpt, dev, dt, **store_options)
+    model = build_model(ckpt, store, dev, dt, context)
+    return Runtime(ckpt, model, tokenizer, store)

@@ -1,0 +1,97 @@
+"""The checkpoint's tokenizer (tokenizer.json via the `tokenizers` library), its chat template and
+incremental detokenization for streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+class Tokenizer:
+    def __init__(self, folder: Path, bos_id: int | None = None, eos_ids: tuple[int, ...] = ()):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"{path}: missing (the model folder needs its tokenizer.json)")
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises its own exception types
+            raise UserError(f"{path}: unreadable tokenizer ({str(exc).splitlines()[0]})") from None
+        self.config = _read_json(Path(folder) / "tokenizer_config.json")
+        gen = _read_json(Path(folder) / "generation_config.json")
+        self.bos_id = self._special("bos_token", gen.get("bos_token_id", bos_id))
+        eos = gen.get("eos_token_id", list(eos_ids) or None)
+        eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        eos_tok = self._special("eos_token", None)
+        self.eos_ids = set(eos) | ({eos_tok} if eos_tok is not None else set())
+        self.add_bos = bool(self.config.get("add_bos_token", True)) and self.bos_id is not None
+
+    def _special(self, key: str, default: int | None) -> int | None:
+        value = self.config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and self.tok.token_to_id(value) is not None:
+            return self.tok.token_to_id(value)
+        return default
+
+    def token(self, key: str) -> str:
+        value = self.config.get(key) or ""
+        return value.get("content", "") if isinstance(value, dict) else value
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Prompt text -> ids, with bos prepended (by the chat template when `chat`)."""
+        if chat:
+            text = self.apply_chat_template(text)
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+            return ids  # the template writes bos itself
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if self.add_bos else []) + ids
+
+    def apply_chat_template(self, user_message: str) -> str:
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if not template:
+            raise UserError("--chat: this model's tokenizer_config.json has no chat_template")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message):
+            raise UserError(f"chat template: {message}")
+
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
+            bos_token=self.token("bos_token"), eos_token=self.token("eos_token"))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class StreamDecoder:
+    """Turns generated ids into text pieces as they arrive, never splitting a multi-byte character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
