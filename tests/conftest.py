@@ -1,0 +1,71 @@
+"""Fixtures: tiny random-weight Mixtral checkpoints written by transformers' save_pretrained, with a
+small byte-level BPE tokenizer beside them, so every test runs on a real Hugging Face folder layout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. Experts are streamed between disk, "
+                  "pinned memory and the GPU; the cache keeps the hot ones. ") * 20
+
+
+def write_tokenizer(folder: Path, vocab: int = 300) -> None:
+    """A byte-level BPE tokenizer with <unk>=0, <s>=1, </s>=2 and a Mixtral-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TOKENIZER_TEXT], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+        "chat_template": "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",
+    }))
+
+
+def make_checkpoint(folder: Path, *, vocab: int = 320, hidden: int = 64, ffn: int = 96, layers: int = 2,
+                    heads: int = 4, kv_heads: int = 2, experts: int = 4, top_k: int = 2, tied: bool = False,
+                    head_dim: int | None = None, sliding_window: int | None = None, dtype=torch.float32,
+                    shard_size: str | None = None, seed: int = 0, tokenizer: bool = True):
+    """Write a random-weight MixtralForCausalLM to `folder` and return the transformers model (float32)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=experts,
+                        num_experts_per_tok=top_k, tie_word_embeddings=tied, head_dim=head_dim,
+                        sliding_window=sliding_window, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(cfg).eval()
+    # Random init gives near-uniform routing; widen the router so top-k choices are well separated.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(8)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.to(dtype).save_pretrained(folder, **kwargs)
+    if tokenizer:
+        write_tokenizer(folder)
+    return model.float()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """One small float32 checkpoint shared by tests that only read it."""
+    folder = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(folder, layers=3, experts=6)
+    return folder
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the command line as a user would, in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)

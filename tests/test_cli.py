@@ -1,0 +1,67 @@
+"""The command line as a user runs it: generate (text and --json), inspect, demo, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import offload
+from conftest import make_checkpoint, run_cli
+
+
+def test_generate_json_is_one_object_with_tokens_and_stats(tiny_checkpoint):
+    result = run_cli("generate", tiny_checkpoint, "The quick brown fox", "--max-new-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)  # exactly one JSON object and nothing else on stdout
+    assert set(record) == {"text", "tokens", "prompt_tokens", "stats"}
+    assert len(record["tokens"]) == 12 and record["prompt_tokens"] > 1
+    assert record["stats"]["device"] == "cpu"
+    # The same greedy tokens through the Python API.
+    rt = offload.load(tiny_checkpoint, device="cpu")
+    text = "".join(rt.generate("The quick brown fox", max_new_tokens=12))
+    assert rt.last["tokens"] == record["tokens"] and text == record["text"]
+
+
+def test_generate_streams_text(tiny_checkpoint):
+    result = run_cli("generate", tiny_checkpoint, "Experts are", "-n", "8", "--temperature", "0.8", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Experts are") and "tok/s" in result.stderr
+
+
+def test_chat_template_is_applied(tiny_checkpoint):
+    rt = offload.load(tiny_checkpoint, device="cpu")
+    plain, chat = rt.encode("fox"), rt.encode("fox", chat=True)
+    assert rt.tokenizer.decode(chat).startswith("[INST] fox [/INST]") and chat[0] == 1 and chat != plain
+
+
+def test_bfloat16_checkpoint_loads_and_generates(tmp_path):
+    make_checkpoint(tmp_path, dtype=torch.bfloat16)
+    result = run_cli("generate", tmp_path, "The lazy dog", "-n", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["tokens"]) == 10
+    result = run_cli("generate", tmp_path, "The lazy dog", "-n", "4", "--dtype", "bfloat16", "--json")
+    assert result.returncode == 0, result.stderr
+
+
+def test_inspect_counts_dense_and_expert_parameters(tiny_checkpoint):
+    result = run_cli("inspect", tiny_checkpoint, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["params_experts"] == 3 * 6 * 3 * 64 * 96
+    assert info["bytes_per_expert"] == 3 * 64 * 96 * 4
+    assert info["params_dense"] + info["params_experts"] == info["params_total"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("generate", "/no/such/folder", "hi"), "no such model folder"),
+    (("generate", "{ckpt}", ""), "prompt is empty"),
+    (("generate", "{ckpt}", "hi", "--top-p", "0"), "--top-p"),
+    (("generate", "{ckpt}", "hi", "--device", "tpu"), "--device"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, args, needle):
+    result = run_cli(*(a.format(ckpt=tiny_checkpoint) for a in args))
+    assert result.returncode == 2
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
