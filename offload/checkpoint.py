@@ -74,9 +74,9 @@ def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
     return f"{p}.w1.weight", f"{p}.w2.weight", f"{p}.w3.weight"
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Mixtral checkpoint must hold, with its shape."""
-    D, F, V, E = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_local_experts
+def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors every model of this layout holds outside its feed-forward layers, with their shapes."""
+    D, V = cfg.hidden_size, cfg.vocab_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if not cfg.tie_word_embeddings:
@@ -87,12 +87,25 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,),
             f"{p}.self_attn.q_proj.weight": (q, D), f"{p}.self_attn.k_proj.weight": (kv, D),
             f"{p}.self_attn.v_proj.weight": (kv, D), f"{p}.self_attn.o_proj.weight": (D, q),
-            f"{p}.block_sparse_moe.gate.weight": (E, D),
         })
+    return shapes
+
+
+def moe_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Mixtral's sparse blocks: one router and E experts per layer."""
+    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    shapes = {}
+    for i in range(cfg.num_hidden_layers):
+        shapes[f"model.layers.{i}.block_sparse_moe.gate.weight"] = (E, D)
         for e in range(E):
             w1, w2, w3 = expert_names(i, e)
             shapes.update({w1: (F, D), w2: (D, F), w3: (F, D)})
     return shapes
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Mixtral checkpoint must hold, with its shape."""
+    return {**dense_shapes(cfg), **moe_shapes(cfg)}
 
 
 class Checkpoint:

@@ -9,10 +9,11 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, dense_shapes
+from .config import MIXTRAL_MODEL_TYPES
 from .errors import UserError
 from .generate import Sampling, generate_ids
-from .model import MoE, Attention, Block, Transformer
+from .model import Attention, Block, Transformer
 from .store import ExpertStore
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -49,8 +50,12 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str | None
     return torch.bfloat16 if checkpoint_dtype == "bfloat16" else torch.float16
 
 
-def build_model(ckpt: Checkpoint, experts, device: torch.device, dtype: torch.dtype, context: int) -> Transformer:
-    """Load every dense (non-expert) weight onto the device and wire the MoE blocks to `experts`."""
+def build_model(ckpt: Checkpoint, layers, device: torch.device, dtype: torch.dtype, context: int) -> Transformer:
+    """Load every dense weight onto the device; `layers.layer_ffn(i, read)` builds layer i's feed-forward part.
+
+    `layers` is the seam for what sits behind the feed-forward blocks: the ExpertStore (Mixtral's routed
+    experts behind tiers and caches) or lut's table store (Mixture-of-Lookup-Experts tables).
+    """
     cfg = ckpt.config
 
     def w(name: str) -> torch.Tensor:
@@ -61,8 +66,8 @@ def build_model(ckpt: Checkpoint, experts, device: torch.device, dtype: torch.dt
         p = f"model.layers.{i}"
         attn = Attention(cfg, i, w(f"{p}.self_attn.q_proj.weight"), w(f"{p}.self_attn.k_proj.weight"),
                          w(f"{p}.self_attn.v_proj.weight"), w(f"{p}.self_attn.o_proj.weight"))
-        moe = MoE(cfg, i, w(f"{p}.block_sparse_moe.gate.weight"), experts)
-        blocks.append(Block(cfg, attn, moe, w(f"{p}.input_layernorm.weight"), w(f"{p}.post_attention_layernorm.weight")))
+        ffn = layers.layer_ffn(i, w)
+        blocks.append(Block(cfg, attn, ffn, w(f"{p}.input_layernorm.weight"), w(f"{p}.post_attention_layernorm.weight")))
     embed = w("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else w("lm_head.weight")
     return Transformer(cfg, embed, blocks, w("model.norm.weight"), lm_head, context)
@@ -127,8 +132,9 @@ class Runtime:
 def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: str = "auto",
          context: int = 2048, **store_options) -> Runtime:
     """Open a Mixtral model folder (or 'demo') for generation. Extra options go to the expert store."""
-    ckpt = Checkpoint(resolve_model_path(path))
-    ckpt.validate()
+    from lut import TABLE_MODEL_TYPES
+
+    ckpt = Checkpoint(resolve_model_path(path), model_types=MIXTRAL_MODEL_TYPES + TABLE_MODEL_TYPES)
     cfg = ckpt.config
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
@@ -136,6 +142,12 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
         raise UserError(f"--context must be positive, got {context}")
     context = min(context, cfg.max_position_embeddings)
     tokenizer = Tokenizer(ckpt.path, cfg.bos_token_id, cfg.eos_token_id)
-    store = ExpertStore(ckpt, dev, dt, **store_options)
+    if ckpt.raw_config.get("model_type") in TABLE_MODEL_TYPES:
+        from lut.serve import TableStore  # Mixture-of-Lookup-Experts tables instead of routed experts
+
+        store = TableStore(ckpt, dev, dt, **store_options)
+    else:
+        store = ExpertStore(ckpt, dev, dt, **store_options)
+    ckpt.validate({**dense_shapes(cfg), **store.expected_shapes()})
     model = build_model(ckpt, store, dev, dt, context)
     return Runtime(ckpt, model, tokenizer, store)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint import Checkpoint, expert_names
-from .model import expert_ffn
+from .checkpoint import Checkpoint, expert_names, moe_shapes
+from .model import MoE, expert_ffn
 
 
 class ExpertStore:
@@ -13,6 +13,12 @@ class ExpertStore:
         self.ckpt, self.device, self.dtype = ckpt, device, dtype
         self.resident: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self.uses = 0
+
+    def expected_shapes(self) -> dict:
+        return moe_shapes(self.ckpt.config)
+
+    def layer_ffn(self, layer: int, read):
+        return MoE(self.ckpt.config, layer, read(f"model.layers.{layer}.block_sparse_moe.gate.weight"), self)
 
     def prepare(self, layer, h, experts) -> None:
         pass
