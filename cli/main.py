@@ -35,14 +35,16 @@ def user_errors(fn):
 
 def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, temperature: float, top_k: int,
               top_p: float, seed: Optional[int], chat: bool, device: str, dtype: str, as_json: bool,
-              context: int, **store_options) -> None:
+              context: int, vram: Optional[str] = None, ram: Optional[str] = None, prefetch: int = 1,
+              cpu_experts: str = "auto") -> None:
     import offload
     from offload.generate import Sampling
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if max_new_tokens < 1:
         raise offload.UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    rt = offload.load(model, device=device, dtype=dtype, context=context, **store_options)
+    rt = offload.load(model, device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
+                      cpu_experts=cpu_experts)
     pieces = []
     out = sys.stderr if as_json else sys.stdout
     if not as_json:
@@ -75,6 +77,13 @@ GEN_OPTIONS = dict(
     dtype=typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16 (auto: float32 on CPU, half on GPU)"),
     as_json=typer.Option(False, "--json", help="Print exactly one JSON object (text, tokens, stats) on stdout."),
     context=typer.Option(2048, "--context", help="Longest prompt + generation, in tokens (sizes the KV cache)."),
+    vram=typer.Option(None, "--vram", help="Device memory budget, e.g. 12GiB, 512MiB, 1.5GB or bytes "
+                                           "(default: free GPU memory; on CPU, room for every expert)."),
+    ram=typer.Option(None, "--ram", help="Pinned host RAM for experts (default: 80%% of available RAM); "
+                                         "smaller than the experts = stream them from disk."),
+    prefetch=typer.Option(1, "--prefetch", help="Router-ahead prefetch, layers ahead (0 = off)."),
+    cpu_experts=typer.Option("auto", "--cpu-experts", help="auto | never | always: compute a missed expert on "
+                                                          "the CPU instead of copying it (auto: when measured cheaper)."),
 )
 
 
@@ -88,6 +97,8 @@ def generate(
     top_k: int = GEN_OPTIONS["top_k"], top_p: float = GEN_OPTIONS["top_p"], seed: Optional[int] = GEN_OPTIONS["seed"],
     chat: bool = GEN_OPTIONS["chat"], device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"],
     as_json: bool = GEN_OPTIONS["as_json"], context: int = GEN_OPTIONS["context"],
+    vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
+    prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
 ) -> None:
     """Generate text from PROMPT with MODEL, streaming it to the terminal."""
     if prompt is None:
@@ -96,7 +107,8 @@ def generate(
         from offload import UserError
 
         raise UserError("the prompt is empty (usage: moe-offload generate [MODEL] PROMPT)")
-    _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, dtype, as_json, context)
+    _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, dtype, as_json, context,
+              vram, ram, prefetch, cpu_experts)
 
 
 @app.command()
@@ -106,9 +118,12 @@ def demo(
     max_new_tokens: int = GEN_OPTIONS["max_new_tokens"], temperature: float = GEN_OPTIONS["temperature"],
     top_k: int = GEN_OPTIONS["top_k"], top_p: float = GEN_OPTIONS["top_p"], seed: Optional[int] = GEN_OPTIONS["seed"],
     device: str = GEN_OPTIONS["device"], as_json: bool = GEN_OPTIONS["as_json"],
+    vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
+    prefetch: int = GEN_OPTIONS["prefetch"],
 ) -> None:
     """Generate with the small Mixtral-architecture model shipped in the package (no download)."""
-    _generate("demo", prompt, max_new_tokens, temperature, top_k, top_p, seed, False, device, "auto", as_json, 2048)
+    _generate("demo", prompt, max_new_tokens, temperature, top_k, top_p, seed, False, device, "auto", as_json, 2048,
+              vram, ram, prefetch)
 
 
 @app.command()

@@ -147,7 +147,7 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
 
         store = TableStore(ckpt, dev, dt, **store_options)
     else:
-        store = ExpertStore(ckpt, dev, dt, **store_options)
+        store = ExpertStore(ckpt, dev, dt, context=context, **store_options)
     ckpt.validate({**dense_shapes(cfg), **store.expected_shapes()})
     model = build_model(ckpt, store, dev, dt, context)
     return Runtime(ckpt, model, tokenizer, store)

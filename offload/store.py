@@ -1,37 +1,404 @@
-"""The expert store (placeholder tier: every expert read lazily from disk on first use, then kept)."""
+"""The expert store: disk -> pinned host RAM -> device slots, behind the model's one expert seam.
+
+Where an expert's bytes come from and go, for one use of expert (layer, e):
+
+    device slot hit?  -> compute on the device slot (after waiting on that slot's copy event only)
+    host slot hit?    -> copy host slot -> a device slot on the copy stream (or compute on the CPU, when the
+                         measured CPU cost beats the copy: --cpu-experts)
+    neither           -> the reader thread preads the expert from the safetensors shards into a host slot,
+                         then as above
+
+Each expert is one contiguous blob (quant.blob.BlobLayout) in every tier, so one copy moves it. Device
+slots are one tensor [slots, blob bytes] allocated once; their typed views are made once; nothing is
+allocated per token on the copy path. Router-ahead prefetch (`prepare`) applies the routers of the next K
+layers to the current hidden state and starts copies of the experts they would pick.
+
+Without CUDA the "device" tier is a CPU slot pool with the same budgets and code, minus streams and events.
+
+Dimension legend: T tokens, D hidden, F expert ffn, N blob bytes.
+"""
 
 from __future__ import annotations
 
-import torch
+import resource
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
+import torch.nn.functional as F
+
+from quant.blob import BlobLayout
+
+from .cache import POLICIES, SlotTable
 from .checkpoint import Checkpoint, expert_names, moe_shapes
+from .errors import UserError
+from .memory import MemoryPlan, parse_bytes
 from .model import MoE, expert_ffn
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class CheckpointExperts:
+    """Reads unquantized experts from the Hugging Face shards into blob buffers (3 preads per expert)."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
+        cfg = ckpt.config
+        self.ckpt, self.dtype = ckpt, dtype
+        self.layout = BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.file_dtype = ckpt.locations[expert_names(0, 0)[0]].dtype
+        # Same dtype on disk as in compute: read straight into the blob. Otherwise stage and convert.
+        self.direct = self.file_dtype == dtype
+
+    def read_into(self, key: Key, blob: torch.Tensor) -> int:
+        """Fill `blob` (a host slot, header already written) with expert `key`; returns bytes read from disk."""
+        views = self.layout.views(blob)
+        total = 0
+        for part, name in zip(("w1", "w2", "w3"), expert_names(*key)):
+            rec = self.layout.record(part)
+            if self.direct:
+                self.ckpt.read_into(name, blob[rec.offset:rec.offset + rec.nbytes])
+            else:
+                views[part].copy_(self.ckpt.read(name))
+            total += self.ckpt.locations[name].nbytes
+        return total
+
+    def compute(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return expert_ffn(x, views["w1"].to(x.dtype), views["w2"].to(x.dtype), views["w3"].to(x.dtype))
+
+
+class Stats:
+    """Counters of one generation. hits + misses = expert uses; bytes are what actually moved."""
+
+    FIELDS = ("expert_hits", "expert_misses", "prefetch_issued", "prefetch_hits", "cpu_expert_calls",
+              "bytes_h2d", "bytes_disk")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        for f in self.FIELDS:
+            setattr(self, f, 0)
+        self.per_layer: dict[int, dict[str, int]] = {}
+
+    def layer(self, layer: int, field: str, n: int = 1) -> None:
+        row = self.per_layer.setdefault(layer, {"hits": 0, "misses": 0, "prefetch_hits": 0, "bytes_h2d": 0})
+        row[field] += n
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
 
 
 class ExpertStore:
-    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
-        self.ckpt, self.device, self.dtype = ckpt, device, dtype
-        self.resident: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
-        self.uses = 0
+    """Owns every expert of the model across the three tiers; the MoE blocks call `prepare` and `run`."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, vram=None, ram=None,
+                 prefetch: int = 0, cpu_experts: str = "auto", policy: str = "lru", context: int = 2048,
+                 dense_bytes: int = 0, pin: bool | None = None, per_layer_cache: bool = False):
+        cfg = ckpt.config
+        self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
+        if prefetch < 0:
+            raise UserError(f"--prefetch must be 0 (off) or a number of layers ahead, got {prefetch}")
+        if cpu_experts not in ("auto", "never", "always"):
+            raise UserError(f"--cpu-experts must be auto, never or always, got {cpu_experts!r}")
+        if policy not in POLICIES:
+            raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.prefetch, self.cpu_experts = prefetch, cpu_experts
+        self.source = CheckpointExperts(ckpt, dtype)
+        self.layout = self.source.layout
+        self.cuda = device.type == "cuda"
+        self.stats_ = Stats()
+        self.gates: dict[int, torch.Tensor] = {}  # router weights, kept for router-ahead prefetch
+
+        self.plan = MemoryPlan.make(
+            device=str(device), vram=parse_bytes(vram, "--vram"), ram=parse_bytes(ram, "--ram"),
+            dense_bytes=dense_bytes or self._dense_bytes(), kv_bytes=self._kv_bytes(context),
+            margin_bytes=self._margin(context), blob_bytes=self.layout.nbytes,
+            experts_total=cfg.num_hidden_layers * cfg.num_local_experts,
+            experts_per_token=cfg.num_experts_per_tok, free_device_bytes=torch.cuda.mem_get_info(device)[0] if self.cuda else None)
+        N = self.layout.nbytes
+
+        # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy).
+        pin = self.cuda if pin is None else pin
+        self.host = torch.empty((self.plan.host_slots, N), dtype=torch.uint8, pin_memory=pin)
+        header = torch.frombuffer(bytearray(self.layout.header()), dtype=torch.uint8)
+        self.host[:, : self.layout.header_nbytes] = header
+        self.host_views = [self.layout.views(self.host[s]) for s in range(self.plan.host_slots)]
+        self.host_table = SlotTable(self.plan.host_slots, POLICIES[policy]())
+        self.host_reads: dict[Key, Future] = {}      # disk reads in flight, by key
+        self.host_busy: dict[int, object] = {}       # host slot -> event of an H2D copy still reading it
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-reader")
+        self.lock = threading.Lock()                 # guards host_table/host_reads against the reader thread
+
+        # Device tier: one allocation for every slot, made here and never again.
+        self.dev = torch.empty((self.plan.device_slots, N), dtype=torch.uint8, device=device)
+        self.dev_views = [self.layout.views(self.dev[s]) for s in range(self.plan.device_slots)]
+        layers = cfg.num_hidden_layers if per_layer_cache else 0
+        if layers and self.plan.device_slots < layers * cfg.num_experts_per_tok:
+            raise UserError(f"a per-layer cache needs at least {layers * cfg.num_experts_per_tok} device slots")
+        self.dev_table = SlotTable(self.plan.device_slots, POLICIES[policy](), per_layer=layers)
+        self.prefetched: set[Key] = set()            # on the device by prefetch, not used since
+        self.plan_of: dict[Key, tuple[str, int | None]] = {}  # this layer's plan, from prepare() to run()
+        if self.cuda:
+            # Copies run on their own stream; a slot's `ready` event marks its copy done (compute waits on
+            # it, not on the whole stream), its `free` event marks the last kernel that read it (the copy
+            # stream waits on it before overwriting the slot).
+            self.copy_stream = torch.cuda.Stream(device)
+            self.ready = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
+            self.free = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
+        self.cpu_wins = self._decide_cpu_experts()
+
+    # ---- sizes --------------------------------------------------------------------------------------
+
+    def _dense_bytes(self) -> int:
+        from .checkpoint import dense_shapes
+
+        shapes = {**dense_shapes(self.cfg), **{k: v for k, v in moe_shapes(self.cfg).items() if k.endswith("gate.weight")}}
+        count = sum(_numel(s) for n, s in shapes.items() if not (self.cfg.tie_word_embeddings and n == "lm_head.weight"))
+        return count * self.dtype.itemsize
+
+    def _kv_bytes(self, context: int) -> int:
+        c = self.cfg
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * min(context, c.max_position_embeddings) * c.head_dim * self.dtype.itemsize
+
+    def _margin(self, context: int) -> int:
+        """Workspace for a full-context prefill: the experts' [T, F] intermediates and the attention scores
+        [H, T, T], plus the CUDA allocator's slack."""
+        c = self.cfg
+        T = min(context, c.max_position_embeddings)
+        act = (3 * T * c.intermediate_size + c.num_attention_heads * T * T + 4 * T * c.hidden_size) * self.dtype.itemsize
+        return act + (256 << 20 if self.cuda else 0)
+
+    # ---- the model's seam ---------------------------------------------------------------------------
 
     def expected_shapes(self) -> dict:
-        return moe_shapes(self.ckpt.config)
+        return moe_shapes(self.cfg)
 
-    def layer_ffn(self, layer: int, read):
-        return MoE(self.ckpt.config, layer, read(f"model.layers.{layer}.block_sparse_moe.gate.weight"), self)
+    def layer_ffn(self, layer: int, read) -> MoE:
+        gate = read(f"model.layers.{layer}.block_sparse_moe.gate.weight")
+        self.gates[layer] = gate
+        return MoE(self.cfg, layer, gate, self)
 
-    def prepare(self, layer, h, experts) -> None:
-        pass
+    def prepare(self, layer: int, h: torch.Tensor, experts: list[int]) -> None:
+        """Plan this layer's experts (hit / copy / CPU), start every move, then prefetch the next K layers."""
+        needed = [(layer, e) for e in experts]
+        decode = h.shape[0] == 1
+        self.plan_of: dict[Key, tuple[str, int | None]] = {}
+        for key in needed:
+            slot = self.dev_table.lookup(key)
+            if slot is not None:
+                self.plan_of[key] = ("hit", slot)
+                continue
+            self._start_host(key)  # every disk read first, so they overlap with the copies below
+            if decode and self._cpu_should_run(key):
+                self.plan_of[key] = ("cpu", None)
+        for key in needed:
+            if key not in self.plan_of:
+                # None when every slot holds an expert of this layer: then it is loaded when it runs.
+                self.plan_of[key] = ("miss", self._to_device(key, protected=set(needed), prefetch=False))
+        if self.prefetch and decode:
+            self._prefetch(layer, h, set(needed))
+
+    def _prefetch(self, layer: int, h: torch.Tensor, needed: set) -> None:
+        """Router-ahead: the residual stream changes slowly, so layer L+j's router applied to layer L's
+        hidden state picks most of the experts L+j will use. Guesses already in host RAM are copied to
+        the device now; the others are read from disk into RAM (never blocking this thread)."""
+        for nxt in range(layer + 1, min(layer + 1 + self.prefetch, self.cfg.num_hidden_layers)):
+            guess = torch.topk(F.linear(h, self.gates[nxt]), self.cfg.num_experts_per_tok, dim=-1).indices
+            for e in sorted(set(guess.flatten().tolist())):
+                key = (nxt, e)
+                if key in self.dev_table:
+                    continue
+                with self.lock:
+                    in_ram = key in self.host_table and key not in self.host_reads
+                if not in_ram:
+                    self._start_host(key, protected=needed)
+                elif self._to_device(key, protected=needed, prefetch=True) is not None:
+                    self.stats_.prefetch_issued += 1
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        w = self.resident.get((layer, expert))
-        if w is None:
-            w = self.resident[(layer, expert)] = tuple(self.ckpt.read(n, self.dtype, self.device) for n in expert_names(layer, expert))
-        self.uses += 1
-        return expert_ffn(x, *w)
+        """Expert (layer, expert) on x [t, D], as planned by `prepare`."""
+        key = (layer, expert)
+        kind, slot = self.plan_of.pop(key)
+        s = self.stats_
+        if kind == "hit":
+            s.expert_hits += 1
+            s.layer(layer, "hits")
+            if key in self.prefetched:
+                s.prefetch_hits += 1
+                s.layer(layer, "prefetch_hits")
+        else:
+            s.expert_misses += 1
+            s.layer(layer, "misses")
+            if kind == "cpu":
+                return self._run_on_cpu(key, x)
+            if slot is None:
+                slot = self._to_device(key, protected=set(), prefetch=False)
+        self.prefetched.discard(key)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        y = self.source.compute(self.dev_views[slot], x)
+        if self.cuda:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+        return y
+
+    # ---- tiers ---------------------------------------------------------------------------------------
+
+    def _start_host(self, key: Key, protected: set = frozenset()) -> Future | None:
+        """Make sure `key` is in (or on its way to) a host slot; a future of its host slot.
+
+        A prefetch passes `protected` and gets None when no host slot may be evicted now; a demand
+        read instead waits for an in-flight read or copy to release a slot (they always finish)."""
+        while True:
+            with self.lock:
+                fut = self.host_reads.get(key)
+                if fut is not None:
+                    return fut
+                slot = self.host_table.lookup(key)
+                if slot is not None:
+                    fut = Future()
+                    fut.set_result(slot)
+                    return fut
+                # Never evict a slot a read is filling or an H2D copy is still reading.
+                busy = set(self.host_reads) | {self.host_table.key_of[s] for s in self.host_busy} | set(protected)
+                got = self.host_table.assign(key, busy)
+                if got is not None:
+                    fut = self.reader.submit(self._read, key, got[0])
+                    self.host_reads[key] = fut
+                    return fut
+                if protected:
+                    return None
+                waiting = list(self.host_reads.values())
+                events = list(self.host_busy.items())
+            if waiting:
+                waiting[0].exception()  # wait for it; its own user re-raises any error
+            for slot, event in events:
+                event.synchronize()
+                self.host_busy.pop(slot, None)
+
+    def _read(self, key: Key, slot: int) -> int:
+        """Reader thread: wait until no copy reads this host slot any more, then pread the expert into it."""
+        event = self.host_busy.pop(slot, None)
+        if event is not None:
+            event.synchronize()
+        try:
+            n = self.source.read_into(key, self.host[slot])
+        except BaseException:
+            with self.lock:
+                self.host_reads.pop(key, None)
+                self.host_table.remove(key)
+            raise
+        with self.lock:
+            self.stats_.bytes_disk += n
+            self.host_reads.pop(key, None)
+        return slot
+
+    def _host_slot(self, key: Key) -> int:
+        try:
+            return self._start_host(key).result()
+        except UserError:
+            raise
+        except OSError as exc:
+            raise UserError(f"reading expert {key}: {exc}") from None
+
+    def _to_device(self, key: Key, protected: set, prefetch: bool) -> int | None:
+        """Copy `key` from its host slot into a device slot (evicting LRU); None if nothing may be evicted."""
+        got = self.dev_table.assign(key, protected)
+        if got is None:
+            return None
+        slot, evicted = got
+        self.prefetched.discard(evicted)
+        if evicted in self.plan_of:
+            # Fewer slots than this layer's experts: the evicted one (hit or copied) is loaded again when it runs.
+            self.plan_of[evicted] = ("miss", None)
+        host = self._host_slot(key)
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                # The slot may still be read by a kernel queued on the compute stream: wait for it.
+                self.copy_stream.wait_event(self.free[slot])
+                self.dev[slot].copy_(self.host[host], non_blocking=True)
+                self.ready[slot].record(self.copy_stream)
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+                self.host_busy[host] = done
+        else:
+            self.dev[slot].copy_(self.host[host])
+        self.stats_.bytes_h2d += self.layout.nbytes
+        self.stats_.layer(key[0], "bytes_h2d", self.layout.nbytes)
+        if prefetch:
+            self.prefetched.add(key)
+        return slot
+
+    # ---- computing a miss on the CPU -----------------------------------------------------------------
+
+    def _decide_cpu_experts(self) -> bool:
+        """Measure, on this machine, one expert's batch-1 CPU time against one blob's host->device copy."""
+        if self.cpu_experts != "auto" or not self.cuda:
+            return self.cpu_experts == "always"
+        scratch = torch.zeros(self.layout.nbytes, dtype=torch.uint8, pin_memory=True)
+        views = self.layout.views(scratch)
+        x = torch.zeros(1, self.cfg.hidden_size, dtype=self.dtype)
+        self.source.compute(views, x)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(3):
+            self.source.compute(views, x)
+        cpu_s = (time.perf_counter() - t0) / 3
+        self.dev[0].copy_(scratch, non_blocking=True)
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            self.dev[0].copy_(scratch, non_blocking=True)
+        torch.cuda.synchronize(self.device)
+        copy_s = (time.perf_counter() - t0) / 3
+        self.measured = {"cpu_expert_s": cpu_s, "h2d_blob_s": copy_s}
+        return cpu_s < copy_s
+
+    def _cpu_should_run(self, key: Key) -> bool:
+        """Batch-1 decode only (prefill reuses each expert across many tokens, so copying wins there)."""
+        if not self.cpu_wins:
+            return False
+        with self.lock:
+            return self.cpu_experts == "always" or (key in self.host_table and key not in self.host_reads)
+
+    def _run_on_cpu(self, key: Key, x: torch.Tensor) -> torch.Tensor:
+        host = self._host_slot(key)
+        self.host_table.lookup(key)
+        self.stats_.cpu_expert_calls += 1
+        y = self.source.compute(self.host_views[host], x.to("cpu"))
+        return y.to(x.device, non_blocking=True)
+
+    # ---- accounting ------------------------------------------------------------------------------------
 
     def reset_stats(self) -> None:
-        self.uses = 0
+        self.stats_.reset()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_device_bytes(self) -> int:
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        # CPU slot pool: the runtime's own accounting of what the "device" tier holds.
+        return self.plan.dense_bytes + self.plan.kv_bytes + self.dev.numel()
 
     def stats(self) -> dict:
-        return {"expert_uses": self.uses, "device": str(self.device)}
+        out = self.stats_.as_dict()
+        out.update({
+            "peak_vram_bytes": self.peak_device_bytes(),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "device": str(self.device),
+            "vram_budget": self.plan.vram_budget, "ram_budget": self.plan.ram_budget,
+            "device_slots": self.plan.device_slots, "host_slots": self.plan.host_slots,
+            "blob_bytes": self.layout.nbytes, "prefetch": self.prefetch,
+            "cpu_experts": self.cpu_experts if not self.cuda else ("on" if self.cpu_wins else "off"),
+        })
+        return out
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,129 @@
+"""The expert store: caches, tiers and prefetch never change results, and its stats tell the truth."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import offload
+from offload.errors import UserError
+from offload.generate import decode_one, prefill
+
+PROMPT = "The quick brown fox jumps over the lazy dog and the experts"
+
+
+def run(folder, steps: int = 12, **options):
+    """Greedy prefill + decode; returns (tokens, stacked logits, stats, the store)."""
+    rt = offload.load(folder, device="cpu", context=256, **options)
+    ids = rt.encode(PROMPT)
+    store, model = rt.store, rt.model
+    calls = []
+    inner = store.run
+    store.run = lambda layer, e, x: (calls.append((layer, e)), inner(layer, e, x))[1]
+    store.reset_stats()
+    logits = [prefill(model, torch.tensor(ids))]
+    tokens = [int(logits[-1].argmax())]
+    for i in range(steps):
+        logits.append(decode_one(model, tokens[-1], len(ids) + i))
+        tokens.append(int(logits[-1].argmax()))
+    stats = store.stats()
+    stats["uses"] = len(calls)
+    return tokens, torch.stack(logits), stats, store
+
+
+@functools.lru_cache
+def _plan(folder):
+    return offload.load(folder, device="cpu", context=256).store.plan
+
+
+def budget(folder, slots: int) -> int:
+    """A --vram that leaves room for exactly `slots` experts after the dense part, KV cache and workspace."""
+    plan = _plan(str(folder))
+    return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return run(tiny_checkpoint)
+
+
+@pytest.mark.parametrize("slots", [2, 5, 11, 18])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_results_are_bit_identical_across_budgets_and_prefetch(tiny_checkpoint, reference, slots, prefetch):
+    tokens, logits, stats, _ = run(tiny_checkpoint, vram=budget(tiny_checkpoint, slots), prefetch=prefetch)
+    assert stats["device_slots"] == slots
+    assert tokens == reference[0]
+    assert torch.equal(logits, reference[1])
+
+
+@pytest.mark.parametrize("ram_slots", [2, 7])
+def test_streaming_from_disk_through_a_small_ram_tier_is_bit_identical(tiny_checkpoint, reference, ram_slots):
+    blob = reference[3].layout.nbytes
+    tokens, logits, stats, store = run(tiny_checkpoint, vram=budget(tiny_checkpoint, 3), ram=ram_slots * blob, prefetch=1)
+    assert stats["host_slots"] == ram_slots < 18
+    assert stats["bytes_disk"] > 18 * blob  # experts were read from disk more than once: the disk tier is in use
+    assert tokens == reference[0] and torch.equal(logits, reference[1])
+
+
+def test_cpu_experts_are_bit_identical_and_counted(tiny_checkpoint, reference):
+    tokens, logits, stats, _ = run(tiny_checkpoint, vram=budget(tiny_checkpoint, 2), cpu_experts="always")
+    assert stats["cpu_expert_calls"] > 0
+    assert tokens == reference[0] and torch.equal(logits, reference[1])
+
+
+@pytest.mark.parametrize("options", [dict(slots=2, prefetch=0), dict(slots=4, prefetch=2), dict(slots=7, prefetch=1),
+                                     dict(slots=3, prefetch=0, cpu_experts="always")])
+def test_stats_add_up(tiny_checkpoint, options):
+    options = dict(options)
+    slots = options.pop("slots")
+    _, _, s, store = run(tiny_checkpoint, vram=budget(tiny_checkpoint, slots), **options)
+    assert s["expert_hits"] + s["expert_misses"] == s["uses"] > 0
+    assert s["prefetch_hits"] <= s["expert_hits"] and s["prefetch_hits"] <= s["prefetch_issued"]
+    copied = s["expert_misses"] - s["cpu_expert_calls"] + s["prefetch_issued"]
+    assert s["bytes_h2d"] == copied * store.layout.nbytes
+    assert s["bytes_disk"] > 0
+
+
+def test_a_bigger_budget_never_misses_more(tiny_checkpoint):
+    misses = [run(tiny_checkpoint, vram=budget(tiny_checkpoint, n), prefetch=0)[2]["expert_misses"] for n in (1, 2, 3, 4, 6, 9, 13, 18)]
+    assert all(a >= b for a, b in zip(misses, misses[1:])), misses
+    assert misses[-1] < misses[0]
+
+
+def test_prefetch_hits_on_the_trained_demo_model():
+    rt = offload.load("demo", device="cpu", context=256, prefetch=1, vram=budget("demo", 12))
+    list(rt.generate("The for statement is used to", max_new_tokens=24))
+    s = rt.stats()
+    assert s["prefetch_issued"] > 0 and s["prefetch_hits"] > 0
+
+
+def test_peak_device_bytes_stay_within_the_budget(tiny_checkpoint):
+    vram = budget(tiny_checkpoint, 4)
+    _, _, s, _ = run(tiny_checkpoint, vram=vram, prefetch=1)
+    assert s["peak_vram_bytes"] <= vram
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(vram="1KiB"), "cannot hold the dense part"),
+    (dict(ram=0), "--ram"),
+    (dict(vram="12 parsecs"), "not a size"),
+    (dict(prefetch=-1), "--prefetch"),
+    (dict(cpu_experts="sometimes"), "--cpu-experts"),
+])
+def test_bad_budgets_are_refused_with_the_numbers(tiny_checkpoint, options, needle):
+    with pytest.raises(UserError, match=needle):
+        offload.load(tiny_checkpoint, device="cpu", **options)
+
+
+def test_a_shard_truncated_while_running_is_a_clean_error(tmp_path, tiny_checkpoint):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, folder)
+    rt = offload.load(folder, device="cpu", context=256, vram=budget(folder, 2), ram=2 * 1024 * 1024)
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    with pytest.raises(UserError, match="truncated"):
+        list(rt.generate("The quick brown fox", max_new_tokens=8))
