@@ -8,7 +8,8 @@ Global vs per-layer LRU: we use ONE global LRU over all (layer, expert) keys. Pe
 mixtral-offloading) splits the slots evenly across layers, which cannot run at all below L x top_k slots
 and, measured on the demo model (bench/bench_offload.py, `policy` sweep), gave no fewer misses than the
 global LRU at equal slot counts: layers differ in how concentrated their routing is, and a global list
-lets the concentrated layers give slots to the spread-out ones. `PerLayerLRU` is kept for that comparison.
+lets the concentrated layers give slots to the spread-out ones. `SlotTable(per_layer=L)` is kept for that
+comparison (`--per-layer-cache` in the benchmark).
 """
 
 from __future__ import annotations
@@ -54,10 +55,6 @@ class LFU(LRU):
     def victim(self, keys, protected):
         candidates = [k for k in self.order if k not in protected]
         return min(candidates, key=lambda k: self.count[k]) if candidates else None
-
-
-class PerLayerLRU(LRU):
-    """LRU within the layer of the incoming key; used with `SlotTable(per_layer=...)` for comparison."""
 
 
 POLICIES = {"lru": LRU, "lfu": LFU}

@@ -1,0 +1,216 @@
+"""Decode under a sweep of VRAM budgets and prefetch depths; report hit rates, bytes moved and speed.
+
+What it measures, and against what (every figure is a ratio against a baseline measured in this run):
+  * the trained demo model: for each (device slots, prefetch) setting, hit rate, prefetch accuracy,
+    bytes host->device per token, tokens/s, and tokens/s relative to the all-experts-resident run;
+    global LRU vs per-layer LRU misses at equal slot counts (the choice documented in offload/cache.py);
+  * a Mixtral-shaped layer slice (real Mixtral dimensions D=4096, F=14336, 8 experts, top-2, V=32000,
+    random bf16 weights, a few layers): the same sweep, and on a GPU the measured pinned host->device
+    bandwidth and the ratio of time per token to the transfer bound (bytes that had to move / bandwidth).
+
+    python bench/bench_offload.py                  # demo model + a 1-layer slice on CPU
+    python bench/bench_offload.py --slice-layers 4 # on a GPU: more layers
+    python bench/bench_offload.py --no-slice       # demo model only
+
+Writes bench/results/offload-<device>.json. Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import offload
+from offload.memory import human
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT = "The for statement is used to iterate over the elements of a sequence"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def h2d_bandwidth(nbytes: int = 256 << 20) -> float:
+    """Pinned host -> device copy bandwidth in bytes/s (warm-up, then 5 timed copies)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return 5 * nbytes / (time.perf_counter() - t0)
+
+
+def vram_for(folder, device: str, slots: int, context: int, dtype: str = "auto") -> int:
+    plan = offload.load(folder, device=device, context=context, dtype=dtype).store.plan
+    return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
+
+
+def decode(folder, device: str, tokens: int, context: int, **options) -> dict:
+    """One warm-up generation (fills caches as a running server would have them), then a measured one."""
+    rt = offload.load(folder, device=device, context=context, **options)
+    ids = rt.encode(PROMPT)
+    list(rt.generate_ids(ids, max_new_tokens=4))
+    sync(device)
+    list(rt.generate_ids(ids, max_new_tokens=tokens))
+    sync(device)
+    s = rt.stats()
+    uses = s["expert_hits"] + s["expert_misses"]
+    decoded = max(1, s["new_tokens"])
+    return {
+        "device_slots": s["device_slots"], "host_slots": s["host_slots"], "prefetch": s["prefetch"],
+        "hit_rate": round(s["expert_hits"] / max(1, uses), 4),
+        "prefetch_issued": s["prefetch_issued"], "prefetch_hits": s["prefetch_hits"],
+        "prefetch_accuracy": round(s["prefetch_hits"] / s["prefetch_issued"], 4) if s["prefetch_issued"] else None,
+        "bytes_h2d_per_token": s["bytes_h2d"] // decoded, "bytes_disk_per_token": s["bytes_disk"] // decoded,
+        "tokens_per_s": s["tokens_per_s"], "prefill_s": s["prefill_s"],
+        "cpu_expert_calls": s["cpu_expert_calls"], "peak_vram_bytes": s["peak_vram_bytes"],
+        "blob_bytes": s["blob_bytes"],
+    }
+
+
+def sweep(folder, device: str, slot_counts: list[int], prefetches: list[int], tokens: int, context: int,
+          bandwidth: float | None, label: str, dtype: str = "auto") -> dict:
+    total = slot_counts[-1]
+    base = decode(folder, device, tokens, context, vram=vram_for(folder, device, total, context, dtype), prefetch=0,
+                  dtype=dtype)
+    rows = []
+    for slots in slot_counts:
+        for p in prefetches:
+            row = decode(folder, device, tokens, context, vram=vram_for(folder, device, slots, context, dtype),
+                         prefetch=p, dtype=dtype)
+            row["speed_vs_all_resident"] = round(row["tokens_per_s"] / base["tokens_per_s"], 4) if base["tokens_per_s"] else None
+            if bandwidth:
+                bound_s = row["bytes_h2d_per_token"] / bandwidth
+                row["transfer_bound_s_per_token"] = bound_s
+                row["time_per_token_vs_transfer_bound"] = (round((1 / row["tokens_per_s"]) / bound_s, 3)
+                                                           if bound_s > 0 and row["tokens_per_s"] else None)
+            rows.append(row)
+            print(f"{label:>8} slots {slots:>4}/{total} prefetch {p}: hit {row['hit_rate']:.3f}  "
+                  f"h2d/token {human(row['bytes_h2d_per_token']):>11}  {row['tokens_per_s']:8.2f} tok/s  "
+                  f"({row['speed_vs_all_resident']}x of all-resident)", flush=True)
+    return {"baseline_all_resident": base, "sweep": rows}
+
+
+def policy_comparison(folder, device: str, slot_counts: list[int], tokens: int, context: int) -> list[dict]:
+    """Global LRU vs per-layer LRU misses at equal slot counts (prefetch off, so only the policy differs)."""
+    cfg = offload.load(folder, device=device, context=context).config
+    rows = []
+    for slots in slot_counts:
+        if slots < cfg.num_hidden_layers * cfg.num_experts_per_tok:
+            continue
+        row = {"device_slots": slots}
+        for name, per_layer in (("global_lru", False), ("per_layer_lru", True)):
+            r = decode(folder, device, tokens, context, vram=vram_for(folder, device, slots, context), prefetch=0,
+                       per_layer_cache=per_layer)
+            row[name + "_hit_rate"] = r["hit_rate"]
+        rows.append(row)
+        print(f"  policy slots {slots}: global {row['global_lru_hit_rate']:.3f} vs per-layer {row['per_layer_lru_hit_rate']:.3f}")
+    return rows
+
+
+def write_mixtral_slice(folder: Path, layers: int) -> None:
+    """Real Mixtral-8x7B dimensions, random bf16 weights, `layers` layers, Hub names; the demo tokenizer."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from offload.demo import DEMO_DIR
+
+    D, F, E, V, H, K = 4096, 14336, 8, 32000, 32, 8
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": D,
+              "intermediate_size": F, "num_hidden_layers": layers, "num_attention_heads": H,
+              "num_key_value_heads": K, "num_local_experts": E, "num_experts_per_tok": 2, "vocab_size": V,
+              "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768, "sliding_window": None,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_DIR / name, folder / name)
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=0.02):
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+    weight_map = {}
+    dense = {"model.embed_tokens.weight": rnd(V, D), "model.norm.weight": torch.ones(D, dtype=torch.bfloat16),
+             "lm_head.weight": rnd(V, D)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shard = {f"{p}.input_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
+                 f"{p}.post_attention_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
+                 f"{p}.self_attn.q_proj.weight": rnd(H * 128, D), f"{p}.self_attn.k_proj.weight": rnd(K * 128, D),
+                 f"{p}.self_attn.v_proj.weight": rnd(K * 128, D), f"{p}.self_attn.o_proj.weight": rnd(D, H * 128),
+                 f"{p}.block_sparse_moe.gate.weight": rnd(E, D, scale=0.5)}
+        for e in range(E):
+            q = f"{p}.block_sparse_moe.experts.{e}"
+            shard.update({f"{q}.w1.weight": rnd(F, D), f"{q}.w2.weight": rnd(D, F), f"{q}.w3.weight": rnd(F, D)})
+        name = f"model-{i + 1:05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        del shard
+    save_file(dense, folder / "model-dense.safetensors", metadata={"format": "pt"})
+    weight_map.update({k: "model-dense.safetensors" for k in dense})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--tokens", type=int, default=32, help="decode steps measured per setting")
+    ap.add_argument("--slice-layers", type=int, default=None, help="layers of the Mixtral-shaped slice (default: 1 on CPU, 4 on GPU)")
+    ap.add_argument("--slice-tokens", type=int, default=None, help="decode steps for the slice (default: 4 on CPU, 16 on GPU)")
+    ap.add_argument("--no-slice", action="store_true", help="skip the Mixtral-shaped slice")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    gpu = device.startswith("cuda")
+    bandwidth = h2d_bandwidth() if gpu else None
+    record = {"benchmark": "offload", "device": device_name(device), "torch": torch.__version__,
+              "h2d_bandwidth_bytes_per_s": bandwidth, "prompt": PROMPT}
+    if bandwidth:
+        print(f"pinned host->device bandwidth: {bandwidth / 1e9:.1f} GB/s")
+
+    cfg = offload.load("demo", device=device).config
+    total = cfg.num_hidden_layers * cfg.num_local_experts
+    slots = sorted({2, total // 8, total // 4, total // 2, 3 * total // 4, total})
+    record["demo"] = sweep("demo", device, slots, [0, 1, 2], args.tokens, 256, bandwidth, "demo")
+    record["demo"]["policy"] = policy_comparison("demo", device, slots, args.tokens, 256)
+
+    if not args.no_slice:
+        layers = args.slice_layers or (4 if gpu else 1)
+        tokens = args.slice_tokens or (16 if gpu else 4)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "mixtral-slice"
+            print(f"writing a {layers}-layer Mixtral-shaped slice (random bf16 weights) ...", flush=True)
+            write_mixtral_slice(folder, layers)
+            total = layers * 8
+            slice_slots = sorted({2, 4, total // 2, total})
+            # bfloat16 everywhere (as on a GPU); float32 on CPU would double every pool for no insight.
+            record["mixtral_slice"] = {"layers": layers, "dtype": "bfloat16",
+                                       **sweep(folder, device, slice_slots, [0, 1], tokens, 64, bandwidth, "slice",
+                                               dtype="bfloat16")}
+    out = args.out or RESULTS / f"offload-{'gpu' if gpu else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
