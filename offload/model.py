@@ -107,7 +107,6 @@ class MoE:
         self.last_routing: torch.Tensor | None = None  # [T, k] expert ids of the latest call, for stats/profiling
 
     def __call__(self, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        T = h.shape[0]
         probs = F.softmax(F.linear(h, self.gate), dim=-1, dtype=torch.float32)  # [T, E]
         weights, ids = torch.topk(probs, self.cfg.num_experts_per_tok, dim=-1)     # [T, k]
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(h.dtype)
