@@ -151,6 +151,48 @@ def inspect(
     Console().print(table)
 
 
+@app.command()
+@user_errors
+def convert(
+    src: str = typer.Argument(..., help="Source Mixtral folder (or 'demo')."),
+    dst: str = typer.Argument(..., help="Destination folder (must not exist, or be an earlier conversion of SRC)."),
+    bits: int = typer.Option(4, "--bits", help="Expert bits: 8, 4, 3 or 2."),
+    group_size: int = typer.Option(64, "--group-size", help="Weights per scale/zero group (must divide the rows)."),
+    dense_bits: int = typer.Option(16, "--dense-bits", help="Dense weights: 16 (8 and 4 are not supported yet)."),
+) -> None:
+    """Write a copy of SRC with quantized expert blobs, which `generate` runs directly."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from offload.convert import convert as run_convert
+    from offload.runtime import resolve_model_path
+
+    columns = (TextColumn("converting experts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    bar = Progress(*columns, console=_stderr_console())
+    task = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:  # start drawing only once the input has been checked and work begins
+            bar.start()
+            task = bar.add_task("experts", total=total)
+        bar.update(task, completed=done)
+
+    try:
+        out = run_convert(resolve_model_path(src), dst, bits=bits, group_size=group_size, dense_bits=dense_bits,
+                          progress=progress)
+    finally:
+        if task is not None:
+            bar.stop()
+    typer.echo(f"wrote {out}", err=True)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

@@ -1,16 +1,20 @@
 """Where experts come from on disk, and how an expert blob is computed once it is in a tier.
 
 A source reads expert (layer, e) into a blob buffer (a host slot) and knows the blob's layout and how to
-run it. `CheckpointExperts` reads a Hugging Face checkpoint's separate w1/w2/w3 tensors.
+run it. `CheckpointExperts` reads a Hugging Face checkpoint's separate w1/w2/w3 tensors; `BlobFileExperts`
+reads whole quantized blobs written by `moe-offload convert`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from quant.blob import BlobLayout
 
-from .checkpoint import Checkpoint, expert_names
+from .checkpoint import Checkpoint, expert_names, moe_shapes
+from .errors import UserError
 from .model import expert_ffn
 
 Key = tuple[int, int]  # (layer, expert)
@@ -42,3 +46,66 @@ class CheckpointExperts:
 
     def compute(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return expert_ffn(x, views["w1"].to(x.dtype), views["w2"].to(x.dtype), views["w3"].to(x.dtype))
+
+    def expected_shapes(self) -> dict:
+        return moe_shapes(self.ckpt.config)
+
+
+class BlobFileExperts:
+    """Reads quantized expert blobs from a converted folder's experts.bin: one pread per expert."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, info: dict):
+        import quant
+
+        from .convert import EXPERTS_FILE, FILE_HEADER, read_experts_header
+
+        cfg = ckpt.config
+        self.ckpt, self.dtype, self.quant = ckpt, dtype, quant
+        self.path = ckpt.path / EXPERTS_FILE
+        index = read_experts_header(self.path)
+        if (index["layers"], index["experts"]) != (cfg.num_hidden_layers, cfg.num_local_experts):
+            raise UserError(f"{self.path}: holds {index['layers']} x {index['experts']} experts, config.json says "
+                            f"{cfg.num_hidden_layers} x {cfg.num_local_experts}")
+        self.stride, self.base, self.experts = index["stride"], FILE_HEADER, index["experts"]
+        with open(self.path, "rb") as f:
+            f.seek(self.base)
+            self.layout = BlobLayout.parse(f.read(65536), source=f"{self.path} (expert 0,0)")
+        if self.layout.nbytes != index["blob_bytes"] or self.layout.nbytes > self.stride:
+            raise UserError(f"{self.path}: blob size {self.layout.nbytes} does not match its index")
+        expected = quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, info["bits"], info["group_size"])
+        if self.layout != expected:
+            raise UserError(f"{self.path}: blob layout does not match config.json and {info['bits']}-bit, "
+                            f"group {info['group_size']} experts")
+        self.header = self.layout.header()
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def read_into(self, key: Key, blob: torch.Tensor) -> int:
+        layer, e = key
+        offset = self.base + (layer * self.experts + e) * self.stride
+        try:
+            got = os.preadv(self.fd, [memoryview(blob.numpy())], offset)
+        except OSError as exc:
+            raise UserError(f"{self.path}: read failed for expert {key} ({exc.strerror})") from None
+        if got != self.layout.nbytes:
+            raise UserError(f"{self.path}: truncated while running (expert {key}: read {got} of {self.layout.nbytes} bytes)")
+        # Every blob carries the same header; a mismatch means the file is corrupt at this expert.
+        if bytes(blob[: len(self.header)].numpy()) != self.header:
+            raise UserError(f"{self.path}: corrupt blob header at expert {key}")
+        return got
+
+    def compute(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return self.quant.expert_forward(self.layout, views, x)
+
+    def expected_shapes(self) -> dict:
+        cfg = self.ckpt.config
+        return {f"model.layers.{i}.block_sparse_moe.gate.weight": (cfg.num_local_experts, cfg.hidden_size)
+                for i in range(cfg.num_hidden_layers)}
+
+
+def open_source(ckpt: Checkpoint, dtype: torch.dtype):
+    """The expert source of a folder: quantized blobs if it was converted, else the checkpoint's tensors."""
+    from .convert import INFO_FILE, read_info
+
+    if (ckpt.path / INFO_FILE).is_file():
+        return BlobFileExperts(ckpt, dtype, read_info(ckpt.path))
+    return CheckpointExperts(ckpt, dtype)

@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint, moe_shapes
 from .errors import UserError
 from .memory import MemoryPlan, parse_bytes
 from .model import MoE
-from .sources import CheckpointExperts
+from .sources import open_source
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -75,7 +75,7 @@ class ExpertStore:
         if policy not in POLICIES:
             raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.prefetch, self.cpu_experts = prefetch, cpu_experts
-        self.source = CheckpointExperts(ckpt, dtype)
+        self.source = open_source(ckpt, dtype)
         self.layout = self.source.layout
         self.cuda = device.type == "cuda"
         self.stats_ = Stats()
@@ -143,7 +143,7 @@ class ExpertStore:
     # ---- the model's seam ---------------------------------------------------------------------------
 
     def expected_shapes(self) -> dict:
-        return moe_shapes(self.cfg)
+        return self.source.expected_shapes()
 
     def layer_ffn(self, layer: int, read) -> MoE:
         gate = read(f"model.layers.{layer}.block_sparse_moe.gate.weight")

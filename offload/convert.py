@@ -1,0 +1,168 @@
+"""`moe-offload convert`: rewrite a Mixtral folder with quantized expert blobs, layer by layer, atomically.
+
+The output folder holds what `generate` runs directly:
+
+    config.json, tokenizer files      copied from the source
+    model.safetensors                 every dense tensor (attention, norms, routers, embeddings, lm_head), fp16
+    experts.bin                       a file header, then one quantized blob per expert at a fixed stride, in
+                                      (layer, expert) order: one pread moves one whole expert
+    moe_offload.json                  how it was made (source, its fingerprint, bits, group size), written last
+
+experts.bin: bytes [0, 4096) hold MAGIC, a version and a JSON index (layers, experts, stride, blob bytes);
+blob (l, e) starts at 4096 + (l * E + e) * stride and begins with its own BlobLayout header.
+
+Atomicity: everything is written into DST.partial/ and renamed to DST only when complete, so an interrupted
+conversion leaves no folder `generate` accepts; a rerun discards a stale DST.partial/ and starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import Checkpoint, dense_shapes, expert_names
+from .errors import UserError
+
+INFO_FILE = "moe_offload.json"
+EXPERTS_FILE = "experts.bin"
+FORMAT = "moe-offload-quantized-experts"
+MAGIC = b"MOEXPRTS"
+FILE_VERSION = 1
+FILE_HEADER = 4096
+STRIDE_ALIGN = 4096  # blobs on page boundaries: aligned reads, O_DIRECT-friendly
+BITS = (8, 4, 3, 2)
+COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+          "special_tokens_map.json", "tokenizer.model")
+
+
+def fingerprint(ckpt: Checkpoint) -> dict:
+    """Enough to tell whether a destination was converted from this very source (names, sizes, mtimes)."""
+    files = sorted({loc.file for loc in ckpt.locations.values()})
+    return {"path": str(ckpt.path.resolve()),
+            "files": {f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in files}}
+
+
+def read_info(folder: Path) -> dict | None:
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise UserError(f"{path}: not a moe-offload conversion record")
+    return info
+
+
+def write_experts_header(f, layers: int, experts: int, stride: int, blob_bytes: int) -> None:
+    body = json.dumps({"layers": layers, "experts": experts, "stride": stride, "blob_bytes": blob_bytes}).encode()
+    raw = MAGIC + struct.pack("<II", FILE_VERSION, len(body)) + body
+    f.write(raw + b"\x00" * (FILE_HEADER - len(raw)))
+
+
+def read_experts_header(path: Path) -> dict:
+    """Check experts.bin's header and size; the index dict."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(FILE_HEADER)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) < 16 or raw[:8] != MAGIC:
+        raise UserError(f"{path}: not a moe-offload experts file (bad magic)")
+    version, n = struct.unpack_from("<II", raw, 8)
+    if version != FILE_VERSION:
+        raise UserError(f"{path}: experts file version {version} is not supported (this build reads {FILE_VERSION})")
+    try:
+        index = json.loads(raw[16:16 + n])
+        need = FILE_HEADER + index["layers"] * index["experts"] * index["stride"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: corrupt experts header ({exc})") from None
+    if size != need:
+        raise UserError(f"{path}: is {size} bytes, its header implies {need} (truncated or corrupt)")
+    return index
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_size: int = 64,
+            dense_bits: int = 16, workers: int | None = None, progress=None) -> Path:
+    """Convert the Mixtral folder `src` into a quantized folder `dst`; returns dst. `progress(done, total)`."""
+    import quant
+
+    if bits not in BITS:
+        raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+    if dense_bits != 16:
+        raise UserError(f"--dense-bits {dense_bits}: only 16 is supported so far (dense weights stay fp16)")
+    ckpt = Checkpoint(src)
+    ckpt.validate()
+    cfg = ckpt.config
+    for dim, name in ((cfg.hidden_size, "hidden_size"), (cfg.intermediate_size, "intermediate_size")):
+        if group_size <= 0 or dim % group_size:
+            raise UserError(f"--group-size {group_size} does not divide the rows of the experts ({name} = {dim})")
+    dst = Path(dst)
+    settings = {"bits": bits, "group_size": group_size, "dense_bits": dense_bits}
+    if dst.resolve() == ckpt.path.resolve():
+        raise UserError(f"{dst}: the destination is the source folder")
+    if dst.exists():
+        info = read_info(dst) if dst.is_dir() else None
+        if info is None or info.get("source") != fingerprint(ckpt):
+            raise UserError(f"{dst}: exists and is not an earlier conversion of {ckpt.path}; choose another destination")
+        if {k: info.get(k) for k in settings} == settings:
+            return dst  # already converted with these settings
+        raise UserError(f"{dst}: holds a conversion with other settings ({info['bits']} bits, group {info['group_size']}); "
+                        f"remove it or choose another destination")
+    partial = dst.with_name(dst.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # a stale interrupted conversion: start again
+    partial.mkdir(parents=True)
+
+    for name in COPIED:
+        if (ckpt.path / name).is_file():
+            shutil.copy2(ckpt.path / name, partial / name)
+    dense = {}
+    for name in dense_shapes(cfg):
+        dense[name] = ckpt.read(name, dtype=torch.float16)
+    for i in range(cfg.num_hidden_layers):
+        name = f"model.layers.{i}.block_sparse_moe.gate.weight"
+        dense[name] = ckpt.read(name, dtype=torch.float16)
+    save_file(dense, partial / "model.safetensors", metadata={"format": "pt"})
+    del dense
+
+    layout = quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, bits, group_size)
+    stride = (layout.nbytes + STRIDE_ALIGN - 1) // STRIDE_ALIGN * STRIDE_ALIGN
+    L, E = cfg.num_hidden_layers, cfg.num_local_experts
+    workers = workers or max(1, min(E, os.cpu_count() or 1))
+
+    def one(key):
+        w1, w2, w3 = (ckpt.read(n, dtype=torch.float32) for n in expert_names(*key))
+        return key, quant.pack_expert(w1, w2, w3, bits, group_size)
+
+    start = time.perf_counter()
+    with open(partial / EXPERTS_FILE, "wb") as f, ThreadPoolExecutor(workers) as pool:
+        write_experts_header(f, L, E, stride, layout.nbytes)
+        f.truncate(FILE_HEADER + L * E * stride)
+        done = 0
+        for layer in range(L):  # one layer in flight at a time: memory stays bounded by E experts
+            for (l, e), blob in pool.map(one, [(layer, e) for e in range(E)]):
+                f.seek(FILE_HEADER + (l * E + e) * stride)
+                f.write(blob.numpy().tobytes())
+                done += 1
+                if progress:
+                    progress(done, L * E)
+        f.flush()
+        os.fsync(f.fileno())
+    info = {"format": FORMAT, "version": FILE_VERSION, **settings, "source": fingerprint(ckpt),
+            "blob_bytes": layout.nbytes, "experts_file": EXPERTS_FILE,
+            "bits_per_param": round(8 * layout.nbytes / cfg.expert_params, 4),
+            "seconds": round(time.perf_counter() - start, 2)}
+    (partial / INFO_FILE).write_text(json.dumps(info, indent=1))
+    os.rename(partial, dst)
+    return dst
