@@ -201,6 +201,9 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
+from cli.lut_cmd import lut_app; app.add_typer(lut_app, name="lut")  # noqa: E402,E702
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,255 @@
+"""The table store: serves a MoLE table model's feed-forward layers to the runtime, tables never on the GPU.
+
+Where a token's bytes come from and go, for one forward step with token ids [T]:
+
+    layer 0's ffn call  -> the step begins: its distinct ids U are looked up in the table, ONE contiguous
+                           record per id holding the rows of every layer ([L, N, D], lut/tables.py):
+                             tables="disk": a read-only memory map of tables.bin (page cache / disk)
+                             tables="ram":  the whole table read once into host RAM (pinned with CUDA)
+                           the records go to a (pinned) staging buffer, then one copy to the compute
+                           device (on its own CUDA stream, started before layer 0's shared FFN runs,
+                           which it overlaps), where they are dequantized to [U, L, N, D]
+    layer i's ffn call  -> shared FFN(h) + softmax(router(h)) . rows[:, i]     (all N experts, no top-k)
+
+A step too big for `step_bytes` (a long prefill at Mixtral's 2 MB per record) gathers per layer instead:
+one contiguous chunk of `chunk_nbytes` per id and layer. Decode steps are one token, one record: the
+record is fetched as soon as the sampled token reaches the model, i.e. at the first layer's ffn call, the
+first point the token ids cross this seam.
+
+Nothing of the tables stays on the device between steps: `table_bytes_device` is 0 by construction, and
+the step's rows buffer is dropped at its last layer. `bytes_disk` counts bytes read from the table file
+(through the map; the OS page cache may serve some of them), `bytes_h2d` the bytes copied to the compute
+device (on a CPU-only machine: into the compute buffers, the copy a GPU would get over PCIe).
+
+Dimension legend: T tokens in the step, U distinct token ids, L layers, N experts, D hidden, R record bytes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import resource
+from pathlib import Path
+
+import torch
+
+from quant.errors import UserError
+
+from .config import TABLE_MODEL_TYPE, MoLEConfig
+from .model import checkpoint_shapes, is_table_expert, mix, router_weights, swiglu
+from .tables import TableLayout
+
+TABLE_MODES = ("disk", "ram")
+
+
+def parse_budget(value, flag: str) -> int | None:
+    """A byte budget: None, an int, or a size string such as '2GiB' (the CLI passes strings through)."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().replace(" ", "")
+    if text.isdigit():
+        return int(text)
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return int(convert_file_size_to_int(text))
+    except ValueError:
+        raise UserError(f"{flag} {value!r} is not a size (use e.g. 12GiB, 512MiB, 1.5GB or a number of bytes)") from None
+
+
+class TableFFN:
+    """One layer's feed-forward part: the shared FFN and the router on the device, the experts as rows."""
+
+    def __init__(self, store: "TableStore", layer: int, w1, w2, w3, router):
+        self.store, self.layer = store, layer
+        self.w1, self.w2, self.w3, self.router = w1, w2, w3, router
+
+    def dense_tensors(self) -> list[torch.Tensor]:
+        return [self.w1, self.w2, self.w3, self.router]
+
+    def __call__(self, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        # Start the rows' fetch first (layer 0 begins the step), so the copy overlaps the shared FFN.
+        self.store.begin(self.layer, token_ids)
+        shared = swiglu(h, self.w1, self.w2, self.w3)         # [T, D]
+        gates = router_weights(h, self.router)                # [T, N]
+        return mix(shared, gates, self.store.rows(self.layer))  # rows [T, N, D]
+
+
+class _Step:
+    """The rows of one forward step: ids, where each position's id sits among the distinct ids, and (when
+    the whole step fits `step_bytes`) every layer's decoded rows [U, L, N, D] on the device."""
+
+    def __init__(self, ids: torch.Tensor, uniq: torch.Tensor, inverse: torch.Tensor):
+        self.ids, self.uniq, self.inverse = ids, uniq, inverse
+        self.chunks: torch.Tensor | None = None  # uint8 [U, L, chunk] on the device, copy maybe in flight
+        self.event = None                        # CUDA event: that copy is done
+        self.rows: torch.Tensor | None = None    # [U, L, N, D] decoded, after the first wait
+
+
+class TableStore:
+    """Owns the table of a "mole_tables" folder; `offload.load` builds the model around `layer_ffn`."""
+
+    def __init__(self, ckpt, device: torch.device, dtype: torch.dtype, ram=None, tables: str | None = None,
+                 vram=None, step_bytes: int = 64 << 20, **ignored):
+        self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
+        self.cuda = self.device.type == "cuda"
+        self.cfg = MoLEConfig.from_dict(ckpt.raw_config, source=str(Path(ckpt.path) / "config.json"),
+                                        model_types=(TABLE_MODEL_TYPE,))
+        cfg = self.cfg
+        name = cfg.tables["file"]
+        if Path(name).name != name:
+            raise UserError(f"{ckpt.path}/config.json: field 'tables.file' must be a file name in the folder, got {name!r}")
+        self.path = Path(ckpt.path) / name
+        self.layout = TableLayout.open(self.path)
+        self.layout.check_dims(cfg.vocab_size, cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size,
+                               str(self.path))
+        if cfg.tables.get("bits") not in (None, self.layout.bits):
+            raise UserError(f"{ckpt.path}/config.json: field 'tables.bits' is {cfg.tables.get('bits')} but "
+                            f"{self.path.name} holds {self.layout.bits}-bit rows")
+        self.ram_budget, self.vram_budget = parse_budget(ram, "--ram"), parse_budget(vram, "--vram")
+        self.ignored = sorted(k for k, v in ignored.items() if v not in (None, 0, "auto"))
+        self.step_bytes = step_bytes
+        data = self.layout.vocab * self.layout.record_nbytes
+        if tables is None:
+            tables = "ram" if self.ram_budget is not None and data <= self.ram_budget else "disk"
+        if tables not in TABLE_MODES:
+            raise UserError(f"tables must be 'disk' or 'ram', got {tables!r}")
+        if tables == "ram" and self.ram_budget is not None and data > self.ram_budget:
+            raise UserError(f"--ram {self.ram_budget:,} bytes cannot hold the tables ({data:,} bytes of "
+                            f"{self.path.name}); raise --ram or serve them from disk")
+        self.mode = tables
+        self.table = self._open_table()  # uint8 [V, R], on the host (mapped or resident)
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+        self.step: _Step | None = None
+        self.reset_stats()
+
+    def _open_table(self) -> torch.Tensor:
+        V, R, off = self.layout.vocab, self.layout.record_nbytes, self.layout.data_offset
+        if self.mode == "ram":
+            # Pinned when a GPU will DMA from it (pageable memory would force a staging copy per step).
+            host = torch.empty((V, R), dtype=torch.uint8, pin_memory=self.cuda)
+            with open(self.path, "rb") as f:
+                f.seek(off)
+                view, got = memoryview(host.numpy()).cast("B"), 0
+                while got < V * R:
+                    n = f.readinto(view[got:got + (64 << 20)])
+                    if not n:
+                        raise UserError(f"{self.path}: truncated while loading the tables into RAM")
+                    got += n
+            return host
+        with open(self.path, "rb") as f:
+            # A private (copy-on-write) map: reads come from the file, and nothing we do can write to it.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._map.madvise(mmap.MADV_RANDOM)  # rows are read by token id: read-ahead would fetch neighbours
+        return torch.frombuffer(self._map, dtype=torch.uint8, count=V * R, offset=off).view(V, R)
+
+    # ---- the runtime's seam ---------------------------------------------------------------------
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The table model's tensors beyond attention/norms/embeddings: each layer's shared FFN and router."""
+        return {n: s for n, s in checkpoint_shapes(self.cfg).items()
+                if ".mole." in n and not is_table_expert(n)}
+
+    def layer_ffn(self, layer: int, read) -> TableFFN:
+        p = f"model.layers.{layer}.mole"
+        return TableFFN(self, layer, read(f"{p}.shared.w1.weight"), read(f"{p}.shared.w2.weight"),
+                        read(f"{p}.shared.w3.weight"), read(f"{p}.router.weight"))
+
+    # ---- rows of a step ------------------------------------------------------------------------
+
+    def begin(self, layer: int, token_ids: torch.Tensor) -> None:
+        """At layer 0 (or whenever the ids change) start fetching the step's rows."""
+        if layer != 0 and self.step is not None and self.step.ids is token_ids:
+            return
+        ids = token_ids.to("cpu")  # decode: one id, the token just sampled (a tiny sync on CUDA)
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        step = self.step = _Step(token_ids, uniq, inverse.to(self.device))
+        self.stats_["table_tokens"] += ids.numel()
+        self.stats_["table_steps"] += 1
+        if uniq.numel() * self.layout.record_nbytes <= self.step_bytes:
+            # Every layer's rows for these ids: one contiguous record per id.
+            step.chunks, step.event = self._fetch(uniq)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        """This layer's rows for the step's tokens: [T, N, D] on the device, in the compute dtype."""
+        step = self.step
+        if layer == self.cfg.num_hidden_layers - 1:
+            self.step = None  # the last layer: the step's buffers go when this call returns
+        if step.chunks is None:  # a step too big to hold all layers: gather this layer's chunk per id
+            chunks, event = self._fetch(step.uniq, layer)
+            self._wait(event)
+            return self.layout.decode(chunks, self.dtype)[step.inverse, 0]
+        if step.rows is None:
+            self._wait(step.event)
+            step.rows = self.layout.decode(step.chunks, self.dtype)  # [U, L, N, D]
+            self.peak_step_bytes = max(self.peak_step_bytes, step.rows.numel() * step.rows.element_size())
+        return step.rows[step.inverse, layer]
+
+    def _fetch(self, uniq: torch.Tensor, layer: int | None = None):
+        """Records (all layers) or one layer's chunk of each id in `uniq` -> uint8 [U, L or 1, chunk] on the
+        device, and the CUDA event of its copy (None on CPU)."""
+        lay = self.layout
+        U = uniq.numel()
+        if layer is None:
+            span = (0, lay.record_nbytes)
+        else:
+            span = (layer * lay.chunk_nbytes, (layer + 1) * lay.chunk_nbytes)
+        nbytes = U * (span[1] - span[0])
+        if self.mode == "disk":
+            self.stats_["bytes_disk"] += nbytes
+        self.stats_["bytes_h2d"] += nbytes
+        # Host side: gather into a staging buffer, pinned with CUDA so the copy below is a real async DMA.
+        # A fresh pinned tensor from torch's caching host allocator is not handed out again until the copy
+        # that reads it has completed (the allocator records the copy's event), so no step overwrites rows
+        # still in flight.
+        staging = torch.empty((U, span[1] - span[0]), dtype=torch.uint8, pin_memory=self.cuda)
+        torch.index_select(self.table[:, span[0]:span[1]], 0, uniq, out=staging)
+        staging = staging.view(U, -1, lay.chunk_nbytes)
+        if not self.cuda:
+            return staging, None
+        dev = torch.empty(staging.shape, dtype=torch.uint8, device=self.device)
+        compute = torch.cuda.current_stream(self.device)
+        # The copy stream waits for the compute stream, so `dev` (allocated there) is free to overwrite;
+        # record_stream keeps the allocator from reusing `dev` before the copy stream is done with it.
+        self.copy_stream.wait_stream(compute)
+        with torch.cuda.stream(self.copy_stream):
+            dev.copy_(staging, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        dev.record_stream(self.copy_stream)
+        return dev, event
+
+    def _wait(self, event) -> None:
+        if event is not None:
+            # Compute waits for this copy only (not the whole copy stream, not the host).
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    # ---- stats ---------------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        self.stats_ = {"bytes_h2d": 0, "bytes_disk": 0, "table_tokens": 0, "table_steps": 0}
+        self.peak_step_bytes = 0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def dense_bytes(self) -> int:
+        """Bytes of every tensor of the folder at the compute dtype: what the device holds besides KV and rows."""
+        return sum(loc.nbytes // loc.dtype.itemsize * self.dtype.itemsize for loc in self.ckpt.locations.values())
+
+    def stats(self) -> dict:
+        s = dict(self.stats_)
+        tokens = max(1, s["table_tokens"])
+        s.update({
+            "tables": self.mode, "table_bits": self.layout.bits, "record_nbytes": self.layout.record_nbytes,
+            "table_bytes_device": 0,  # tables never live on the device; only a step's rows pass through
+            "table_bytes_host": self.table.numel() if self.mode == "ram" else 0,
+            "table_bytes_file": self.layout.file_nbytes,
+            "bytes_h2d_per_token": s["bytes_h2d"] / tokens, "bytes_disk_per_token": s["bytes_disk"] / tokens,
+            "peak_step_rows_bytes": self.peak_step_bytes, "dense_bytes": self.dense_bytes(),
+            "peak_vram_bytes": int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else self.dense_bytes() + self.peak_step_bytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "device": str(self.device), "ram_budget": self.ram_budget, "vram_budget": self.vram_budget,
+        })
+        if self.ignored:
+            s["ignored_options"] = self.ignored
+        return s
