@@ -1,0 +1,201 @@
+"""Mixture of Lookup Experts: the table model gives the MoLE model's logits, serves its tables from disk or RAM
+without putting them on the device, and refuses bad input with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import offload
+from conftest import run_cli, write_tokenizer
+from lut.build import TABLE_FILE, build_tables
+from lut.config import MoLEConfig
+from lut.model import MoLEForCausalLM, load_model, save_model
+from lut.tables import TableLayout
+from offload.generate import decode_one, prefill
+from quant.errors import UserError
+from quant.rows import dequantize_rows, quantize_rows
+
+PROMPT = [1, 17, 42, 99, 17, 250, 3]  # 17 twice: a prefill gathers each distinct id once
+
+
+def tiny_config(**overrides) -> MoLEConfig:
+    fields = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=48, shared_intermediate_size=80, num_local_experts=3,
+                  num_experts_per_tok=3, tie_word_embeddings=False, max_position_embeddings=128)
+    return MoLEConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def mole(tmp_path_factory):
+    """A random float32 MoLE checkpoint (weights wide enough that the router's mix varies) and its model."""
+    folder = tmp_path_factory.mktemp("mole")
+    model = MoLEForCausalLM(tiny_config()).init_weights(seed=3, std=0.1).eval()
+    save_model(model, folder, torch.float32)
+    write_tokenizer(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def tables32(mole, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("t") / "tables32"
+    build_tables(mole[0], dst, bits=32, batch_bytes=1 << 16)  # small batches: several writes
+    return dst
+
+
+def greedy_logits(rt, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """The runtime's logits for the prompt's last position, then for `steps` greedy tokens."""
+    logits = [prefill(rt.model, torch.tensor(prompt))]
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(logits[-1].argmax()))
+        logits.append(decode_one(rt.model, seq[-1], len(seq) - 1))
+    return seq, torch.stack(logits)
+
+
+def reference_logits(model: MoLEForCausalLM, seq: list[int], start: int) -> torch.Tensor:
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([seq]))
+    return logits[0, start - 1:]
+
+
+# ---- the table model is the MoLE model ------------------------------------------------------------
+
+@pytest.mark.parametrize("tables", ["disk", "ram"])
+def test_table_model_logits_match_the_mole_model(mole, tables32, tables):
+    rt = offload.load(tables32, device="cpu", dtype="float32", tables=tables)
+    seq, got = greedy_logits(rt, PROMPT, 32)
+    want = reference_logits(mole[1], seq, len(PROMPT))
+    assert got.shape == want.shape == (33, 320)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_a_step_too_big_for_one_read_gathers_layer_by_layer_with_the_same_logits(mole, tables32):
+    rt = offload.load(tables32, device="cpu", dtype="float32", step_bytes=1)  # every step per layer
+    seq, got = greedy_logits(rt, PROMPT, 4)
+    assert (got - reference_logits(mole[1], seq, len(PROMPT))).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("bits, tol", [(16, 2e-3), (8, 5e-2), (4, 0.5)])
+def test_quantized_tables_stay_close(mole, tmp_path, bits, tol):
+    dst = tmp_path / f"t{bits}"
+    build_tables(mole[0], dst, bits=bits)
+    assert TableLayout.open(dst / TABLE_FILE).bits == bits
+    rt = offload.load(dst, device="cpu", dtype="float32")
+    seq, got = greedy_logits(rt, PROMPT, 3)
+    want = reference_logits(mole[1], seq, len(PROMPT))
+    assert (got - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+def test_row_quantization_round_trips_within_half_a_step():
+    x = torch.randn(5, 3, 128)
+    for bits, qmax in ((8, 127), (4, 7)):
+        codes, scales = quantize_rows(x, bits, 32)
+        assert codes.shape[-1] == (128 if bits == 8 else 64) and scales.shape == (5, 3, 4)
+        step = scales.float().repeat_interleave(32, -1)
+        assert ((dequantize_rows(codes, scales, bits, 32) - x).abs() <= step / 2 + 1e-6).all()
+
+
+# ---- where the bytes are --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tables", ["disk", "ram"])
+def test_stats_show_rows_moved_per_token_and_no_table_bytes_on_the_device(tables32, tables):
+    rt = offload.load(tables32, device="cpu", dtype="float32", tables=tables)
+    tokens = list(rt.generate_ids(PROMPT, max_new_tokens=6))
+    s = rt.stats()
+    record = TableLayout.open(tables32 / TABLE_FILE).record_nbytes
+    # prefill: one record per distinct prompt id; decode: one per generated token fed back (all but the last)
+    moved = (len(set(PROMPT)) + len(tokens) - 1) * record
+    assert s["table_bytes_device"] == 0 and s["tables"] == tables
+    assert s["bytes_h2d"] == moved
+    assert s["bytes_disk"] == (moved if tables == "disk" else 0)
+    assert s["table_bytes_host"] == (0 if tables == "disk" else 320 * record)
+    assert s["peak_vram_bytes"] < s["dense_bytes"] + 2 * len(PROMPT) * record  # dense part + one step's rows
+
+
+def test_ram_budget_picks_the_tier_and_refuses_a_table_that_does_not_fit(tables32):
+    data = TableLayout.open(tables32 / TABLE_FILE).vocab * TableLayout.open(tables32 / TABLE_FILE).record_nbytes
+    assert offload.load(tables32, device="cpu", ram=data).store.mode == "ram"
+    assert offload.load(tables32, device="cpu", ram=f"{data - 1}").store.mode == "disk"
+    with pytest.raises(UserError, match="cannot hold the tables"):
+        offload.load(tables32, device="cpu", ram="1KiB", tables="ram")
+
+
+# ---- the folder and the command line --------------------------------------------------------------
+
+def test_cli_build_writes_a_servable_folder_atomically(mole, tmp_path):
+    dst = tmp_path / "served"
+    result = run_cli("lut", "build", mole[0], dst, "--bits", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    layout = TableLayout.open(dst / TABLE_FILE)
+    assert summary["table_nbytes"] == layout.file_nbytes == (dst / TABLE_FILE).stat().st_size
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "mole_tables"
+    assert {"tokenizer.json", "model.safetensors"} <= set(os.listdir(dst))
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temp folder left behind
+    result = run_cli("generate", dst, "The quick brown fox", "-n", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["stats"]["table_bytes_device"] == 0
+
+
+def test_an_interrupted_build_leaves_nothing(mole, tmp_path):
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_tables(mole[0], tmp_path / "dst", progress=interrupt)
+    assert os.listdir(tmp_path) == []
+
+
+def test_src_that_is_not_a_mole_checkpoint_is_one_line_exit_2(tmp_path):
+    src = tmp_path / "mixtral"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "mixtral", "hidden_size": 64}))
+    result = run_cli("lut", "build", src, tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "not a MoLE checkpoint" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_table_that_does_not_match_vocab_layers_experts_d_is_one_line_exit_2(mole, tables32, tmp_path):
+    import shutil
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(tables32, bad)
+    with open(bad / TABLE_FILE, "r+b") as f:
+        f.truncate((bad / TABLE_FILE).stat().st_size - 100)
+    result = run_cli("generate", bad, "hello", "-n", "2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "vocab 320 x layers 3 x experts 3 x d 64" in result.stderr
+
+    # A consistent table file, but built for another shape of model.
+    other = tmp_path / "other_src"
+    save_model(MoLEForCausalLM(tiny_config(num_local_experts=2, num_experts_per_tok=2)).init_weights(), other)
+    build_tables(other, tmp_path / "other", bits=32)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tables32, swapped)
+    shutil.copy(tmp_path / "other" / TABLE_FILE, swapped / TABLE_FILE)
+    with pytest.raises(UserError, match="config.json implies 320 x 3 x 3 x 64"):
+        offload.load(swapped, device="cpu")
+
+
+# ---- the shipped model ----------------------------------------------------------------------------
+
+def test_shipped_mole_model_generates_through_its_tables(tmp_path):
+    from lut import DEMO_DIR
+
+    if not (DEMO_DIR / "model.safetensors").is_file():
+        pytest.skip("lut/demo_model is not trained yet (python scripts/train_mole.py)")
+    cfg = MoLEConfig.from_folder(DEMO_DIR)
+    assert cfg.ffn == "mole" and sum(p.stat().st_size for p in DEMO_DIR.iterdir()) <= 16 << 20
+    dst = tmp_path / "tables"
+    build_tables(DEMO_DIR, dst, bits=32)
+    rt = offload.load(dst, device="cpu", dtype="float32")
+    prompt = rt.encode("The for statement")
+    seq, got = greedy_logits(rt, prompt, 8)
+    model = load_model(DEMO_DIR)
+    assert (got - reference_logits(model, seq, len(prompt))).abs().max().item() <= 1e-4
+    assert rt.tokenizer.decode(seq[len(prompt):]).strip()  # it says something
