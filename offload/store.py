@@ -231,6 +231,9 @@ class ExpertStore:
                     fut.set_result(slot)
                     return fut
                 # Never evict a slot a read is filling or an H2D copy is still reading.
+                for s, event in list(self.host_busy.items()):
+                    if event.query():
+                        del self.host_busy[s]
                 busy = set(self.host_reads) | {self.host_table.key_of[s] for s in self.host_busy} | set(protected)
                 got = self.host_table.assign(key, busy)
                 if got is not None:
@@ -245,11 +248,13 @@ class ExpertStore:
                 waiting[0].exception()  # wait for it; its own user re-raises any error
             for slot, event in events:
                 event.synchronize()
-                self.host_busy.pop(slot, None)
+                with self.lock:
+                    self.host_busy.pop(slot, None)
 
     def _read(self, key: Key, slot: int) -> int:
         """Reader thread: wait until no copy reads this host slot any more, then pread the expert into it."""
-        event = self.host_busy.pop(slot, None)
+        with self.lock:
+            event = self.host_busy.pop(slot, None)
         if event is not None:
             event.synchronize()
         try:
@@ -291,7 +296,8 @@ class ExpertStore:
                 self.ready[slot].record(self.copy_stream)
                 done = torch.cuda.Event()
                 done.record(self.copy_stream)
-                self.host_busy[host] = done
+                with self.lock:
+                    self.host_busy[host] = done
         else:
             self.dev[slot].copy_(self.host[host])
         self.stats_.bytes_h2d += self.layout.nbytes
