@@ -163,7 +163,8 @@ class MoLEBlock(nn.Module):
         e = self.experts
         rows = expert_outputs(embed[uniq], self.expert_norm.weight, e.w1, e.w2, e.w3, self.cfg.rms_norm_eps)
         shared = swiglu(h, self.shared.w1[0], self.shared.w2[0], self.shared.w3[0])
-        return mix(shared, router_weights(h, self.router.weight), rows[inverse]), h.new_zeros(())
+        rows = rows.index_select(0, inverse.flatten()).view(*ids.shape, *rows.shape[1:])  # [B, T, N, D]
+        return mix(shared, router_weights(h, self.router.weight), rows), h.new_zeros(())
 
 
 class MoEBlock(nn.Module):

@@ -30,6 +30,7 @@ import mmap
 import resource
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from quant.errors import UserError
@@ -83,6 +84,7 @@ class _Step:
         self.chunks: torch.Tensor | None = None  # uint8 [U, L, chunk] on the device, copy maybe in flight
         self.event = None                        # CUDA event: that copy is done
         self.rows: torch.Tensor | None = None    # [U, L, N, D] decoded, after the first wait
+        self.in_order = False                    # ids are distinct and sorted: rows need no reordering
 
 
 class TableStore:
@@ -118,6 +120,7 @@ class TableStore:
                             f"{self.path.name}); raise --ram or serve them from disk")
         self.mode = tables
         self.table = self._open_table()  # uint8 [V, R], on the host (mapped or resident)
+        self.table_np = self.table.numpy()  # the same bytes, for the single-threaded gather in _fetch
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
         self.step: _Step | None = None
@@ -164,6 +167,7 @@ class TableStore:
         ids = token_ids.to("cpu")  # decode: one id, the token just sampled (a tiny sync on CUDA)
         uniq, inverse = torch.unique(ids, return_inverse=True)
         step = self.step = _Step(token_ids, uniq, inverse.to(self.device))
+        step.in_order = uniq.numel() == ids.numel() and bool(torch.equal(uniq, ids))  # decode: always
         self.stats_["table_tokens"] += ids.numel()
         self.stats_["table_steps"] += 1
         if uniq.numel() * self.layout.record_nbytes <= self.step_bytes:
@@ -178,12 +182,16 @@ class TableStore:
         if step.chunks is None:  # a step too big to hold all layers: gather this layer's chunk per id
             chunks, event = self._fetch(step.uniq, layer)
             self._wait(event)
-            return self.layout.decode(chunks, self.dtype)[step.inverse, 0]
+            rows = self.layout.decode(chunks, self.dtype)[:, 0]
+            return rows if step.in_order else rows.index_select(0, step.inverse)
         if step.rows is None:
             self._wait(step.event)
             step.rows = self.layout.decode(step.chunks, self.dtype)  # [U, L, N, D]
             self.peak_step_bytes = max(self.peak_step_bytes, step.rows.numel() * step.rows.element_size())
-        return step.rows[step.inverse, layer]
+        # index_select, not rows[inverse, layer]: advanced indexing of a few thousand values can cost
+        # milliseconds on a busy CPU (it wakes the thread pool); index_select stays in microseconds.
+        rows = step.rows[:, layer]
+        return rows if step.in_order else rows.index_select(0, step.inverse)
 
     def _fetch(self, uniq: torch.Tensor, layer: int | None = None):
         """Records (all layers) or one layer's chunk of each id in `uniq` -> uint8 [U, L or 1, chunk] on the
@@ -197,13 +205,16 @@ class TableStore:
         nbytes = U * (span[1] - span[0])
         if self.mode == "disk":
             self.stats_["bytes_disk"] += nbytes
+            self._will_need(uniq, span)
         self.stats_["bytes_h2d"] += nbytes
         # Host side: gather into a staging buffer, pinned with CUDA so the copy below is a real async DMA.
         # A fresh pinned tensor from torch's caching host allocator is not handed out again until the copy
         # that reads it has completed (the allocator records the copy's event), so no step overwrites rows
         # still in flight.
         staging = torch.empty((U, span[1] - span[0]), dtype=torch.uint8, pin_memory=self.cuda)
-        torch.index_select(self.table[:, span[0]:span[1]], 0, uniq, out=staging)
+        # numpy's take is a plain single-threaded copy: the gather is bound by memory (or disk), and torch's
+        # parallel copy would wait for a pool thread, which on a busy CPU costs more than the copy itself.
+        np.take(self.table_np[:, span[0]:span[1]], uniq.numpy(), axis=0, out=staging.numpy())
         staging = staging.view(U, -1, lay.chunk_nbytes)
         if not self.cuda:
             return staging, None
@@ -218,6 +229,15 @@ class TableStore:
             event.record(self.copy_stream)
         dev.record_stream(self.copy_stream)
         return dev, event
+
+    def _will_need(self, uniq: torch.Tensor, span: tuple[int, int]) -> None:
+        """Ask the kernel for each record's pages in one request: with MADV_RANDOM a cold record would
+        otherwise arrive one page fault (one 4 KiB read) at a time."""
+        R, base = self.layout.record_nbytes, self.layout.data_offset
+        for i in uniq.tolist():
+            start = base + i * R + span[0]
+            aligned = start - start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_WILLNEED, aligned, start + span[1] - span[0] - aligned)
 
     def _wait(self, event) -> None:
         if event is not None:
