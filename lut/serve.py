@@ -91,7 +91,11 @@ class TableStore:
     """Owns the table of a "mole_tables" folder; `offload.load` builds the model around `layer_ffn`."""
 
     def __init__(self, ckpt, device: torch.device, dtype: torch.dtype, ram=None, tables: str | None = None,
-                 vram=None, step_bytes: int = 64 << 20, **ignored):
+                 vram=None, step_bytes: int = 64 << 20, **expert_options):
+        """`ram`: host budget for the tables (bytes or '2GiB'); `tables`: "disk" (memory-mapped) or "ram"
+        (default: "ram" when a `ram` budget is given and the tables fit it, else "disk"). `vram` is only
+        reported: the device holds the dense part and one step's rows. The expert store's options
+        (prefetch, cpu_experts, ...) have nothing to act on here and are ignored."""
         self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
         self.cuda = self.device.type == "cuda"
         self.cfg = MoLEConfig.from_dict(ckpt.raw_config, source=str(Path(ckpt.path) / "config.json"),
@@ -108,7 +112,6 @@ class TableStore:
             raise UserError(f"{ckpt.path}/config.json: field 'tables.bits' is {cfg.tables.get('bits')} but "
                             f"{self.path.name} holds {self.layout.bits}-bit rows")
         self.ram_budget, self.vram_budget = parse_budget(ram, "--ram"), parse_budget(vram, "--vram")
-        self.ignored = sorted(k for k, v in ignored.items() if v not in (None, 0, "auto"))
         self.step_bytes = step_bytes
         data = self.layout.vocab * self.layout.record_nbytes
         if tables is None:
@@ -218,16 +221,17 @@ class TableStore:
         staging = staging.view(U, -1, lay.chunk_nbytes)
         if not self.cuda:
             return staging, None
-        dev = torch.empty(staging.shape, dtype=torch.uint8, device=self.device)
         compute = torch.cuda.current_stream(self.device)
-        # The copy stream waits for the compute stream, so `dev` (allocated there) is free to overwrite;
-        # record_stream keeps the allocator from reusing `dev` before the copy stream is done with it.
-        self.copy_stream.wait_stream(compute)
+        # `dev` is allocated on the copy stream, so the allocator only hands it memory that is free in that
+        # stream's order: the copy need not wait for the compute stream (it overlaps the attention still
+        # running there). record_stream(compute): when `dev` is freed, its memory is not reused before the
+        # compute stream's reads of it (the dequantize in `rows`) have run.
         with torch.cuda.stream(self.copy_stream):
+            dev = torch.empty(staging.shape, dtype=torch.uint8, device=self.device)
             dev.copy_(staging, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
-        dev.record_stream(self.copy_stream)
+        dev.record_stream(compute)
         return dev, event
 
     def _will_need(self, uniq: torch.Tensor, span: tuple[int, int]) -> None:
@@ -270,6 +274,4 @@ class TableStore:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "device": str(self.device), "ram_budget": self.ram_budget, "vram_budget": self.vram_budget,
         })
-        if self.ignored:
-            s["ignored_options"] = self.ignored
         return s

@@ -199,3 +199,31 @@ def test_shipped_mole_model_generates_through_its_tables(tmp_path):
     model = load_model(DEMO_DIR)
     assert (got - reference_logits(model, seq, len(prompt))).abs().max().item() <= 1e-4
     assert rt.tokenizer.decode(seq[len(prompt):]).strip()  # it says something
+
+
+# ---- on a GPU (skipped without CUDA; run with `pytest -m gpu`) ----------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tables", ["disk", "ram"])
+def test_on_cuda_the_device_holds_the_dense_part_alone_and_logits_match(mole, tables32, tables):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    rt = offload.load(tables32, device="cuda", dtype="float32", tables=tables, context=64)
+    torch.cuda.synchronize()
+    m = rt.model
+    resident = sum(t.numel() * t.element_size() for t in m.dense_tensors()) + m.cache.nbytes \
+        + 2 * m.cos.numel() * m.cos.element_size()
+    table = TableLayout.open(tables32 / TABLE_FILE).file_nbytes
+    assert torch.cuda.memory_allocated() - before <= resident + (64 << 10) < resident + table
+    ids = [1, 17, 42, 99]
+    logits = [prefill(m, torch.tensor(ids, device="cuda"))]
+    seq = list(ids)
+    for _ in range(8):
+        seq.append(int(logits[-1].argmax()))
+        logits.append(decode_one(m, seq[-1], len(seq) - 1))
+    got = torch.stack(logits).cpu()
+    assert (got - reference_logits(mole[1], seq, len(ids))).abs().max().item() <= 1e-4
+    assert rt.store.stats()["bytes_h2d"] > 0
+    assert torch.cuda.memory_allocated() - before <= resident + (64 << 10)  # no rows left behind after the steps
