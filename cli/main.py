@@ -131,13 +131,27 @@ def demo(
 def inspect(
     model: str = typer.Argument("demo", help="Model folder, or 'demo'."),
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Plan memory for this device budget (e.g. 12GiB): "
+                                                             "what lives where, how many expert slots fit."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Plan memory for this pinned host RAM budget."),
+    hit_rate: float = typer.Option(0.5, "--hit-rate", help="Device-slot hit rate for the expected bytes per token."),
+    bandwidth: str = typer.Option("25GB", "--bandwidth", help="Host->device bandwidth for the transfer bound "
+                                                              "(default 25GB: PCIe 4.0 x16 in practice)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (cuda plans for a GPU even without one)."),
+    dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
 ) -> None:
-    """Describe a model: layers, experts, parameters dense vs experts, bytes per expert, dense bytes on the GPU."""
-    from offload.inspect import describe
+    """Describe a model: layers, experts, parameters dense vs experts, bytes per expert, dense bytes on the GPU;
+    with --vram/--ram, the memory plan under those budgets."""
+    from offload.inspect import describe, memory_plan
+    from offload.memory import parse_bytes
 
     info = describe(model)
+    plan = None
+    if vram is not None or ram is not None:
+        plan = memory_plan(model, vram=vram, ram=ram, device=device, dtype=dtype, context=context, hit_rate=hit_rate,
+                           bandwidth=parse_bytes(bandwidth, "--bandwidth"))
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        typer.echo(json.dumps(info | ({"memory_plan": plan} if plan else {}), indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -148,7 +162,71 @@ def inspect(
             continue
         text = _human_bytes(value) if key.startswith("bytes") else (f"{value:,}" if isinstance(value, int) else str(value))
         table.add_row(key.replace("_", " "), text)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if plan:
+        console.print(_plan_table(plan))
+
+
+def _plan_table(plan: dict):
+    from rich.table import Table
+
+    d, h, k, t = plan["device_tier"], plan["host_tier"], plan["disk"], plan["per_token"]
+    b = _human_bytes
+    table = Table(title=f"memory plan: {plan['device']}, {plan['dtype']}, context {plan['context']}")
+    table.add_column("where")
+    table.add_column("what")
+    table.add_column("bytes", justify="right")
+    table.add_row("device", "dense weights (embeddings, attention, norms, routers, lm_head)", b(d["dense_bytes"]))
+    table.add_row("device", "KV cache", b(d["kv_bytes"]))
+    table.add_row("device", "workspace (full-context prefill)", b(d["workspace_bytes"]))
+    table.add_row("device", f"{d['expert_slots']} of {plan['experts_total']} expert slots x {b(plan['blob_bytes'])}",
+                  b(d["expert_pool_bytes"]))
+    table.add_row("device", f"unused of the {b(d['budget'])} budget", b(d["unused_bytes"]))
+    table.add_row("host RAM", f"{h['expert_slots']} expert slots{' (pinned)' if h['pinned'] else ''}, "
+                              f"budget {b(h['budget'])}", b(h["bytes"]))
+    table.add_row("disk", f"{k['experts_streamed']} experts streamed from the shards on use", b(k["bytes"]))
+    note = " (every expert on the device)" if plan["all_experts_on_device"] else ""
+    table.add_row("per token", f"at hit rate {t['hit_rate']:.0%}{note}: {t['misses_per_token']:.1f} of "
+                               f"{t['expert_uses_per_token']} expert uses copied host->device", b(t["bytes_h2d_per_token"]))
+    table.add_row("per token", "read from disk (accesses spread evenly)", b(t["bytes_disk_per_token"]))
+    table.add_row("per token", f"transfer bound at {t['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s",
+                  f"{t['transfer_bound_s_per_token'] * 1e3:.2f} ms")
+    return table
+
+
+@app.command()
+@user_errors
+def profile(
+    model: Optional[str] = typer.Argument(None, help="Model folder (Hugging Face Mixtral layout), or 'demo' (default)."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt text (default: 'The for statement')."),
+    out: str = typer.Option("profile", "--out", help="Folder for profile.json, trace.json and the PNG plots."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Stop after this many new tokens."),
+    temperature: float = GEN_OPTIONS["temperature"], top_k: int = GEN_OPTIONS["top_k"],
+    top_p: float = GEN_OPTIONS["top_p"], seed: Optional[int] = GEN_OPTIONS["seed"], chat: bool = GEN_OPTIONS["chat"],
+    device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
+    vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
+    prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
+) -> None:
+    """Generate with timing on; write a JSON profile, PNG plots and a Perfetto trace; say what bounds the run."""
+    from offload.generate import Sampling
+    from offload.profile import DEFAULT_PROMPT, summary_rows
+    from offload.profile import profile as run_profile
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    result = run_profile(model, prompt if prompt is not None else DEFAULT_PROMPT, out, max_new_tokens, sampling,
+                         chat=chat, device=device, dtype=dtype, context=context, vram=vram, ram=ram,
+                         prefetch=prefetch, cpu_experts=cpu_experts)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"moe-offload profile: {result.record['model']}", show_header=False)
+    for label, value in summary_rows(result.record):
+        table.add_row(label, value)
+    console = Console()
+    console.print(table)
+    console.print(f"[bold]verdict:[/bold] {result.record['verdict']['text']}", highlight=False)
+    console.print("wrote " + ", ".join(str(f) for f in result.files), highlight=False)
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from .checkpoint import Checkpoint, expert_names
+from .errors import UserError
 from .runtime import resolve_model_path
 
 
@@ -46,4 +47,55 @@ def describe(path: str | os.PathLike | None, dtype_bytes: int | None = None) -> 
         "bytes_dense_gpu": dense_params * width,
         "bytes_all_experts": expert_params * width,
         "expert_uses_per_token": cfg.num_hidden_layers * cfg.num_experts_per_tok,
+    }
+
+
+def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str = "auto", dtype: str = "auto",
+                context: int = 2048, hit_rate: float = 0.5, bandwidth: float = 25e9) -> dict:
+    """What lives where under --vram/--ram (the expert store's own MemoryPlan, built without reading any
+    weights), and the bytes an average decode step moves when a fraction `hit_rate` of expert uses hit.
+
+    `device` may be "cuda" on a machine without a GPU, to plan for one (then --vram is needed)."""
+    import torch
+
+    from .memory import expected_traffic, parse_bytes, plan_memory
+    from .runtime import resolve_device, resolve_dtype
+    from .sources import open_source
+
+    if not 0 <= hit_rate <= 1:
+        raise UserError(f"--hit-rate must be between 0 and 1, got {hit_rate}")
+    if bandwidth <= 0:
+        raise UserError(f"--bandwidth must be positive, got {bandwidth}")
+    if context <= 0:
+        raise UserError(f"--context must be positive, got {context}")
+    vram, ram = parse_bytes(vram, "--vram"), parse_bytes(ram, "--ram")
+    ckpt = Checkpoint(resolve_model_path(path))
+    ckpt.validate()
+    cfg = ckpt.config
+    planning_only = device.startswith("cuda") and not torch.cuda.is_available()
+    if planning_only and vram is None:
+        raise UserError("planning for a GPU on a machine without one needs --vram (the GPU's budget)")
+    dev = torch.device(device) if planning_only else resolve_device(device)
+    dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
+    context = min(context, cfg.max_position_embeddings)
+    source = open_source(ckpt, dt)
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" and not planning_only else None
+    plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, source.layout.nbytes, free_device_bytes=free)
+    resident = plan.device_slots == plan.experts_total
+    used = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.expert_pool_bytes
+    return {
+        "device": str(dev), "dtype": str(dt).removeprefix("torch."), "context": context,
+        "blob_bytes": plan.blob_bytes, "experts_total": plan.experts_total,
+        "device_tier": {"budget": plan.vram_budget, "dense_bytes": plan.dense_bytes, "kv_bytes": plan.kv_bytes,
+                        "workspace_bytes": plan.margin_bytes, "expert_slots": plan.device_slots,
+                        "expert_pool_bytes": plan.expert_pool_bytes, "used_bytes": used,
+                        "unused_bytes": plan.vram_budget - used},
+        "host_tier": {"budget": plan.ram_budget, "expert_slots": plan.host_slots,
+                      "bytes": plan.host_slots * plan.blob_bytes, "pinned": dev.type == "cuda"},
+        "disk": {"experts_streamed": plan.experts_total - plan.host_slots,
+                 "bytes": (plan.experts_total - plan.host_slots) * plan.blob_bytes},
+        "all_experts_on_device": resident,
+        # Every expert resident: after its first use nothing moves, whatever hit rate was asked for.
+        "per_token": expected_traffic(plan, cfg.num_hidden_layers, 1.0 if resident else hit_rate, bandwidth),
+        "plan": plan.as_dict(),
     }

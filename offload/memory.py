@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
+from .config import ModelConfig
 from .errors import UserError
 
 
@@ -87,3 +88,60 @@ class MemoryPlan:
         host_slots = min(experts_total, ram // blob_bytes)
         return cls(device, vram, ram, dense_bytes, kv_bytes, margin_bytes, blob_bytes, experts_total,
                    experts_per_token, int(device_slots), int(host_slots))
+
+
+# ---- what the device tier must hold besides experts (one definition, used by the store and by `inspect`) ----
+
+def dense_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """Every weight that is not an expert (embeddings, attention, norms, routers, lm_head), at `itemsize`."""
+    from .checkpoint import dense_shapes, moe_shapes
+
+    shapes = {**dense_shapes(cfg), **{k: v for k, v in moe_shapes(cfg).items() if k.endswith("gate.weight")}}
+    count = 0
+    for name, shape in shapes.items():
+        if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            n = 1
+            for s in shape:
+                n *= s
+            count += n
+    return count * itemsize
+
+
+def kv_bytes(cfg: ModelConfig, context: int, itemsize: int) -> int:
+    """The preallocated KV cache: keys and values [L, K, S, Hd]."""
+    S = min(context, cfg.max_position_embeddings)
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * S * cfg.head_dim * itemsize
+
+
+def workspace_bytes(cfg: ModelConfig, context: int, itemsize: int, cuda: bool) -> int:
+    """Workspace for a full-context prefill: the experts' [T, F] intermediates and the attention scores
+    [H, T, T], plus the CUDA allocator's slack."""
+    T = min(context, cfg.max_position_embeddings)
+    act = (3 * T * cfg.intermediate_size + cfg.num_attention_heads * T * T + 4 * T * cfg.hidden_size) * itemsize
+    return act + (256 << 20 if cuda else 0)
+
+
+def plan_memory(cfg: ModelConfig, itemsize: int, device: str, vram: int | None, ram: int | None, context: int,
+                blob_bytes: int, free_device_bytes: int | None = None, dense: int = 0) -> MemoryPlan:
+    """The MemoryPlan of a model under these budgets, from its config alone (no weights are read)."""
+    cuda = device.startswith("cuda")
+    return MemoryPlan.make(
+        device=device, vram=vram, ram=ram, dense_bytes=dense or dense_bytes(cfg, itemsize),
+        kv_bytes=kv_bytes(cfg, context, itemsize), margin_bytes=workspace_bytes(cfg, context, itemsize, cuda),
+        blob_bytes=blob_bytes, experts_total=cfg.num_hidden_layers * cfg.num_local_experts,
+        experts_per_token=cfg.num_experts_per_tok, free_device_bytes=free_device_bytes)
+
+
+def expected_traffic(plan: MemoryPlan, layers: int, hit_rate: float, bandwidth: float) -> dict:
+    """Bytes an average decode step moves when a fraction `hit_rate` of expert uses hit the device slots.
+
+    Misses copy one blob host->device each. A miss that is not in the host tier is first read from disk;
+    with accesses spread evenly over the experts, that is a fraction 1 - host_slots / experts_total of them
+    (0 when every expert fits in RAM)."""
+    uses = layers * plan.experts_per_token
+    misses = uses * (1 - hit_rate)
+    h2d = misses * plan.blob_bytes
+    disk = h2d * (1 - plan.host_slots / plan.experts_total)
+    return {"hit_rate": hit_rate, "expert_uses_per_token": uses, "misses_per_token": misses,
+            "bytes_h2d_per_token": int(h2d), "bytes_disk_per_token": int(disk), "bandwidth_bytes_per_s": bandwidth,
+            "transfer_bound_s_per_token": h2d / bandwidth}

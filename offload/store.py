@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from .cache import POLICIES, SlotTable
-from .checkpoint import Checkpoint, moe_shapes
+from .checkpoint import Checkpoint
 from .errors import UserError
-from .memory import MemoryPlan, parse_bytes
+from .memory import parse_bytes, plan_memory
 from .model import MoE
 from .sources import open_source
 
@@ -79,14 +79,14 @@ class ExpertStore:
         self.layout = self.source.layout
         self.cuda = device.type == "cuda"
         self.stats_ = Stats()
+        # offload.profile.Profiler while `moe-offload profile` runs; None otherwise, so timing costs one `if`.
+        self.profiler = None
         self.gates: dict[int, torch.Tensor] = {}  # router weights, kept for router-ahead prefetch
 
-        self.plan = MemoryPlan.make(
-            device=str(device), vram=parse_bytes(vram, "--vram"), ram=parse_bytes(ram, "--ram"),
-            dense_bytes=dense_bytes or self._dense_bytes(), kv_bytes=self._kv_bytes(context),
-            margin_bytes=self._margin(context), blob_bytes=self.layout.nbytes,
-            experts_total=cfg.num_hidden_layers * cfg.num_local_experts,
-            experts_per_token=cfg.num_experts_per_tok, free_device_bytes=torch.cuda.mem_get_info(device)[0] if self.cuda else None)
+        self.plan = plan_memory(
+            cfg, dtype.itemsize, str(device), vram=parse_bytes(vram, "--vram"), ram=parse_bytes(ram, "--ram"),
+            context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes,
+            free_device_bytes=torch.cuda.mem_get_info(device)[0] if self.cuda else None)
         N = self.layout.nbytes
 
         # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy).
@@ -118,27 +118,6 @@ class ExpertStore:
             self.ready = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
             self.free = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
         self.cpu_wins = self._decide_cpu_experts()
-
-    # ---- sizes --------------------------------------------------------------------------------------
-
-    def _dense_bytes(self) -> int:
-        from .checkpoint import dense_shapes
-
-        shapes = {**dense_shapes(self.cfg), **{k: v for k, v in moe_shapes(self.cfg).items() if k.endswith("gate.weight")}}
-        count = sum(_numel(s) for n, s in shapes.items() if not (self.cfg.tie_word_embeddings and n == "lm_head.weight"))
-        return count * self.dtype.itemsize
-
-    def _kv_bytes(self, context: int) -> int:
-        c = self.cfg
-        return 2 * c.num_hidden_layers * c.num_key_value_heads * min(context, c.max_position_embeddings) * c.head_dim * self.dtype.itemsize
-
-    def _margin(self, context: int) -> int:
-        """Workspace for a full-context prefill: the experts' [T, F] intermediates and the attention scores
-        [H, T, T], plus the CUDA allocator's slack."""
-        c = self.cfg
-        T = min(context, c.max_position_embeddings)
-        act = (3 * T * c.intermediate_size + c.num_attention_heads * T * T + 4 * T * c.hidden_size) * self.dtype.itemsize
-        return act + (256 << 20 if self.cuda else 0)
 
     # ---- the model's seam ---------------------------------------------------------------------------
 
@@ -206,11 +185,16 @@ class ExpertStore:
             if slot is None:
                 slot = self._to_device(key, protected=set(), prefetch=False)
         self.prefetched.discard(key)
+        prof = self.profiler
+        waited = prof.mark() if prof else None  # marks on the compute stream: the wait below is the copy stall
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        started = prof.mark() if prof else None
         y = self.source.compute(self.dev_views[slot], x)
         if self.cuda:
             self.free[slot].record(torch.cuda.current_stream(self.device))
+        if prof:
+            prof.expert(key, kind, waited, started, prof.mark())
         return y
 
     # ---- tiers ---------------------------------------------------------------------------------------
@@ -257,6 +241,8 @@ class ExpertStore:
             event = self.host_busy.pop(slot, None)
         if event is not None:
             event.synchronize()
+        prof = self.profiler
+        t0 = time.perf_counter() if prof else 0.0
         try:
             n = self.source.read_into(key, self.host[slot])
         except BaseException:
@@ -267,15 +253,22 @@ class ExpertStore:
         with self.lock:
             self.stats_.bytes_disk += n
             self.host_reads.pop(key, None)
+        if prof:
+            prof.disk(key, t0, time.perf_counter(), n)
         return slot
 
     def _host_slot(self, key: Key) -> int:
+        prof = self.profiler
+        t0 = time.perf_counter() if prof else 0.0
         try:
-            return self._start_host(key).result()
+            slot = self._start_host(key).result()
         except UserError:
             raise
         except OSError as exc:
             raise UserError(f"reading expert {key}: {exc}") from None
+        if prof:
+            prof.host_wait(key, t0, time.perf_counter())
+        return slot
 
     def _to_device(self, key: Key, protected: set, prefetch: bool) -> int | None:
         """Copy `key` from its host slot into a device slot (evicting LRU); None if nothing may be evicted."""
@@ -288,10 +281,12 @@ class ExpertStore:
             # Fewer slots than this layer's experts: the evicted one (hit or copied) is loaded again when it runs.
             self.plan_of[evicted] = ("miss", None)
         host = self._host_slot(key)
+        prof = self.profiler
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 # The slot may still be read by a kernel queued on the compute stream: wait for it.
                 self.copy_stream.wait_event(self.free[slot])
+                started = prof.mark(self.copy_stream) if prof else None
                 self.dev[slot].copy_(self.host[host], non_blocking=True)
                 self.ready[slot].record(self.copy_stream)
                 done = torch.cuda.Event()
@@ -299,7 +294,10 @@ class ExpertStore:
                 with self.lock:
                     self.host_busy[host] = done
         else:
+            started = prof.mark() if prof else None
             self.dev[slot].copy_(self.host[host])
+        if prof:
+            prof.copy(key, prefetch, started, prof.mark(self.copy_stream if self.cuda else None), self.layout.nbytes)
         self.stats_.bytes_h2d += self.layout.nbytes
         self.stats_.layer(key[0], "bytes_h2d", self.layout.nbytes)
         if prefetch:
@@ -341,7 +339,11 @@ class ExpertStore:
         host = self._host_slot(key)
         self.host_table.lookup(key)
         self.stats_.cpu_expert_calls += 1
-        y = self.source.compute(self.host_views[host], x.to("cpu"))
+        x_cpu = x.to("cpu")  # [t, D]; on a GPU this waits for the compute stream to produce x
+        t0 = time.perf_counter() if self.profiler else 0.0
+        y = self.source.compute(self.host_views[host], x_cpu)
+        if self.profiler:
+            self.profiler.cpu_expert(key, t0, time.perf_counter())
         return y.to(x.device, non_blocking=True)
 
     # ---- accounting ------------------------------------------------------------------------------------
@@ -373,9 +375,3 @@ class ExpertStore:
     def close(self) -> None:
         self.reader.shutdown(wait=True)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

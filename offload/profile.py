@@ -1,0 +1,495 @@
+"""Profiling one generation: where each token's time goes, what moved, and what memory it held.
+
+The expert store calls the `Profiler` at five points (the `if prof` lines in offload/store.py):
+  * an expert computed on the device, with the stall before it (waiting on its slot's copy event),
+  * a host->device copy (on the copy stream),
+  * a disk read (on the reader thread),
+  * the compute thread blocking until an expert is in host RAM,
+  * an expert computed on the CPU.
+On CUDA the device-side points are timing events recorded on the compute and copy streams, never a sync:
+they become times once per token, after the one `synchronize` at the token's end (the only sync profiling
+adds; sampling already waits for the logits there). On CPU they are `perf_counter()` times. With no
+profiler attached (`store.profiler is None`) each point costs one `if`.
+
+A token's latency is the wall time between two yielded tokens (token 0: prefill, time to first token); the
+profiler's own bookkeeping between tokens is left out. It splits into:
+  copy_wait_s   the compute stream stalled on a copy (CUDA); on CPU, the synchronous copies themselves
+  expert_s      experts computed on the device
+  cpu_expert_s  experts computed on the CPU (--cpu-experts)
+  disk_wait_s   the compute thread blocked until an expert was read from disk into host RAM
+  dense_s       the rest: attention, norms, routers, lm_head, sampling, Python (latency minus the others)
+On CUDA the first two are GPU time and the next two CPU time; they can overlap, so dense_s is clamped at 0.
+
+`profile()` loads a model, runs it and writes DIR/profile.json (schema: offload/profile_schema.json),
+DIR/trace.json (offload/trace.py) and the PNG plots (offload/plots.py).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import psutil
+import torch
+
+from .errors import UserError
+from .generate import Sampling
+from .memory import human
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "profile_schema.json"
+SCHEMA_ID = "moe-offload-profile/1"
+DEFAULT_PROMPT = "The for statement"
+TIME_PARTS = ("dense_s", "expert_s", "copy_wait_s", "disk_wait_s", "cpu_expert_s")
+PART_LABELS = {"dense_s": "dense", "expert_s": "experts", "copy_wait_s": "copy wait", "disk_wait_s": "disk wait",
+               "cpu_expert_s": "CPU experts"}
+TRACE_MIN_S = 20e-6  # host waits shorter than this (a lookup under the lock) are summed but not drawn
+
+
+class Span(NamedTuple):
+    """One bar of the trace: `track` is compute | copy | disk | cpu_experts | host; times in s from the start."""
+
+    track: str
+    name: str
+    t0: float
+    t1: float
+    args: dict
+
+
+class Profiler:
+    """Collects the store's timing points for one generation, token by token."""
+
+    def __init__(self, runtime) -> None:
+        from .store import ExpertStore
+
+        if not isinstance(runtime.store, ExpertStore):
+            raise UserError("profile runs Mixtral expert models; this folder holds lookup tables (MoLE)")
+        self.rt, self.store = runtime, runtime.store
+        self.cuda, self.device = self.store.cuda, self.store.device
+        self.pending: list[tuple] = []          # this token's timing points, resolved at its end
+        self.disk_points: list[tuple] = []      # appended by the reader thread (list.append is atomic)
+        self.disk_seen = 0
+        self.spans: list[Span] = []
+        self.tokens: list[dict] = []
+        self.memory: list[dict] = []
+        self.layer_extra: dict[int, dict[str, int]] = {}
+        self.copy_s = 0.0                       # summed duration and bytes of every copy: achieved bandwidth
+        self.copy_bytes = 0
+
+    # ---- the store's timing points ----------------------------------------------------------------
+
+    def mark(self, stream=None):
+        """A point in time: a timing event on `stream` (default: the current stream) on CUDA, else a float."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        return event
+
+    def expert(self, key, kind: str, waited, started, ended) -> None:
+        self.pending.append(("expert", key, kind, waited, started, ended))
+
+    def copy(self, key, prefetch: bool, started, ended, nbytes: int) -> None:
+        self.pending.append(("copy", key, prefetch, started, ended, nbytes))
+        if prefetch:
+            self._layer(key[0])["prefetch_issued"] += 1
+
+    def disk(self, key, t0: float, t1: float, nbytes: int) -> None:
+        self.disk_points.append((key, t0, t1, nbytes))
+
+    def host_wait(self, key, t0: float, t1: float) -> None:
+        self.pending.append(("host_wait", key, t0, t1))
+
+    def cpu_expert(self, key, t0: float, t1: float) -> None:
+        self.pending.append(("cpu_expert", key, t0, t1))
+
+    # ---- token boundaries ---------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start the clock; on CUDA, anchor GPU event times to the wall clock (the GPU is idle here)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.anchor = torch.cuda.Event(enable_timing=True)
+            self.anchor.record(torch.cuda.current_stream(self.device))
+            self.anchor.synchronize()
+        self.t_start = time.perf_counter()
+        self.last_counts = self.store.stats_.as_dict()
+        self.memory.append({"t_s": 0.0, **self._memory_now()})
+        self._start_token()
+
+    def _start_token(self) -> None:
+        self.pending = []
+        self.token_begin = self.mark()
+        self.t_token = time.perf_counter()
+
+    def end_token(self, token: int) -> None:
+        """Close the current token: wait for the device, turn its timing points into times and spans."""
+        token_end = self.mark()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t_end = time.perf_counter()
+        i = len(self.tokens)
+        row = {"index": i, "token": token, "phase": "prefill" if i == 0 else "decode",
+               "latency_s": t_end - self.t_token, **{p: 0.0 for p in TIME_PARTS if p != "dense_s"}}
+        T = self._t
+        self.spans.append(Span("host", f"token {i} ({row['phase']})", self.t_token - self.t_start,
+                               t_end - self.t_start, {"token": token}))
+        self.spans.append(Span("compute", f"token {i}", T(self.token_begin), T(token_end), {}))
+        for point in self.pending:
+            kind, key = point[0], point[1]
+            name = f"L{key[0]}.E{key[1]}"
+            if kind == "expert":
+                _, _, how, waited, started, ended = point
+                if self.cuda:
+                    stall = T(started) - T(waited)
+                    row["copy_wait_s"] += stall
+                    if stall > 0:
+                        self.spans.append(Span("compute", f"wait copy {name}", T(waited), T(started), {}))
+                row["expert_s"] += T(ended) - T(started)
+                self.spans.append(Span("compute", f"expert {name} ({how})", T(started), T(ended), {"kind": how}))
+            elif kind == "copy":
+                _, _, prefetch, started, ended, nbytes = point
+                if not self.cuda:  # synchronous on CPU: the compute thread waits for all of it
+                    row["copy_wait_s"] += T(ended) - T(started)
+                self.copy_s += T(ended) - T(started)
+                self.copy_bytes += nbytes
+                self.spans.append(Span("copy", f"{'prefetch' if prefetch else 'copy'} {name}", T(started), T(ended),
+                                       {"bytes": nbytes, "prefetch": prefetch}))
+            elif kind == "host_wait":
+                _, _, t0, t1 = point
+                row["disk_wait_s"] += t1 - t0
+                if t1 - t0 >= TRACE_MIN_S:
+                    self.spans.append(Span("host", f"wait for RAM {name}", T(t0), T(t1), {}))
+            else:
+                _, _, t0, t1 = point
+                row["cpu_expert_s"] += t1 - t0
+                self.spans.append(Span("cpu_experts", f"cpu expert {name}", T(t0), T(t1), {}))
+        n = len(self.disk_points)
+        for key, t0, t1, nbytes in self.disk_points[self.disk_seen:n]:
+            self._layer(key[0])["bytes_disk"] += nbytes
+            self.spans.append(Span("disk", f"read L{key[0]}.E{key[1]}", T(t0), T(t1), {"bytes": nbytes}))
+        self.disk_seen = n
+        row["dense_s"] = max(0.0, row["latency_s"] - sum(row[p] for p in TIME_PARTS if p != "dense_s"))
+        counts = self.store.stats_.as_dict()
+        for f in ("expert_hits", "expert_misses", "prefetch_hits", "cpu_expert_calls", "bytes_h2d", "bytes_disk"):
+            row[f] = counts[f] - self.last_counts[f]
+        self.last_counts = counts
+        row["t_end_s"] = t_end - self.t_start
+        mem = self._memory_now(per_token_peak=True)
+        self.memory.append({"t_s": row["t_end_s"], **mem})
+        row.update({"vram_allocated_bytes": mem["vram_allocated_bytes"], "rss_bytes": mem["rss_bytes"]})
+        self.tokens.append(row)
+        self._start_token()
+
+    def _t(self, m) -> float:
+        """Seconds since `begin()` of a mark: a wall-clock float, or a CUDA event (after the token's sync)."""
+        if isinstance(m, float):
+            return m - self.t_start
+        return self.anchor.elapsed_time(m) / 1e3
+
+    def _layer(self, layer: int) -> dict[str, int]:
+        return self.layer_extra.setdefault(layer, {"prefetch_issued": 0, "bytes_disk": 0})
+
+    # ---- memory -------------------------------------------------------------------------------------
+
+    def _memory_now(self, per_token_peak: bool = False) -> dict:
+        """Device bytes (CUDA: the allocator's peak since the last sample; CPU: the runtime's device-tier
+        tensors, and what the plan reserves) and the process's resident memory."""
+        if self.cuda:
+            alloc = int(torch.cuda.max_memory_allocated(self.device))
+            reserved = int(torch.cuda.max_memory_reserved(self.device))
+            if per_token_peak:
+                torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            alloc = device_tier_bytes(self.rt)
+            plan = self.store.plan
+            reserved = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.expert_pool_bytes
+        return {"vram_allocated_bytes": alloc, "vram_reserved_bytes": reserved,
+                "rss_bytes": int(psutil.Process().memory_info().rss)}
+
+
+def device_tier_bytes(rt) -> int:
+    """What the runtime holds on its compute device: dense weights, KV cache, rotary tables, expert slots."""
+    m = rt.model
+    tensors = {id(t): t for t in (*m.dense_tensors(), m.cache.k, m.cache.v, m.cos, m.sin, rt.store.dev)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def measure_h2d(store, min_s: float = 0.02) -> float:
+    """Bytes/s of one expert blob copied host -> device slot, the copy the store makes on a miss: the
+    median of timed copies (robust to a busy, shared CPU), each synchronized.
+
+    From a scratch blob (pinned on CUDA, as the host tier is; written first, so its pages are real) into
+    a free device slot when there is one (nothing reads it), else into a scratch blob on the device."""
+    src = torch.ones(store.layout.nbytes, dtype=torch.uint8, pin_memory=store.cuda)
+    dst = store.dev[store.dev_table.free[-1]] if store.dev_table.free else torch.empty_like(src, device=store.device)
+    sync = (lambda: torch.cuda.synchronize(store.device)) if store.cuda else (lambda: None)
+    dst.copy_(src, non_blocking=True)  # warm-up
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_s and len(times) < 200):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+    del dst
+    if store.cuda:
+        torch.cuda.empty_cache()  # hand a scratch blob back, so it does not count as reserved
+    return src.numel() / statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+
+
+# ---- one profiled generation ---------------------------------------------------------------------------
+
+@dataclass
+class Profile:
+    """What a profiled run produced: the profile.json record and the trace spans."""
+
+    record: dict
+    spans: list[Span]
+    files: list[Path] = field(default_factory=list)
+
+
+def profile_runtime(rt, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+                    prompt: str = "", bandwidth: float | None = None) -> Profile:
+    """Generate with the profiler attached; tokens are the same as `rt.generate_ids` would give.
+
+    `bandwidth` (bytes/s) is the host->device bandwidth of the transfer bound; default: measured here."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    probe = bandwidth or measure_h2d(rt.store)
+    prof = Profiler(rt)
+    rt.store.profiler = prof
+    try:
+        prof.begin()
+        for token in rt.generate_ids(prompt_ids, max_new_tokens, sampling):
+            prof.end_token(token)
+    finally:
+        rt.store.profiler = None
+    return Profile(build_record(rt, prof, prompt, prompt_ids, probe), prof.spans)
+
+
+def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: float) -> dict:
+    """The profile.json record (offload/profile_schema.json) of a finished profiled run.
+
+    The transfer bound divides the bytes each token moved by the better of two bandwidths: the probe's
+    (a blob copied before the run) and what the run's own copies achieved. Either can be low on a busy
+    machine; the better one keeps the bound a bound."""
+    store, plan = rt.store, rt.store.plan
+    achieved = prof.copy_bytes / prof.copy_s if prof.copy_s > 0 else None
+    bandwidth = max(probe, achieved or 0.0)
+    counts = store.stats_.as_dict()
+    rows = prof.tokens
+    for r in rows:
+        r["transfer_bound_s"] = r["bytes_h2d"] / bandwidth
+    decode = rows[1:]
+    decode_s = sum(r["latency_s"] for r in decode)
+    bound_s = sum(r["transfer_bound_s"] for r in decode)
+    uses = counts["expert_hits"] + counts["expert_misses"]
+    layers = []
+    for layer in range(rt.config.num_hidden_layers):
+        base = store.stats_.per_layer.get(layer, {"hits": 0, "misses": 0, "prefetch_hits": 0, "bytes_h2d": 0})
+        extra = prof.layer_extra.get(layer, {"prefetch_issued": 0, "bytes_disk": 0})
+        n = base["hits"] + base["misses"]
+        layers.append({"layer": layer, **base, **extra,
+                       "hit_rate": base["hits"] / n if n else None,
+                       "prefetch_accuracy": (base["prefetch_hits"] / extra["prefetch_issued"]
+                                             if extra["prefetch_issued"] else None)})
+    time_s = {p: sum(r[p] for r in decode) for p in TIME_PARTS}
+    totals = {
+        "prompt_tokens": len(prompt_ids), "new_tokens": len(rows), "decode_tokens": len(decode),
+        "time_to_first_token_s": rows[0]["latency_s"] if rows else 0.0,
+        "decode_s": decode_s,
+        "tokens_per_s": len(decode) / decode_s if decode_s > 0 else None,
+        "decode_time_s": time_s,
+        "expert_hits": counts["expert_hits"], "expert_misses": counts["expert_misses"],
+        "hit_rate": counts["expert_hits"] / uses if uses else None,
+        "prefetch_issued": counts["prefetch_issued"], "prefetch_hits": counts["prefetch_hits"],
+        "prefetch_accuracy": counts["prefetch_hits"] / counts["prefetch_issued"] if counts["prefetch_issued"] else None,
+        "cpu_expert_calls": counts["cpu_expert_calls"],
+        "bytes_h2d": counts["bytes_h2d"], "bytes_disk": counts["bytes_disk"],
+        "h2d_bandwidth_bytes_per_s": bandwidth,
+        "h2d_probe_bytes_per_s": probe, "h2d_achieved_bytes_per_s": achieved,
+        "transfer_bound_s_per_token": bound_s / len(decode) if decode else 0.0,
+        "time_per_token_vs_transfer_bound": decode_s / bound_s if bound_s > 0 else None,
+        "peak_vram_allocated_bytes": max(m["vram_allocated_bytes"] for m in prof.memory),
+        "peak_vram_reserved_bytes": max(m["vram_reserved_bytes"] for m in prof.memory),
+        "vram_accounting": "torch.cuda allocator peaks" if prof.cuda else
+                           "runtime device-tier tensors (allocated) and the memory plan (reserved)",
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "host_tier_bytes": store.host.numel(),
+        "pinned_bytes": store.host.numel() if store.host.is_pinned() else 0,
+    }
+    record = {
+        "schema": SCHEMA_ID,
+        "model": str(rt.ckpt.path), "prompt": prompt, "tokens": [r["token"] for r in rows],
+        "device": {"type": store.device.type, "name": device_name(store.device),
+                   "dtype": str(store.dtype).removeprefix("torch."), "torch": torch.__version__},
+        "settings": {"vram_budget": plan.vram_budget, "ram_budget": plan.ram_budget, "prefetch": store.prefetch,
+                     "cpu_experts": store.stats()["cpu_experts"], "context": rt.model.max_seq,
+                     "device_slots": plan.device_slots, "host_slots": plan.host_slots, "blob_bytes": plan.blob_bytes},
+        "plan": plan.as_dict(),
+        "totals": totals,
+        "per_token": rows,
+        "per_layer": layers,
+        "memory": prof.memory,
+    }
+    record["verdict"] = verdict(record)
+    return record
+
+
+# ---- reading a record ------------------------------------------------------------------------------------
+
+BOUNDS = {"transfer": ("copy_wait_s",), "compute": ("dense_s", "expert_s"), "CPU experts": ("cpu_expert_s",),
+          "disk": ("disk_wait_s",)}
+
+
+def verdict(record: dict) -> dict:
+    """What bounds this run: the largest of transfer, compute, CPU experts and disk in decode time."""
+    t = record["totals"]
+    parts = t["decode_time_s"]
+    if not t["decode_tokens"]:  # one token: only prefill ran
+        parts = {p: record["per_token"][0][p] for p in TIME_PARTS}
+    total = sum(parts.values()) or 1.0
+    shares = {name: sum(parts[p] for p in keys) / total for name, keys in BOUNDS.items()}
+    bound = max(shares, key=shares.get)
+    where = "GPU" if record["device"]["type"] == "cuda" else "CPU slot pool"
+    detail = ", ".join(f"{name} {share:.0%}" for name, share in sorted(shares.items(), key=lambda kv: -kv[1]))
+    text = f"{bound}-bound ({where}): {detail} of decode time"
+    if t["time_per_token_vs_transfer_bound"]:
+        text += (f"; {t['decode_s'] / t['decode_tokens'] * 1e3:.2f} ms/token is "
+                 f"{t['time_per_token_vs_transfer_bound']:.1f}x the transfer bound "
+                 f"({t['transfer_bound_s_per_token'] * 1e3:.3f} ms at {t['h2d_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+    elif t["decode_tokens"]:
+        text += "; nothing was copied while decoding (every expert hit its device slot)"
+    return {"bound": bound, "shares": shares, "text": text}
+
+
+def summary_rows(record: dict) -> list[tuple[str, str]]:
+    """(label, value) pairs for the terminal summary."""
+    t, s = record["totals"], record["settings"]
+
+    def ms(x):
+        return f"{x * 1e3:.2f} ms"
+
+    def pct(x):
+        return "-" if x is None else f"{x:.1%}"
+
+    per_tok = t["decode_s"] / t["decode_tokens"] if t["decode_tokens"] else 0.0
+    rows = [
+        ("device", f"{record['device']['name']} ({record['device']['dtype']})"),
+        ("budgets", f"--vram {human(s['vram_budget'])}, --ram {human(s['ram_budget'])}, prefetch {s['prefetch']}"),
+        ("expert slots", f"{s['device_slots']} on device, {s['host_slots']} in host RAM, blob {human(s['blob_bytes'])}"),
+        ("tokens", f"{t['prompt_tokens']} prompt + {t['new_tokens']} new"),
+        ("time to first token", ms(t["time_to_first_token_s"])),
+        ("decode", f"{t['tokens_per_s']:.2f} tok/s, {ms(per_tok)}/token" if t["tokens_per_s"] else "-"),
+        ("hit rate", f"{pct(t['hit_rate'])} ({t['expert_hits']} hits, {t['expert_misses']} misses)"),
+        ("prefetch accuracy", f"{pct(t['prefetch_accuracy'])} ({t['prefetch_hits']} of {t['prefetch_issued']} used)"),
+        ("CPU expert calls", str(t["cpu_expert_calls"])),
+        ("moved", f"{human(t['bytes_h2d'])} host->device, {human(t['bytes_disk'])} from disk"),
+        ("transfer bound", f"{ms(t['transfer_bound_s_per_token'])}/token at "
+                           f"{t['h2d_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"),
+    ]
+    if t["decode_tokens"]:
+        parts = t["decode_time_s"]
+        total = sum(parts.values()) or 1.0
+        rows.append(("decode time", ", ".join(f"{PART_LABELS[p]} {parts[p] / total:.0%}" for p in TIME_PARTS)))
+    rows += [
+        ("peak VRAM", f"{human(t['peak_vram_allocated_bytes'])} allocated, {human(t['peak_vram_reserved_bytes'])} "
+                      f"reserved" + ("" if record["device"]["type"] == "cuda" else " (CPU: the runtime's accounting)")),
+        ("peak RSS", human(t["peak_rss_bytes"])),
+        ("pinned host memory", human(t["pinned_bytes"])),
+    ]
+    return rows
+
+
+# ---- the schema check ---------------------------------------------------------------------------------------
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def schema_errors(value, schema: dict, where: str = "$") -> list[str]:
+    """Check `value` against the JSON Schema subset profile_schema.json uses (type, required, properties,
+    additionalProperties, items, enum, minimum, maximum); a list of what is wrong, empty when it fits."""
+    types = schema.get("type")
+    if types is not None:
+        ok = False
+        for name in [types] if isinstance(types, str) else types:
+            if name == "integer":
+                ok |= isinstance(value, int) and not isinstance(value, bool)
+            elif name == "number":
+                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok |= isinstance(value, _TYPES[name])
+        if not ok:
+            return [f"{where}: expected {types}, got {type(value).__name__}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{where}: {value} < minimum {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(f"{where}: {value} > maximum {schema['maximum']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        errors += [f"{where}: missing {k!r}" for k in schema.get("required", []) if k not in value]
+        for k, v in value.items():
+            if k in props:
+                errors += schema_errors(v, props[k], f"{where}.{k}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += schema_errors(v, schema["additionalProperties"], f"{where}.{k}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where}: unexpected {k!r}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            errors += schema_errors(v, schema["items"], f"{where}[{i}]")
+    return errors
+
+
+def load_schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+# ---- the command -------------------------------------------------------------------------------------------
+
+def write(result: Profile, out: Path) -> list[Path]:
+    """Write profile.json (checked against the schema first), trace.json and the plots into `out`."""
+    from .plots import write_plots
+    from .trace import write_trace
+
+    errors = schema_errors(result.record, load_schema())
+    if errors:  # a bug, not a user error: the record and its schema disagree
+        raise ValueError("profile record does not match profile_schema.json: " + "; ".join(errors[:5]))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "profile.json"
+    path.write_text(json.dumps(result.record, indent=1))
+    files = [path, write_trace(result.spans, result.record, out / "trace.json"), *write_plots(result.record, out)]
+    result.files = files
+    return files
+
+
+def profile(model: str | None, prompt: str = DEFAULT_PROMPT, out: str | Path = "profile", max_new_tokens: int = 32,
+            sampling: Sampling = Sampling(), chat: bool = False, device: str = "auto", dtype: str = "auto",
+            context: int = 2048, **store_options) -> Profile:
+    """Load MODEL, generate from PROMPT with timing on, and write the artifacts into OUT."""
+    from .runtime import load
+
+    rt = load(model, device=device, dtype=dtype, context=context, **store_options)
+    try:
+        result = profile_runtime(rt, rt.encode(prompt, chat), max_new_tokens, sampling, prompt=prompt)
+    finally:
+        rt.store.close()
+    write(result, Path(out))
+    return result
