@@ -114,6 +114,7 @@ class Profiler:
         """Start the clock; on CUDA, anchor GPU event times to the wall clock (the GPU is idle here)."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)  # peaks of this run, not of loading
             self.anchor = torch.cuda.Event(enable_timing=True)
             self.anchor.record(torch.cuda.current_stream(self.device))
             self.anchor.synchronize()

@@ -1,0 +1,167 @@
+"""`moe-offload profile` and the memory plan of `inspect`: the artifacts exist and are valid, profiling does
+not change tokens, the reported peak device memory stays within --vram, and the numbers add up.
+
+The demo model when its folder is there, else the tiny random checkpoint of conftest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import offload
+from conftest import run_cli
+from offload.demo import DEMO_DIR
+from offload.inspect import memory_plan
+from offload.profile import TIME_PARTS, load_schema, profile, schema_errors
+
+PROMPT = "The for statement is used to iterate"
+NEW = 8
+PNGS = ("latency.png", "layers.png", "breakdown.png", "memory.png")
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_checkpoint):
+    return DEMO_DIR if (DEMO_DIR / "config.json").exists() else tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def budgets(folder):
+    """A --vram with room for 3 experts (so experts are copied and evicted) and a --ram of 4 experts (so
+    some are read from disk again): every track of the trace has work."""
+    plan = offload.load(folder, device="cpu", context=256).store.plan
+    return {"vram": plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + 3 * plan.blob_bytes,
+            "ram": 4 * plan.blob_bytes}
+
+
+@pytest.fixture(scope="module")
+def profiled(folder, budgets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    result = profile(folder, PROMPT, out, max_new_tokens=NEW, device="cpu", context=256, prefetch=1, **budgets)
+    return result, out
+
+
+def test_profile_writes_json_trace_and_plots(profiled):
+    _, out = profiled
+    import matplotlib.image
+
+    assert (out / "profile.json").stat().st_size > 0
+    for name in PNGS:
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
+        assert image.std() > 0, f"{name} is blank"
+    trace = json.loads((out / "trace.json").read_text())
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    assert {"host thread", "disk reader thread", "CPU experts"} <= names
+    used = {e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert {"host", "compute", "copy", "disk"} <= used
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X":
+            assert e["ts"] >= 0 and e["dur"] >= 0
+
+
+def test_profile_json_validates_against_the_schema(profiled):
+    _, out = profiled
+    record = json.loads((out / "profile.json").read_text())
+    schema = load_schema()
+    assert schema_errors(record, schema) == []
+    # The check is not vacuous: it catches a missing field, a wrong type and an unknown value.
+    broken = json.loads(json.dumps(record))
+    del broken["totals"]["tokens_per_s"]
+    broken["per_token"][0]["latency_s"] = "slow"
+    broken["verdict"]["bound"] = "luck"
+    errors = schema_errors(broken, schema)
+    assert any("tokens_per_s" in e for e in errors)
+    assert any("latency_s" in e for e in errors)
+    assert any("luck" in e for e in errors)
+
+
+def test_profiling_does_not_change_tokens(profiled, folder, budgets):
+    result, _ = profiled
+    rt = offload.load(folder, device="cpu", context=256, prefetch=1, **budgets)
+    assert rt.store.profiler is None
+    plain = list(rt.generate_ids(rt.encode(PROMPT), NEW))
+    assert result.record["tokens"] == plain
+    assert result.record["totals"]["new_tokens"] == len(plain)
+
+
+def test_peak_device_memory_stays_within_the_vram_budget(profiled, budgets):
+    t = profiled[0].record["totals"]
+    assert 0 < t["peak_vram_allocated_bytes"] <= t["peak_vram_reserved_bytes"] <= budgets["vram"]
+    assert profiled[0].record["settings"]["vram_budget"] == budgets["vram"]
+    assert t["pinned_bytes"] == 0 and t["host_tier_bytes"] <= budgets["ram"]  # CPU: nothing is pinned
+
+
+def test_profile_numbers_add_up(profiled):
+    record = profiled[0].record
+    t, rows, layers = record["totals"], record["per_token"], record["per_layer"]
+    for key, per_layer_key in (("expert_hits", "hits"), ("expert_misses", "misses"),
+                               ("prefetch_hits", "prefetch_hits"), ("bytes_h2d", "bytes_h2d"),
+                               ("bytes_disk", "bytes_disk"), ("prefetch_issued", "prefetch_issued")):
+        assert sum(r[per_layer_key] for r in layers) == t[key], key
+    for key in ("expert_hits", "expert_misses", "prefetch_hits", "bytes_h2d", "bytes_disk", "cpu_expert_calls"):
+        assert sum(r[key] for r in rows) == t[key], key
+    assert t["expert_misses"] > 0 and t["bytes_disk"] > 0  # the budgets made the store copy and read
+    for r in rows:
+        assert sum(r[p] for p in TIME_PARTS) == pytest.approx(r["latency_s"], rel=1e-6, abs=1e-9) \
+            or r["dense_s"] == 0  # dense is the remainder (clamped at 0 when waits overlap)
+    assert t["decode_tokens"] == len(rows) - 1
+    assert t["tokens_per_s"] == pytest.approx(t["decode_tokens"] / sum(r["latency_s"] for r in rows[1:]))
+    assert t["time_to_first_token_s"] == rows[0]["latency_s"]
+    assert record["verdict"]["bound"] in ("transfer", "compute", "CPU experts", "disk")
+    assert sum(record["verdict"]["shares"].values()) == pytest.approx(1)
+
+
+def test_memory_plan_is_the_stores_plan_and_adds_up(folder, budgets):
+    rt = offload.load(folder, device="cpu", context=256, **budgets)
+    plan = memory_plan(folder, device="cpu", context=256, hit_rate=0.25, bandwidth=10e9, **budgets)
+    assert plan["plan"] == rt.store.plan.as_dict()  # the same arithmetic, without loading weights
+    d, h, k, blob = plan["device_tier"], plan["host_tier"], plan["disk"], plan["blob_bytes"]
+    assert d["dense_bytes"] + d["kv_bytes"] + d["workspace_bytes"] + d["expert_pool_bytes"] + d["unused_bytes"] \
+        == d["budget"] == budgets["vram"]
+    assert d["expert_slots"] == 3 and d["expert_pool_bytes"] == 3 * blob and 0 <= d["unused_bytes"] < blob
+    assert h["expert_slots"] == 4 and h["bytes"] <= h["budget"]
+    assert h["expert_slots"] + k["experts_streamed"] == plan["experts_total"]
+    cfg = rt.config
+    uses = cfg.num_hidden_layers * cfg.num_experts_per_tok
+    per_token = plan["per_token"]
+    assert per_token["bytes_h2d_per_token"] == int(0.75 * uses * blob)
+    assert per_token["transfer_bound_s_per_token"] == pytest.approx(0.75 * uses * blob / 10e9)
+    assert per_token["bytes_disk_per_token"] <= per_token["bytes_h2d_per_token"]
+    everything = memory_plan(folder, device="cpu", context=256, vram=10**10, ram=10**10)
+    assert everything["all_experts_on_device"] and everything["per_token"]["bytes_h2d_per_token"] == 0
+
+
+def test_cli_profile_and_inspect_plan(folder, budgets, tmp_path):
+    result = run_cli("profile", folder, "Exceptions are", "-n", "3", "--device", "cpu", "--context", "256",
+                     "--vram", str(budgets["vram"]), "--out", tmp_path / "p")
+    assert result.returncode == 0, result.stderr
+    assert "verdict:" in result.stdout and "bound" in result.stdout
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"profile.json", "trace.json", *PNGS}
+    result = run_cli("inspect", folder, "--vram", str(budgets["vram"]), "--ram", str(budgets["ram"]), "--device", "cpu",
+                     "--context", "256", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["memory_plan"]["device_tier"]["expert_slots"] == 3
+    result = run_cli("inspect", folder, "--vram", "1KiB")
+    assert result.returncode == 2 and "--vram" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_profile_tokens_budget_and_copy_stream(tiny_checkpoint, tmp_path):
+    import gc
+
+    plan = offload.load(tiny_checkpoint, device="cuda", dtype="float16", context=256).store.plan
+    vram = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + 4 * plan.blob_bytes
+    gc.collect()
+    torch.cuda.empty_cache()  # the allocator counts the whole process: drop earlier runtimes' blocks
+    options = dict(device="cuda", dtype="float16", context=256, vram=vram, prefetch=1, cpu_experts="never")
+    result = profile(tiny_checkpoint, PROMPT, tmp_path, max_new_tokens=NEW, **options)
+    rt = offload.load(tiny_checkpoint, **options)
+    assert result.record["tokens"] == list(rt.generate_ids(rt.encode(PROMPT), NEW))
+    t = result.record["totals"]
+    assert t["peak_vram_reserved_bytes"] <= vram  # torch's allocator counters, this run only
+    assert t["pinned_bytes"] > 0
+    copies = [s for s in result.spans if s.track == "copy"]
+    assert copies and all(s.t1 >= s.t0 for s in copies)
