@@ -1,0 +1,274 @@
+"""Side by side on one checkpoint and one VRAM budget: moe-offload against Hugging Face accelerate offloading.
+
+Decodes the same prompt, greedily, the same number of tokens, with
+  (a) moe-offload at its best settings under --vram: the fastest of a small sweep (prefetch 0/1/2 x CPU
+      experts never/always on CPU, never/auto on a GPU);
+  (b) transformers + accelerate: `MixtralForCausalLM.from_pretrained(device_map="auto",
+      max_memory={0: VRAM, "cpu": RAM})`. Accelerate places whole decoder layers (attention and all of
+      their experts); the layers that do not fit the GPU budget stay in CPU RAM and its hooks copy their
+      weights to the GPU on every forward. Without a GPU the closest equivalent is run instead:
+      `max_memory={"cpu": VRAM}` plus an offload folder, so the CPU plays the GPU and the layers that do
+      not fit its budget are memory-mapped from disk and loaded on every forward (the next tier down);
+  (c) moe-offload with every expert resident (the upper bound; prefetch off).
+and reports decode tokens/s of each (the median of --repeats measured runs after one warm-up run; the
+first token, from prefill, is not counted), the ratios a/b and a/c, and (a)'s time per token against its
+transfer bound (the bytes it moved per decode token over the host->device bandwidth, from
+offload.profile). Every figure is a ratio against a baseline measured in the same run; absolute times mean
+something only on a GPU, with the device named.
+
+    python bench/compare.py                                      # CPU: the demo model, 1/4 of experts fit
+    python bench/compare.py --slice-layers 8 --vram 12GiB        # GPU: a Mixtral-shaped slice
+
+Writes bench/results/compare-<device>.json. Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_offload, when run as a program
+
+import offload  # noqa: E402
+from offload.checkpoint import Checkpoint  # noqa: E402
+from offload.inspect import memory_plan  # noqa: E402
+from offload.memory import default_ram_budget, human, parse_bytes  # noqa: E402
+from offload.profile import profile_runtime  # noqa: E402
+from offload.runtime import resolve_model_path  # noqa: E402
+from offload.tokenizer import Tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT = "The for statement is used to iterate over the elements of a sequence"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---- (a) and (c): this runtime ---------------------------------------------------------------------------
+
+def ours(folder, device: str, tokens: int, repeats: int, context: int, **options) -> dict:
+    """Load, one warm-up generation (the cache warm, as in a running server), then `repeats` measured ones."""
+    rt = offload.load(folder, device=device, context=context, **options)
+    ids = rt.encode(PROMPT)
+    list(rt.generate_ids(ids, 4))
+    speeds, out = [], []
+    for _ in range(repeats):
+        sync(device)
+        out = list(rt.generate_ids(ids, tokens))
+        sync(device)
+        speeds.append(rt.last["tokens_per_s"])
+    s = rt.stats()
+    uses = s["expert_hits"] + s["expert_misses"]
+    rt.store.close()
+    return {"options": {k: v for k, v in options.items() if k != "vram"}, "tokens_per_s": statistics.median(speeds),
+            "runs_tokens_per_s": speeds, "tokens": out, "device_slots": s["device_slots"],
+            "hit_rate": round(s["expert_hits"] / uses, 4) if uses else None,
+            "cpu_expert_calls": s["cpu_expert_calls"], "bytes_h2d_per_token": s["bytes_h2d"] // max(1, len(out))}
+
+
+def transfer_bound(folder, device: str, tokens: int, context: int, **options) -> dict:
+    """(a)'s bytes per decode token and the host->device bandwidth, from one profiled run after a warm-up."""
+    rt = offload.load(folder, device=device, context=context, **options)
+    ids = rt.encode(PROMPT)
+    list(rt.generate_ids(ids, 4))
+    t = profile_runtime(rt, ids, tokens).record["totals"]
+    rt.store.close()
+    return {"transfer_bound_s_per_token": t["transfer_bound_s_per_token"],
+            "h2d_bandwidth_bytes_per_s": t["h2d_bandwidth_bytes_per_s"],
+            "bytes_h2d_per_decode_token": t["bytes_h2d"] / max(1, t["new_tokens"])}
+
+
+# ---- (b): transformers + accelerate --------------------------------------------------------------------
+
+def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, tokens: int, repeats: int,
+                       dtype) -> dict:
+    """Hugging Face's own offloading under the same budget; decode tokens/s from per-token timestamps.
+    vram=None: no budget, the whole model on the device (a reference for transformers' own speed)."""
+    from transformers import MixtralForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        """Called with the prompt, then once per new token: the wall time of each."""
+
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            sync(device)
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ckpt = Checkpoint(resolve_model_path(folder))
+    tokenizer = Tokenizer(ckpt.path, ckpt.config.bos_token_id, ckpt.config.eos_token_id)  # the same ids as (a)
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    with tempfile.TemporaryDirectory() as offload_dir:
+        if vram is None:
+            max_memory = None
+            what = "transformers, the whole model on the device (no offloading)"
+        elif device.startswith("cuda"):
+            ram = ram or default_ram_budget()
+            max_memory = {0: vram, "cpu": ram}
+            what = f"device_map='auto', max_memory={{0: {human(vram)}, 'cpu': {human(ram)}}}"
+        else:
+            max_memory = {"cpu": vram}
+            what = (f"CPU-only equivalent: device_map='auto', max_memory={{'cpu': {human(vram)}}}, layers beyond "
+                    f"the budget offloaded to disk (offload_folder)")
+        placed = dict(device_map="auto", max_memory=max_memory, offload_folder=offload_dir) if vram else \
+            dict(device_map={"": 0 if device.startswith("cuda") else "cpu"})
+        model = MixtralForCausalLM.from_pretrained(ckpt.path, dtype=dtype, **placed).eval()
+        ids = ids.to(model.device)
+        kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids),
+                      pad_token_id=min(tokenizer.eos_ids) if tokenizer.eos_ids else 0)
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+            speeds, out = [], []
+            for _ in range(repeats):
+                stamps = Stamps()
+                result = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, streamer=stamps, **kwargs)
+                out = result[0, ids.shape[1]:].tolist()
+                # stamps[0]: the prompt; [1]: the first token (prefill); decode speed counts the tokens after it.
+                speeds.append((len(stamps.t) - 2) / (stamps.t[-1] - stamps.t[1]))
+        placement = {}
+        for name, where in getattr(model, "hf_device_map", {"": str(model.device)}).items():
+            placement.setdefault(str(where), []).append(name)
+        del model
+    return {"what": what, "tokens_per_s": statistics.median(speeds), "runs_tokens_per_s": speeds, "tokens": out,
+            "placement": placement}
+
+
+# ---- the comparison ----------------------------------------------------------------------------------------
+
+def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int, repeats: int, context: int,
+            dtype: str, skip_hf: bool = False) -> dict:
+    plan = memory_plan(folder, device=device, dtype=dtype, context=context, ram=ram, vram=vram or 10**15)["plan"]
+    fixed = plan["dense_bytes"] + plan["kv_bytes"] + plan["margin_bytes"]
+    if vram is None:  # default: a quarter of the experts fit
+        vram = fixed + max(1, plan["experts_total"] // 4) * plan["blob_bytes"]
+    all_in = fixed + plan["experts_total"] * plan["blob_bytes"]
+    gpu = device.startswith("cuda")
+    common = dict(vram=vram, ram=ram, dtype=dtype)
+    sweep = []
+    for prefetch in (0, 1, 2):
+        for cpu in (("never", "auto") if gpu else ("never", "always")):
+            row = ours(folder, device, tokens, repeats, context, prefetch=prefetch, cpu_experts=cpu, **common)
+            sweep.append(row)
+            print(f"  (a) prefetch {prefetch} cpu-experts {cpu:6}: {row['tokens_per_s']:8.2f} tok/s, "
+                  f"hit rate {row['hit_rate']}, {row['device_slots']} slots", flush=True)
+    best = max(sweep, key=lambda r: r["tokens_per_s"])
+    bound = transfer_bound(folder, device, tokens, context, **best["options"], vram=vram)
+    per_token = 1 / best["tokens_per_s"] if best["tokens_per_s"] else None
+    bound["time_per_token_s"] = per_token
+    bound["time_per_token_vs_transfer_bound"] = (per_token / bound["transfer_bound_s_per_token"]
+                                                 if per_token and bound["transfer_bound_s_per_token"] > 0 else None)
+    free = torch.cuda.mem_get_info()[0] if gpu else None
+    resident = None
+    if free is None or all_in <= free:
+        resident = ours(folder, device, tokens, repeats, context, prefetch=0, cpu_experts="never", vram=all_in,
+                        ram=ram, dtype=dtype)
+        print(f"  (c) every expert resident: {resident['tokens_per_s']:8.2f} tok/s", flush=True)
+    hf = hf_all = None
+    if not skip_hf:
+        hf_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+            dtype if dtype != "auto" else ("bfloat16" if gpu else "float32")]
+        hf = accelerate_offload(folder, device, vram, ram, tokens, repeats, hf_dtype)
+        print(f"  (b) transformers + accelerate: {hf['tokens_per_s']:8.2f} tok/s ({hf['what']})", flush=True)
+        if resident is not None:  # how fast transformers itself is, to tell its overhead from offloading's
+            hf_all = accelerate_offload(folder, device, None, ram, tokens, repeats, hf_dtype)
+            print(f"  (b') transformers, no offloading: {hf_all['tokens_per_s']:8.2f} tok/s", flush=True)
+
+    def ratio(x, y):
+        return round(x / y, 3) if x and y else None
+
+    return {
+        "vram_budget": vram, "ram_budget": plan["ram_budget"], "blob_bytes": plan["blob_bytes"],
+        "experts_total": plan["experts_total"], "device_slots": best["device_slots"], "tokens": tokens,
+        "repeats": repeats,
+        "a_moe_offload_best": best, "a_sweep": [{k: r[k] for k in ("options", "tokens_per_s", "hit_rate")} for r in sweep],
+        "b_accelerate": hf, "b_reference_transformers_no_offload": hf_all, "c_all_resident": resident,
+        "a_vs_b": ratio(best["tokens_per_s"], hf and hf["tokens_per_s"]),
+        "c_vs_b_no_offload": ratio(resident and resident["tokens_per_s"], hf_all and hf_all["tokens_per_s"]),
+        "a_vs_c": ratio(best["tokens_per_s"], resident and resident["tokens_per_s"]),
+        "a_transfer_bound": bound,
+        "same_tokens": {"a_c": resident is None or best["tokens"] == resident["tokens"],
+                        # (b) is held to exactly --tokens; (a) stops early at an end-of-sequence token.
+                        "a_b": None if hf is None else best["tokens"] == hf["tokens"][:len(best["tokens"])]},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--model", default=None, help="model folder (default: the demo model on CPU, a slice on GPU)")
+    ap.add_argument("--slice-layers", type=int, default=8, help="GPU: layers of the Mixtral-shaped slice")
+    ap.add_argument("--vram", default=None, help="device budget (default: dense part + a quarter of the experts)")
+    ap.add_argument("--ram", default=None, help="host RAM budget (default: 80%% of available)")
+    ap.add_argument("--tokens", type=int, default=None, help="decode steps per run (default 32 on CPU, 16 on GPU)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--no-hf", action="store_true", help="skip (b), transformers + accelerate")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    gpu = device.startswith("cuda")
+    tokens = args.tokens or (16 if gpu else 32)
+    name = device_name(device)
+    record = {"benchmark": "compare", "device": name, "torch": torch.__version__, "prompt": PROMPT}
+    vram, ram = parse_bytes(args.vram, "--vram"), parse_bytes(args.ram, "--ram")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            folder, label = args.model, args.model
+        elif gpu:
+            from bench_offload import write_mixtral_slice
+
+            folder, label = Path(tmp) / "mixtral-slice", f"Mixtral-shaped slice, {args.slice_layers} layers, random bf16"
+            print(f"writing a {args.slice_layers}-layer Mixtral-shaped slice ...", flush=True)
+            write_mixtral_slice(folder, args.slice_layers)
+        else:
+            folder, label = "demo", "demo model (offload/demo_model)"
+        print(f"{label} on {name}", flush=True)
+        record["model"] = label
+        record.update(compare(folder if folder == "demo" else Path(folder), device, vram, ram, tokens, args.repeats,
+                              args.context, args.dtype, skip_hf=args.no_hf))
+    slug = re.sub(r"[^a-z0-9]+", "-", ("gpu " if gpu else "") + name.lower()).strip("-")
+    out = args.out or RESULTS / f"compare-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    a, b, c = record["a_moe_offload_best"], record["b_accelerate"], record["c_all_resident"]
+    print(f"\n{'':34}{'tok/s':>10}")
+    print(f"{'(a) moe-offload, best settings':34}{a['tokens_per_s']:10.2f}   {a['options']}")
+    if b:
+        print(f"{'(b) transformers + accelerate':34}{b['tokens_per_s']:10.2f}   a/b = {record['a_vs_b']}")
+    if c:
+        print(f"{'(c) moe-offload, all resident':34}{c['tokens_per_s']:10.2f}   a/c = {record['a_vs_c']}")
+    if record["b_reference_transformers_no_offload"]:
+        label = "(b') transformers, no offloading"
+        print(f"{label:34}{record['b_reference_transformers_no_offload']['tokens_per_s']:10.2f}   "
+              f"c/b' = {record['c_vs_b_no_offload']}")
+    tb = record["a_transfer_bound"]
+    print(f"(a) time per token {tb['time_per_token_s'] * 1e3:.2f} ms vs transfer bound "
+          f"{tb['transfer_bound_s_per_token'] * 1e3:.3f} ms: {tb['time_per_token_vs_transfer_bound']}x")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
