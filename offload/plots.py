@@ -68,11 +68,12 @@ def write_plots(record: dict, out: Path) -> list[Path]:
             ax.text(r["layer"] + w / 2, 0.02, "none prefetched", rotation=90, ha="center", va="bottom", fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)  # the legend sits above the bars, which reach 1 at most
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_xticks(x)
     ax.set_title(f"Expert cache per layer, prefill + decode ({setting})\n{where}", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     save(fig, "layers.png")
 
     # Stacked time breakdown per token.
