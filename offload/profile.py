@@ -269,8 +269,8 @@ def profile_runtime(rt, prompt_ids: list[int], max_new_tokens: int, sampling: Sa
     `bandwidth` (bytes/s) is the host->device bandwidth of the transfer bound; default: measured here."""
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    probe = bandwidth or measure_h2d(rt.store)
     prof = Profiler(rt)
+    probe = bandwidth or measure_h2d(rt.store)
     rt.store.profiler = prof
     try:
         prof.begin()
