@@ -373,7 +373,8 @@ def verdict(record: dict) -> dict:
                  f"{t['time_per_token_vs_transfer_bound']:.1f}x the transfer bound "
                  f"({t['transfer_bound_s_per_token'] * 1e3:.3f} ms at {t['h2d_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
     elif t["decode_tokens"]:
-        text += "; nothing was copied while decoding (every expert hit its device slot)"
+        why = "misses ran on the CPU" if t["cpu_expert_calls"] else "every expert hit its device slot"
+        text += f"; nothing was copied host->device while decoding ({why})"
     return {"bound": bound, "shares": shares, "text": text}
 
 
