@@ -22,7 +22,9 @@ What it measures, and against what (ratios against baselines measured in this ru
     python bench/bench_mole.py --no-slice --tokens 32
 
 On a CPU-only machine the "device" is the CPU: bytes_h2d are the copies into the compute buffers a GPU would
-get over PCIe, and speeds are only comparable as ratios. Not a test: nothing is asserted.
+get over PCIe, and speeds are only comparable as ratios. Decode and the slice run on --decode-threads (1):
+batch-1 decode of a model this small gains nothing from a second thread, and on a shared CPU each parallel
+op waits for a core. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -107,20 +109,24 @@ def nll_of_runtime(folder: Path, stream: torch.Tensor, device: str) -> float:
 
 
 def decode(folder: Path, device: str, tokens: int, repeats: int, **options) -> dict:
-    """A warm-up generation, then `repeats` measured ones; the median decode speed and the last one's bytes."""
+    """A warm-up generation, then `repeats` measured ones: the median decode speed, and the bytes moved per
+    decode token (the last run's bytes minus those of a prefill-only run just before it, per new token)."""
     rt = offload.load(folder, device=device, context=512, **options)
     ids = rt.encode(PROMPT)
     list(rt.generate_ids(ids, max_new_tokens=4))
     speeds = []
     for _ in range(repeats):
+        list(rt.generate_ids(ids, max_new_tokens=1))
+        prefill = rt.stats()
         sync(device)
-        list(rt.generate_ids(ids, max_new_tokens=tokens))
+        list(rt.generate_ids(ids, max_new_tokens=tokens + 1))
         sync(device)
         speeds.append(rt.stats()["tokens_per_s"])
     s = rt.stats()
-    n = max(1, s["new_tokens"])
-    out = {"tokens_per_s": statistics.median(speeds), "new_tokens": s["new_tokens"],
-           "bytes_h2d_per_token": round(s["bytes_h2d"] / n), "bytes_disk_per_token": round(s["bytes_disk"] / n),
+    n = max(1, s["new_tokens"] - 1)  # decode steps: every new token after the first, which prefill gives
+    out = {"tokens_per_s": statistics.median(speeds), "decode_tokens": n,
+           "bytes_h2d_per_token": round((s["bytes_h2d"] - prefill["bytes_h2d"]) / n),
+           "bytes_disk_per_token": round((s["bytes_disk"] - prefill["bytes_disk"]) / n),
            "peak_vram_bytes": s["peak_vram_bytes"]}
     if "expert_hits" in s:
         out.update({"device_slots": s["device_slots"], "vram_budget": s["vram_budget"],
@@ -129,20 +135,20 @@ def decode(folder: Path, device: str, tokens: int, repeats: int, **options) -> d
 
 
 def small_models(args, tmp: Path) -> dict:
-    folders = {"dense": RUNS / "dense", "moe": RUNS / "moe", "mole": DEMO_DIR}
+    folders = {"dense": args.dense, "moe": args.moe, "mole": args.mole}
     missing = [str(f) for f in folders.values() if not (f / "model.safetensors").is_file()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run python scripts/train_mole.py first")
-    stream = heldout_stream(DEMO_DIR)
+    stream = heldout_stream(args.mole)
     record: dict = {"heldout_tokens": len(stream) - 1, "window": WINDOW}
 
     tables = {}
     for bits in (16, 8, 4):
-        summary = build_tables(DEMO_DIR, tmp / f"tables{bits}", bits=bits)
+        summary = build_tables(args.mole, tmp / f"tables{bits}", bits=bits)
         tables[bits] = tmp / f"tables{bits}"
         record[f"table_bytes_{bits}bit"] = summary["table_nbytes"]
         record[f"record_bytes_{bits}bit"] = summary["record_nbytes"]
-    mole = load_model(DEMO_DIR)
+    mole = load_model(args.mole)
     record["mole_routed_expert_params"] = mole.param_counts()["experts_routed"]
     record["table_bytes_16bit_vs_routed_experts_bf16"] = round(
         record["table_bytes_16bit"] / (2 * record["mole_routed_expert_params"]), 3)
@@ -157,6 +163,9 @@ def small_models(args, tmp: Path) -> dict:
         k: load_model(f, model_types=("mole", "mixtral")).param_counts()["active_per_token"] for k, f in folders.items()}
 
     print("decode ...", flush=True)
+    # Batch-1 decode of models this small is a chain of tiny kernels: a second thread adds only thread-pool
+    # wake-ups (on a busy CPU, a wait for a core per parallel op), so decode runs single-threaded.
+    torch.set_num_threads(args.decode_threads)
     table_rt = offload.load(tables[16], device=args.device, context=512)
     st = table_rt.store
     # The table model's device footprint: every dense tensor + KV cache + the workspace the expert store
@@ -301,9 +310,13 @@ def mixtral_slice(args, tmp: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--mole", type=Path, default=DEMO_DIR, help="MoLE checkpoint (default: the shipped one)")
+    p.add_argument("--dense", type=Path, default=RUNS / "dense", help="dense baseline (scripts/train_mole.py)")
+    p.add_argument("--moe", type=Path, default=RUNS / "moe", help="top-2 MoE baseline (scripts/train_mole.py)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per measured generation")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads for the perplexity passes")
+    p.add_argument("--decode-threads", type=int, default=1, help="threads for decode and the table slice")
     p.add_argument("--no-slice", action="store_true")
     p.add_argument("--slice-layers", type=int, default=2)
     p.add_argument("--slice-experts", type=int, default=4)
@@ -316,6 +329,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=REPO / "runs" if (REPO / "runs").is_dir() else None) as tmp:
         record["small_models"] = small_models(args, Path(tmp))
         if not args.no_slice:
+            torch.set_num_threads(args.decode_threads)
             record["mixtral_slice"] = mixtral_slice(args, Path(tmp))
     out = args.out or RESULTS / f"mole-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

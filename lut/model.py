@@ -161,7 +161,7 @@ class MoLEBlock(nn.Module):
         # The experts see only token ids, so run them once per distinct id in the batch and gather.
         uniq, inverse = torch.unique(ids, return_inverse=True)
         e = self.experts
-        rows = expert_outputs(embed[uniq], self.expert_norm.weight, e.w1, e.w2, e.w3, self.cfg.rms_norm_eps)
+        rows = expert_outputs(embed.index_select(0, uniq), self.expert_norm.weight, e.w1, e.w2, e.w3, self.cfg.rms_norm_eps)
         shared = swiglu(h, self.shared.w1[0], self.shared.w2[0], self.shared.w3[0])
         rows = rows.index_select(0, inverse.flatten()).view(*ids.shape, *rows.shape[1:])  # [B, T, N, D]
         return mix(shared, router_weights(h, self.router.weight), rows), h.new_zeros(())

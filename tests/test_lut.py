@@ -99,6 +99,19 @@ def test_row_quantization_round_trips_within_half_a_step():
         assert ((dequantize_rows(codes, scales, bits, 32) - x).abs() <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("ffn, experts, top_k, ffn_size", [("moe", 4, 2, 32), ("dense", 1, 1, 64)])
+def test_baselines_are_mixtral_folders_the_expert_runtime_serves_identically(tmp_path, ffn, experts, top_k, ffn_size):
+    cfg = tiny_config(ffn=ffn, num_local_experts=experts, num_experts_per_tok=top_k, intermediate_size=ffn_size)
+    model = MoLEForCausalLM(cfg).init_weights(seed=5, std=0.1).eval()
+    save_model(model, tmp_path, torch.float32)
+    write_tokenizer(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mixtral"
+    rt = offload.load(tmp_path, device="cpu", dtype="float32")
+    seq, got = greedy_logits(rt, PROMPT, 6)
+    assert (got - reference_logits(model, seq, len(PROMPT))).abs().max().item() <= 1e-5
+    assert load_model(tmp_path, model_types=("mixtral",)).cfg.ffn == ffn
+
+
 # ---- where the bytes are --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tables", ["disk", "ram"])
