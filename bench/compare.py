@@ -26,6 +26,7 @@ Writes bench/results/compare-<device>.json. Not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import re
@@ -61,6 +62,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def release(device: str) -> None:
+    """Free the last contender's memory before the next one loads (the allocator caches freed blocks)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 # ---- (a) and (c): this runtime ---------------------------------------------------------------------------
 
 def ours(folder, device: str, tokens: int, repeats: int, context: int, **options) -> dict:
@@ -77,6 +85,8 @@ def ours(folder, device: str, tokens: int, repeats: int, context: int, **options
     s = rt.stats()
     uses = s["expert_hits"] + s["expert_misses"]
     rt.store.close()
+    del rt
+    release(device)
     return {"options": {k: v for k, v in options.items() if k not in ("vram", "ram", "dtype")},
             "tokens_per_s": max(speeds),
             "runs_tokens_per_s": speeds, "tokens": out, "device_slots": s["device_slots"],
@@ -91,6 +101,8 @@ def transfer_bound(folder, device: str, tokens: int, context: int, **options) ->
     list(rt.generate_ids(ids, 4))
     record = profile_runtime(rt, ids, tokens).record
     rt.store.close()
+    del rt
+    release(device)
     t, decode = record["totals"], record["per_token"][1:]
     return {"transfer_bound_s_per_token": t["transfer_bound_s_per_token"],
             "h2d_bandwidth_bytes_per_s": t["h2d_bandwidth_bytes_per_s"],
@@ -154,6 +166,7 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
         for name, where in getattr(model, "hf_device_map", {"": str(model.device)}).items():
             placement.setdefault(str(where), []).append(name)
         del model
+        release(device)
     return {"what": what, "tokens_per_s": max(speeds), "runs_tokens_per_s": speeds, "tokens": out,
             "placement": placement}
 
