@@ -1,0 +1,94 @@
+"""Quantized Mixtral experts: one blob per expert (quant.blob layout), and its forward on any device.
+
+# D hidden, F ffn, T tokens, G group size, B bits
+An expert computes w2(silu(w1 x) * w3 x) with w1, w3 [F, D] and w2 [D, F]. Its quantized blob holds,
+for each of w1, w2, w3 (rows = output features, quantized along the input dimension):
+
+    {name}.q      uint8    [rows, pack.packed_length(cols, B)]   packed codes (quant.pack)
+    {name}.scale  float16  [rows, cols / G]
+    {name}.zero   float16  [rows, cols / G]                       weight = (code - zero) * scale
+
+The forward dequantizes a block of rows at a time and multiplies, so on the CPU the temporary
+weights stay a few MB (the whole w1 would be 235 MB in float32 for Mixtral-8x7B).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .blob import BlobLayout
+from .errors import UserError
+from .pack import packed_length
+from .quantize import check_format, dequantize_parts, quantize
+
+NAMES = ("w1", "w2", "w3")
+ROW_BLOCK_ELEMS = 1 << 21  # weights dequantized at once on the CPU (8 MB in float32)
+
+
+def _shapes(hidden: int, ffn: int) -> dict[str, tuple[int, int]]:
+    return {"w1": (ffn, hidden), "w2": (hidden, ffn), "w3": (ffn, hidden)}
+
+
+def expert_layout(hidden: int, ffn: int, bits: int, group_size: int) -> BlobLayout:
+    """The blob layout of a quantized expert with w1, w3 [F, D] and w2 [D, F]."""
+    tensors = []
+    for name, (rows, cols) in _shapes(hidden, ffn).items():
+        check_format((rows, cols), bits, group_size)
+        tensors += [(f"{name}.q", torch.uint8, (rows, packed_length(cols, bits))),
+                    (f"{name}.scale", torch.float16, (rows, cols // group_size)),
+                    (f"{name}.zero", torch.float16, (rows, cols // group_size))]
+    return BlobLayout.build(tensors, kind="quant", bits=bits, group_size=group_size,
+                            extra={"hidden": hidden, "ffn": ffn})
+
+
+def pack_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Quantize one expert's weights (w1, w3 [F, D], w2 [D, F]) into a new CPU uint8 blob."""
+    ffn, hidden = w1.shape
+    for name, w in zip(NAMES, (w1, w2, w3)):
+        if tuple(w.shape) != _shapes(hidden, ffn)[name]:
+            raise UserError(f"expert {name} has shape {tuple(w.shape)}, expected {_shapes(hidden, ffn)[name]} "
+                            f"(w1, w3 [ffn, hidden] and w2 [hidden, ffn])")
+    layout = expert_layout(hidden, ffn, bits, group_size)
+    tensors = {}
+    for name, w in zip(NAMES, (w1, w2, w3)):
+        q = quantize(w, bits, group_size)
+        tensors.update({f"{name}.q": q.q, f"{name}.scale": q.scale, f"{name}.zero": q.zero})
+    return layout.pack(tensors)
+
+
+def unpack_expert(layout: BlobLayout, blob: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The dequantized w1, w2, w3 of a blob, in `dtype` (for tests and inspection; the forward streams)."""
+    views = layout.views(blob)
+    return {name: _dequantize_rows(layout, views, name, 0, layout.record(f"{name}.q").shape[0], dtype)
+            for name in NAMES}
+
+
+def expert_forward(layout: BlobLayout, blob_views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) for x [T, D], dequantizing on the fly on x's device; returns [T, D] in x's dtype."""
+    if layout.kind != "quant":
+        raise UserError(f"expert_forward needs a quantized blob layout, got kind {layout.kind!r}")
+    def rows(name: str, r0: int, r1: int) -> torch.Tensor:
+        return _dequantize_rows(layout, blob_views, name, r0, r1, x.dtype)
+
+    ffn, hidden = blob_views["w1.scale"].shape[0], blob_views["w2.scale"].shape[0]
+    step = _row_block(x, hidden)
+    h = torch.cat([F.silu(x @ rows("w1", r, r + step).T) * (x @ rows("w3", r, r + step).T)  # [T, block of F]
+                   for r in range(0, ffn, step)], dim=1)                                      # [T, F]
+    step = _row_block(x, ffn)
+    return torch.cat([h @ rows("w2", r, r + step).T for r in range(0, hidden, step)], dim=1)  # [T, D]
+
+
+def _row_block(x: torch.Tensor, cols: int) -> int:
+    """Rows to dequantize at once: bounded on the CPU; the whole matrix on a GPU, where each extra
+    block costs kernel launches and the allocator reuses the temporary."""
+    return max(1, ROW_BLOCK_ELEMS // cols) if x.device.type == "cpu" else 1 << 62
+
+
+def _dequantize_rows(layout: BlobLayout, views: dict[str, torch.Tensor], name: str, r0: int, r1: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Rows r0:r1 of weight `name` in `dtype`: [r1 - r0, cols]."""
+    scale = views[f"{name}.scale"][r0:r1]
+    cols = scale.shape[1] * layout.group_size
+    return dequantize_parts(views[f"{name}.q"][r0:r1], scale, views[f"{name}.zero"][r0:r1], cols,
+                            layout.bits, layout.group_size, dtype)

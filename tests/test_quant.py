@@ -1,0 +1,182 @@
+"""Quantized expert blobs (quant/): bit packing, group-wise quantization against HQQ, blobs, the forward.
+
+The HQQ reference is hqq 0.2.8's own quantizer on the CPU with its optimizer on:
+`Quantizer.quantize(W, nbits, group_size, optimize=True, round_zero=False, axis=1, device="cpu")`,
+scale and zero rounded to float16 as stored (see tests/hqq_ref.py, which benchmarks import too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quant
+from hqq_ref import hqq_bits_per_param, hqq_dequantize, relative_error
+from quant.blob import BlobLayout
+from quant.errors import UserError
+from quant.pack import pack, packed_length, unpack
+
+SETTINGS = [(4, 64), (3, 64), (2, 16)]
+
+
+def matrix(kind: str, rows: int = 256, cols: int = 1024, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(rows, cols, generator=gen) * 0.02
+    # Student-t with 3 degrees of freedom: heavy tails, as real weight matrices have a few outliers.
+    normal = torch.randn(rows, cols, generator=gen)
+    chi2 = torch.randn(3, rows, cols, generator=gen).square().sum(0)
+    return normal / (chi2 / 3).sqrt() * 0.02
+
+
+# ---- packing ----
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 13), (2, 0), (4, 64), (5, 17), (1, 1, 9)])
+def test_pack_round_trips_every_width_and_odd_shape(bits, shape):
+    codes = torch.randint(0, 1 << bits, shape, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (*shape[:-1], packed_length(shape[-1], bits))
+    assert torch.equal(unpack(packed, bits, shape[-1]), codes)
+
+
+def test_pack_sizes_and_3_bit_bit_order():
+    assert [packed_length(8, b) for b in (8, 4, 3, 2)] == [8, 4, 3, 2]
+    assert packed_length(9, 3) == 6 and packed_length(5, 4) == 3 and packed_length(5, 2) == 2
+    # Codes 0..7 as one little-endian bit stream, 3 bits each: code k at bits 3k..3k+2.
+    stream = int.from_bytes(bytes(pack(torch.arange(8), 3).tolist()), "little")
+    assert [(stream >> (3 * k)) & 7 for k in range(8)] == list(range(8))
+
+
+def test_pack_refuses_unknown_widths_and_wrong_lengths():
+    with pytest.raises(UserError, match="bits"):
+        pack(torch.zeros(8, dtype=torch.uint8), 5)
+    with pytest.raises(UserError, match="9"):
+        unpack(torch.zeros(4, dtype=torch.uint8), 3, 9)
+
+
+# ---- quantization ----
+
+def test_quantize_refuses_bad_formats_naming_the_numbers():
+    w = torch.randn(4, 96)
+    with pytest.raises(UserError, match=r"64.*96"):
+        quant.quantize(w, 4, 64)
+    with pytest.raises(UserError, match="5"):
+        quant.quantize(w, 5, 32)
+    with pytest.raises(UserError, match="NaN"):
+        quant.quantize(torch.full((2, 32), float("nan")), 4, 32)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_quantized_tensor_holds_the_format(bits):
+    w = matrix("gaussian", 8, 96)
+    q = quant.quantize(w, bits, 32)
+    assert q.q.dtype == torch.uint8 and q.q.shape == (8, packed_length(96, bits))
+    assert q.scale.dtype == q.zero.dtype == torch.float16 and q.scale.shape == q.zero.shape == (8, 3)
+    assert q.bits_per_param == bits + 32 / 32
+    deq = quant.dequantize(q, torch.float16)
+    assert deq.dtype == torch.float16 and deq.shape == w.shape
+    # Codes rebuilt from the stored fields give exactly the dequantized weight.
+    assert torch.equal(quant.dequantize(q), quant.dequantize(q, torch.float64).float())
+
+
+def test_constant_and_zero_groups_are_exact():
+    w = torch.cat([torch.zeros(2, 32), torch.full((2, 32), -0.75), torch.full((2, 32), 3.0)])
+    for bits in (8, 4, 3, 2):
+        assert torch.equal(quant.dequantize(quant.quantize(w, bits, 32)), w)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "student_t3"])
+@pytest.mark.parametrize("bits,group_size", SETTINGS)
+def test_error_is_no_worse_than_hqq_at_no_more_bits(kind, bits, group_size):
+    w = matrix(kind)
+    q = quant.quantize(w, bits, group_size)
+    ours = relative_error(w, quant.dequantize(q))
+    hqq = relative_error(w, hqq_dequantize(w, bits, group_size))
+    assert ours <= hqq, f"{kind} {bits}-bit g{group_size}: ours {ours:.5f} > HQQ {hqq:.5f}"
+    assert q.bits_per_param <= hqq_bits_per_param(bits, group_size)
+
+
+# ---- expert blobs ----
+
+D, FFN = 128, 192
+
+
+@pytest.fixture(scope="module")
+def weights():
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(FFN, D, generator=gen) * 0.05, torch.randn(D, FFN, generator=gen) * 0.05,
+            torch.randn(FFN, D, generator=gen) * 0.05)
+
+
+def reference_forward(w: dict, x: torch.Tensor) -> torch.Tensor:
+    return (F.silu(x @ w["w1"].T) * (x @ w["w3"].T)) @ w["w2"].T
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 64), (3, 32), (2, 16)])
+def test_blob_round_trip_and_forward_match_dequantized_weights(weights, bits, group_size):
+    blob = quant.pack_expert(*weights, bits, group_size)
+    layout = quant.expert_layout(D, FFN, bits, group_size)
+    assert blob.dtype == torch.uint8 and blob.numel() == layout.nbytes
+    parsed = BlobLayout.parse(blob.numpy().tobytes(), source="expert")
+    assert parsed == layout and parsed.kind == "quant" and parsed.bits == bits
+    w = quant.unpack_expert(parsed, blob)
+    for name, original in zip(("w1", "w2", "w3"), weights):
+        assert w[name].shape == original.shape
+        assert torch.equal(w[name], quant.dequantize(quant.quantize(original, bits, group_size)))
+    x = torch.randn(5, D)
+    assert torch.allclose(quant.expert_forward(parsed, parsed.views(blob), x), reference_forward(w, x), atol=1e-5)
+
+
+def test_forward_in_row_blocks_and_in_bfloat16(weights, monkeypatch):
+    import quant.expert
+
+    layout = quant.expert_layout(D, FFN, 4, 64)
+    blob = quant.pack_expert(*weights, 4, 64)
+    w, x = quant.unpack_expert(layout, blob), torch.randn(3, D)
+    ref = reference_forward(w, x)
+    monkeypatch.setattr(quant.expert, "ROW_BLOCK_ELEMS", 1000)  # several row blocks per matrix
+    assert torch.allclose(quant.expert_forward(layout, layout.views(blob), x), ref, atol=1e-5)
+    y = quant.expert_forward(layout, layout.views(blob), x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert relative_error(ref, y) < 2e-2
+
+
+def test_expert_shapes_are_checked(weights):
+    w1, w2, w3 = weights
+    with pytest.raises(UserError, match="w2"):
+        quant.pack_expert(w1, w1, w3, 4, 64)
+    with pytest.raises(UserError, match="group size 50"):
+        quant.expert_layout(D, FFN, 4, 50)
+
+
+def test_corrupt_or_unknown_version_blob_is_refused(weights):
+    good = quant.pack_expert(*weights, 4, 64).numpy().tobytes()
+    with pytest.raises(UserError, match="bad magic"):
+        BlobLayout.parse(b"NOTABLOB" + good[8:], source="expert")
+    with pytest.raises(UserError, match="version 7"):
+        BlobLayout.parse(good[:8] + (7).to_bytes(4, "little") + good[12:], source="expert")
+    with pytest.raises(UserError, match="corrupt"):
+        BlobLayout.parse(good[:16] + b"{garbage" + good[24:], source="expert")
+    with pytest.raises(UserError, match="truncated"):
+        BlobLayout.parse(good[:10], source="expert")
+
+
+# ---- fused GPU kernel ----
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 64), (3, 64), (2, 16)])
+def test_triton_gemv_matches_expert_forward(weights, bits, group_size):
+    pytest.importorskip("triton")
+    from quant.triton_gemv import expert_forward_fused
+
+    layout = quant.expert_layout(D, FFN, bits, group_size)
+    blob = quant.pack_expert(*weights, bits, group_size).cuda()
+    x = torch.randn(1, D, device="cuda", dtype=torch.float16)
+    ref = quant.expert_forward(layout, layout.views(blob), x.float())
+    got = expert_forward_fused(layout, layout.views(blob), x)
+    assert got.dtype == torch.float16 and got.shape == (1, D)
+    assert relative_error(ref, got) < 2e-3
