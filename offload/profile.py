@@ -271,6 +271,7 @@ def profile_runtime(rt, prompt_ids: list[int], max_new_tokens: int, sampling: Sa
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     prof = Profiler(rt)
     probe = bandwidth or measure_h2d(rt.store)
+    rt.store.reset_stats()  # counters from zero now (generate_ids resets them too, after begin() has read them)
     rt.store.profiler = prof
     try:
         prof.begin()

@@ -14,7 +14,7 @@ import offload
 from conftest import run_cli
 from offload.demo import DEMO_DIR
 from offload.inspect import memory_plan
-from offload.profile import TIME_PARTS, load_schema, profile, schema_errors
+from offload.profile import TIME_PARTS, load_schema, profile, profile_runtime, schema_errors
 
 PROMPT = "The for statement is used to iterate"
 NEW = 8
@@ -84,6 +84,17 @@ def test_profiling_does_not_change_tokens(profiled, folder, budgets):
     plain = list(rt.generate_ids(rt.encode(PROMPT), NEW))
     assert result.record["tokens"] == plain
     assert result.record["totals"]["new_tokens"] == len(plain)
+
+
+def test_profiling_a_warm_runtime_counts_only_its_own_run(folder, budgets):
+    rt = offload.load(folder, device="cpu", context=256, prefetch=1, **budgets)
+    ids = rt.encode(PROMPT)
+    list(rt.generate_ids(ids, NEW))  # a warm cache and nonzero counters before profiling
+    record = profile_runtime(rt, ids, 4).record
+    assert schema_errors(record, load_schema()) == []
+    assert sum(r["expert_hits"] + r["expert_misses"] for r in record["per_token"]) \
+        == record["totals"]["expert_hits"] + record["totals"]["expert_misses"]
+    assert rt.store.profiler is None
 
 
 def test_peak_device_memory_stays_within_the_vram_budget(profiled, budgets):
