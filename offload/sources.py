@@ -25,6 +25,7 @@ class CheckpointExperts:
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
         cfg = ckpt.config
+        ckpt.validate(moe_shapes(cfg))  # headers only: a folder missing experts fails here, naming the tensor
         self.ckpt, self.dtype = ckpt, dtype
         self.layout = BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dtype)
         self.file_dtype = ckpt.locations[expert_names(0, 0)[0]].dtype

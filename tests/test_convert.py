@@ -1,0 +1,128 @@
+"""`moe-offload convert`: quantized folders that generate runs, the invariant for quantized blobs, atomicity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+import offload
+from offload.convert import convert
+from offload.generate import decode_one, prefill
+from offload.runtime import resolve_model_path
+
+from conftest import run_cli
+
+
+def digest(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("q") / "tiny-q4"
+    result = run_cli("convert", tiny_checkpoint, dst, "--bits", "4", "--group-size", "32")
+    assert result.returncode == 0, result.stderr
+    return dst
+
+
+def greedy(folder, steps=10, **options):
+    rt = offload.load(folder, device="cpu", context=128, **options)
+    ids = rt.encode("The quick brown fox jumps")
+    logits = [prefill(rt.model, torch.tensor(ids))]
+    for i in range(steps):
+        logits.append(decode_one(rt.model, int(logits[-1].argmax()), len(ids) + i))
+    return torch.stack(logits), rt
+
+
+def test_converted_folder_generates_and_moves_quantized_blobs(quantized, tiny_checkpoint):
+    info = json.loads((quantized / "moe_offload.json").read_text())
+    assert info["bits"] == 4 and info["group_size"] == 32
+    result = run_cli("generate", quantized, "The quick brown fox", "-n", "8", "--json", "--vram", "1GiB")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    fp32_blob = offload.load(tiny_checkpoint, device="cpu").store.layout.nbytes
+    assert stats["blob_bytes"] * 5 < fp32_blob  # 4-bit codes + fp16 scales/zeros vs fp32 weights
+    assert stats["bytes_h2d"] == (stats["expert_misses"] - stats["cpu_expert_calls"] + stats["prefetch_issued"]) * stats["blob_bytes"]
+
+
+def test_quantized_logits_stay_close_to_the_original(quantized, tiny_checkpoint):
+    original, _ = greedy(tiny_checkpoint, steps=0)
+    q, _ = greedy(quantized, steps=0)
+    assert torch.nn.functional.cosine_similarity(original[0], q[0], dim=0) > 0.99
+
+
+def test_quantized_results_are_bit_identical_across_budgets_and_prefetch(quantized):
+    reference, rt = greedy(quantized)
+    plan = rt.store.plan
+    fixed = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes
+    for slots, prefetch, ram in ((2, 0, None), (3, 1, 3 * plan.blob_bytes), (9, 2, None)):
+        logits, rt = greedy(quantized, vram=fixed + slots * plan.blob_bytes, ram=ram, prefetch=prefetch)
+        assert rt.store.plan.device_slots == slots
+        assert torch.equal(logits, reference), (slots, prefetch, ram)
+
+
+def test_the_demo_model_converts_at_every_width_and_generates(tmp_path):
+    for bits, group in ((8, 64), (4, 64), (3, 64), (2, 16)):
+        dst = convert(resolve_model_path("demo"), tmp_path / f"demo-{bits}", bits=bits, group_size=group)
+        rt = offload.load(dst, device="cpu", context=128)
+        text = "".join(rt.generate("The for statement", max_new_tokens=12))
+        assert len(rt.last["tokens"]) == 12 and text
+
+
+def test_interrupted_conversion_leaves_nothing_generate_accepts_and_a_rerun_succeeds(tiny_checkpoint, tmp_path):
+    dst = tmp_path / "out"
+
+    def interrupt(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_checkpoint, dst, bits=4, group_size=32, progress=interrupt)
+    assert not dst.exists()
+    partial = tmp_path / "out.partial"
+    assert partial.exists()
+    result = run_cli("generate", partial, "hello", "-n", "2")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert convert(tiny_checkpoint, dst, bits=4, group_size=32) == dst
+    assert not partial.exists()
+    # Rerunning on a finished conversion with the same settings is a no-op.
+    before = digest(dst)
+    assert convert(tiny_checkpoint, dst, bits=4, group_size=32) == dst and digest(dst) == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--bits", "5"), "--bits"),
+    (("--bits", "4", "--group-size", "7"), "does not divide"),
+    (("--bits", "4", "--group-size", "32", "--dst-exists"), "not an earlier conversion"),
+])
+def test_bad_convert_input_is_one_line_and_leaves_the_source_untouched(tiny_checkpoint, tmp_path, args, needle):
+    before = digest(tiny_checkpoint)
+    dst = tmp_path / "dst"
+    args = list(args)
+    if "--dst-exists" in args:
+        args.remove("--dst-exists")
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+    result = run_cli("convert", tiny_checkpoint, dst, *args)
+    assert result.returncode == 2 and needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert digest(tiny_checkpoint) == before
+    if (dst / "notes.txt").exists():
+        assert (dst / "notes.txt").read_text() == "mine"
+
+
+def test_a_blob_with_a_corrupt_header_is_refused(quantized, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(quantized, broken)
+    data = bytearray((broken / "experts.bin").read_bytes())
+    info = json.loads((broken / "moe_offload.json").read_text())
+    stride = -(-info["blob_bytes"] // 4096) * 4096
+    data[4096 + 5 * stride + 20] ^= 0xFF  # inside expert (0, 5)'s header JSON
+    (broken / "experts.bin").write_bytes(bytes(data))
+    result = run_cli("generate", broken, "The quick brown fox", "-n", "6", "--ram", "1GiB")
+    assert result.returncode == 2 and "corrupt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
