@@ -7,11 +7,16 @@ scale and zero rounded to float16 as stored (see tests/hqq_ref.py, which benchma
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import quant
+from conftest import REPO
 from hqq_ref import hqq_bits_per_param, hqq_dequantize, relative_error
 from quant.blob import BlobLayout
 from quant.errors import UserError
@@ -180,3 +185,29 @@ def test_triton_gemv_matches_expert_forward(weights, bits, group_size):
     got = expert_forward_fused(layout, layout.views(blob), x)
     assert got.dtype == torch.float16 and got.shape == (1, D)
     assert relative_error(ref, got) < 2e-3
+
+
+INTERPRETER_CHECK = """
+import torch, quant
+from quant.triton_gemv import dequant_gemv, expert_forward_fused
+torch.manual_seed(0)
+w1, w2, w3 = torch.randn(40, 32) * 0.05, torch.randn(32, 40) * 0.05, torch.randn(40, 32) * 0.05
+for bits, group in [(8, 8), (4, 8), (3, 8), (2, 8)]:
+    layout = quant.expert_layout(32, 40, bits, group)
+    views = layout.views(quant.pack_expert(w1, w2, w3, bits, group))
+    x = torch.randn(1, 32)
+    assert torch.allclose(expert_forward_fused(layout, views, x), quant.expert_forward(layout, views, x), atol=1e-5)
+    q = quant.quantize(torch.randn(19, 24), bits, 8)   # rows not a multiple of the block; 3-bit rows of 9 bytes
+    v = torch.randn(24)
+    assert torch.allclose(dequant_gemv(q.q, q.scale, q.zero, v, bits, 8), quant.dequantize(q) @ v, atol=1e-5)
+print("ok")
+"""
+
+
+def test_triton_kernels_in_the_interpreter():
+    """The fused kernels' indexing and arithmetic, run by Triton's CPU interpreter (when triton is installed)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
