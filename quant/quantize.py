@@ -14,7 +14,9 @@ The (s, z) of each group are chosen without calibration data to minimise the squ
    (b) refit (s, z) in closed form by least squares given the codes (w ~ s*q + b is a line fit);
    each round cannot increase the error before the fp16 cast, and the cast is applied at every step
    so that what is compared is what will be stored;
-3. per group, the best (s, z) seen anywhere wins; a final polish runs more rounds from it.
+3. a sweep of the zero point by fractions of a step around the best so far (which values sit near a
+   grid point: a local search does not move them at 8 bits), then a polish of more rounds;
+per group, the best (s, z) scored anywhere wins.
 
 This is HQQ's setting (fp16 scale and zero per group, no data) with the L2 objective solved directly
 rather than HQQ's proximal l_p updates of the zero point alone; tests/hqq_ref.py checks it against HQQ.
@@ -37,7 +39,7 @@ SHRINK = {
     3: (1.0, 0.94, 0.88, 0.82, 0.76, 0.7, 0.64, 0.58),
     2: (1.0, 0.92, 0.84, 0.76, 0.68, 0.6, 0.52, 0.44),
 }
-GRID_ROUNDS = 1     # refit rounds from each candidate range
+GRID_ROUNDS = 1     # rounds scored from each candidate range (1: the candidate itself)
 POLISH_ROUNDS = 4   # refit rounds from the best candidate of each group
 OFFSETS = 8         # shifts of the zero point tried, by fractions of a step, before the polish
 CHUNK_ELEMS = 1 << 21  # values per row chunk: bounds the temporaries (~8 MB each in float32)
