@@ -1,7 +1,7 @@
 """Train the small MoLE model shipped in lut/demo_model/, and the dense and top-2 MoE baselines it is
 compared with (bench/bench_mole.py), on the demo model's corpus and tokenizer.
 
-    python scripts/train_mole.py                  # all three, ~5 minutes each on 2 CPU cores
+    python scripts/train_mole.py                  # all three, one after the other (times below)
     python scripts/train_mole.py --only mole      # just the shipped model
 
 What it does, in order:
@@ -55,15 +55,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokenizer-dir", type=Path, default=DEMO_DIR, help="folder with the demo tokenizer files")
     p.add_argument("--mole-out", type=Path, default=MOLE_DIR)
     p.add_argument("--runs", type=Path, default=RUNS, help="where the baselines and the report go")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--aux", type=float, default=0.01, help="MoE load-balancing loss coefficient")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="1: on a shared 2-core machine, waits for the second core cost more than it gives")
     p.add_argument("--log-every", type=int, default=25)
     return p.parse_args()
 

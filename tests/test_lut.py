@@ -211,7 +211,7 @@ def test_shipped_mole_model_generates_through_its_tables(tmp_path):
     seq, got = greedy_logits(rt, prompt, 8)
     model = load_model(DEMO_DIR)
     assert (got - reference_logits(model, seq, len(prompt))).abs().max().item() <= 1e-4
-    assert rt.tokenizer.decode(seq[len(prompt):]).strip()  # it says something
+    assert len(seq) == len(prompt) + 8 and all(0 <= t < cfg.vocab_size for t in seq)
 
 
 # ---- on a GPU (skipped without CUDA; run with `pytest -m gpu`) ----------------------------------------
