@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
+from common import PROMPT, RESULTS, device_name, sync  # noqa: E402
 from lut import DEMO_DIR  # noqa: E402
 from lut.build import TABLE_FILE, build_tables  # noqa: E402
 from lut.model import load_model  # noqa: E402
@@ -55,21 +55,10 @@ from lut.serve import TableStore  # noqa: E402
 from lut.tables import TableLayout  # noqa: E402
 from offload.demo import documents  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 RUNS = REPO / "runs" / "mole"
-PROMPT = "The for statement is used to iterate over the elements of a sequence"
 WINDOW = 256
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def heldout_stream(tokenizer_dir: Path) -> torch.Tensor:
@@ -315,7 +304,7 @@ def main() -> None:
     p.add_argument("--moe", type=Path, default=RUNS / "moe", help="top-2 MoE baseline (scripts/train_mole.py)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per measured generation")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="threads for the perplexity passes")
+    p.add_argument("--threads", type=int, default=1, help="threads for the perplexity passes")
     p.add_argument("--decode-threads", type=int, default=1, help="threads for decode and the table slice")
     p.add_argument("--no-slice", action="store_true")
     p.add_argument("--slice-layers", type=int, default=2)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,21 +26,11 @@ from pathlib import Path
 import torch
 
 import offload
+from common import PROMPT, RESULTS, device_name, sync
 from offload.memory import human
 
-RESULTS = Path(__file__).resolve().parent / "results"
-PROMPT = "The for statement is used to iterate over the elements of a sequence"
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def h2d_bandwidth(nbytes: int = 256 << 20) -> float:

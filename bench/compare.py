@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import re
 import sys
 import tempfile
@@ -37,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_offload, when run as a program
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, bench_offload, when run as a program
 
 import offload  # noqa: E402
+from common import PROMPT, RESULTS, device_name, sync  # noqa: E402
 from offload.checkpoint import Checkpoint  # noqa: E402
 from offload.inspect import memory_plan  # noqa: E402
 from offload.memory import default_ram_budget, human, parse_bytes  # noqa: E402
@@ -47,19 +47,8 @@ from offload.profile import profile_runtime  # noqa: E402
 from offload.runtime import resolve_model_path  # noqa: E402
 from offload.tokenizer import Tokenizer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-PROMPT = "The for statement is used to iterate over the elements of a sequence"
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def release(device: str) -> None:

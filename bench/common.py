@@ -1,0 +1,24 @@
+"""What every benchmark shares: where records go, the prompt, naming the device, syncing around timings."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT = "The for statement is used to iterate over the elements of a sequence"
+
+
+def device_name(device: str) -> str:
+    """The device a record was measured on, as the record names it."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so a timer around it measures the work and not its launch."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
