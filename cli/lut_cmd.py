@@ -31,10 +31,10 @@ lut_app = typer.Typer(no_args_is_help=True, help="Mixture of Lookup Experts: tur
 def build(
     src: Path = typer.Argument(..., help="MoLE checkpoint folder (config.json with model_type 'mole')."),
     dst: Path = typer.Argument(..., help="Table model folder to write (served by `moe-offload generate DST`)."),
-    bits: int = typer.Option(16, "--bits", help="Row storage: 16 (float16), 8 or 4 (quantized through quant.rows), "
-                                                "32 (float32: exact)."),
-    group_size: int = typer.Option(0, "--group-size", help="Values per scale for 8/4-bit rows (0: 64, or the whole "
-                                                           "row when d is not a multiple of 64)."),
+    bits: int = typer.Option(16, "--bits", help="Row storage: 16 (float16), 8, 4, 3 or 2 (quantized group-wise "
+                                                "through quant.quantize), 32 (float32: exact)."),
+    group_size: int = typer.Option(0, "--group-size", help="Values per scale and zero for quantized rows (0: 64, or "
+                                                           "the whole row when d is not a multiple of 64)."),
     batch_mem: str = typer.Option("256MiB", "--batch-mem", help="Working memory per batch of token ids."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),

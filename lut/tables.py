@@ -5,9 +5,9 @@
     record of a token    chunk of layer 0, chunk of layer 1, ... chunk of layer L-1   (= [L, N, D] rows)
     chunk of a layer     its parts, each at a fixed offset inside the chunk:
         bits 32 | 16:    values  float32 | float16  [N, D]
-        bits 8:          codes   int8               [N, D]     scales float16 [N, D/G]
-        bits 4:          codes   uint8 (2 per byte) [N, D/2]   scales float16 [N, D/G]
-                         (quant.rows: symmetric absmax per group of G values)
+        bits 8|4|3|2:    codes   uint8 [N, P]   scales float16 [N, D/G]   zeros float16 [N, D/G]
+                         quant.quantize's group-wise format (G values per scale and zero point), each
+                         row's codes packed by quant.pack into P = packed_length(D, bits) bytes
 
 So the rows one token needs for every layer are ONE read of `record_nbytes` bytes at
 data_offset + id * record_nbytes, and one layer's rows are one read of `chunk_nbytes` inside it. The JSON
@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
-from quant.rows import check_row_format, code_shape, dequantize_rows, quantize_rows
+from quant.pack import packed_length
+from quant.quantize import check_format, dequantize_parts, quantize
 
 MAGIC = b"MOLETAB\x00"
 VERSION = 1
 HEADER_ALIGN = 4096  # records start on a page boundary
 CHUNK_ALIGN = 16     # every part and chunk starts at a multiple of 16 bytes, so typed views need no copy
-TABLE_BITS = (32, 16, 8, 4)
+TABLE_BITS = (32, 16, 8, 4, 3, 2)
 _PREFIX = struct.Struct("<8sII")  # magic, version, JSON length
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "uint8": torch.uint8}
 
@@ -86,9 +87,9 @@ class TableLayout:
             tensors = [("values", "float32" if bits == 32 else "float16", (N, D))]
         else:
             group_size = group_size or default_group_size(hidden)
-            check_row_format(D, bits, group_size)
-            tensors = [("codes", "int8" if bits == 8 else "uint8", (N, code_shape(D, bits))),
-                       ("scales", "float16", (N, D // group_size))]
+            check_format((N, D), bits, group_size)
+            tensors = [("codes", "uint8", (N, packed_length(D, bits))),
+                       ("scales", "float16", (N, D // group_size)), ("zeros", "float16", (N, D // group_size))]
         parts, off = [], 0
         for name, dtype, shape in tensors:
             nbytes = _DTYPES[dtype].itemsize * shape[0] * shape[1]
@@ -169,16 +170,16 @@ class TableLayout:
     # ---- encode / decode -----------------------------------------------------------------------
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows [U, L, N, D] float -> records uint8 [U, record_nbytes] (quantized through quant.rows)."""
+        """rows [U, L, N, D] float -> records uint8 [U, record_nbytes] (quantized through quant.quantize)."""
         U = rows.shape[0]
         out = torch.zeros(U, self.layers, self.chunk_nbytes, dtype=torch.uint8)
         views = self.views(out)
         if self.bits in (32, 16):
             views["values"].copy_(rows)
         else:
-            codes, scales = quantize_rows(rows, self.bits, self.group_size)
-            views["codes"].copy_(codes.view(views["codes"].dtype))
-            views["scales"].copy_(scales)
+            q = quantize(rows.reshape(-1, self.hidden), self.bits, self.group_size)  # every row on its own
+            for name, t in (("codes", q.q), ("scales", q.scale), ("zeros", q.zero)):
+                views[name].copy_(t.view(views[name].shape))
         return out.view(U, self.record_nbytes)
 
     def views(self, chunks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -194,11 +195,12 @@ class TableLayout:
         views = self.views(chunks)
         if self.bits in (32, 16):
             return views["values"].to(dtype)
-        return dequantize_rows(views["codes"], views["scales"], self.bits, self.group_size, dtype)
+        return dequantize_parts(views["codes"], views["scales"], views["zeros"], self.hidden, self.bits,
+                                self.group_size, dtype)
 
 
 def default_group_size(hidden: int) -> int:
-    """64 values per scale when the row divides into 64s (as Mixtral's 4096 does), else the whole row."""
+    """64 values per scale and zero when the row divides into 64s (as Mixtral's 4096 does), else the whole row."""
     return 64 if hidden % 64 == 0 else hidden
 
 
