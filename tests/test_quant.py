@@ -211,3 +211,34 @@ def test_triton_kernels_in_the_interpreter():
     result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], capture_output=True, text=True, env=env,
                             cwd=REPO, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+# ---- the demo model's real expert matrices ----
+
+REAL_EXPERTS = [(0, 0), (2, 5), (3, 7)]  # (layer, expert): from three of the demo model's four layers
+
+
+def test_error_on_real_demo_experts_is_no_worse_than_hqq_at_no_more_bits():
+    """The trained demo model's expert matrices (w1, w3 [320, 192], w2 [192, 320]) rather than synthetic ones."""
+    from offload.checkpoint import Checkpoint, expert_names
+    from offload.runtime import resolve_model_path
+
+    path = resolve_model_path("demo")
+    if not (path / "model.safetensors").is_file():
+        pytest.skip("the demo model folder is not there")
+    ckpt = Checkpoint(path)
+    try:
+        mats = {f"L{layer}.E{e}.w{i}": ckpt.read(name, dtype=torch.float32)
+                for layer, e in REAL_EXPERTS for i, name in zip((1, 2, 3), expert_names(layer, e))}
+    finally:
+        ckpt.close()
+    failures = []
+    for bits, group_size in SETTINGS:
+        for key, w in mats.items():
+            q = quant.quantize(w, bits, group_size)
+            ours = relative_error(w, quant.dequantize(q))
+            hqq = relative_error(w, hqq_dequantize(w, bits, group_size))
+            if ours > hqq:
+                failures.append(f"{key} {bits}-bit g{group_size}: ours {ours:.5f} > HQQ {hqq:.5f}")
+            assert q.bits_per_param <= hqq_bits_per_param(bits, group_size)
+    assert not failures, "; ".join(failures)

@@ -1,0 +1,225 @@
+"""Quantized experts: held-out perplexity, weight error and storage of our quantizer against HQQ.
+
+What it measures, and against what (every figure also as a ratio against the fp32 baseline of this run):
+  * the trained demo model (offload/demo_model), teacher-forced perplexity over the held-out text
+    `offload.demo.corpus("heldout")`, in windows of WINDOW tokens each with bos prepended, through our
+    runtime's forward (`offload.load(folder, device="cpu", dtype="float32")`, then
+    `rt.model.forward(ids, 0, all_logits=True)`: the forward at position 0 overwrites the KV cache):
+      - fp32: the original checkpoint (its bf16 weights computed in float32);
+      - ours: `offload.convert.convert` at 8/4/3/2 bits (groups 64/64/64/16) into a temp folder;
+      - HQQ: a temp Mixtral folder where every expert weight is HQQ's dequantized weight
+        (tests/hqq_ref.py: hqq's Quantizer with its optimizer, fp16 scale and zero), float32 safetensors;
+    note that our converted folders also store the dense (non-expert) weights in fp16, the HQQ folders
+    keep them exact, so any dense rounding counts against ours;
+  * storage per expert: our blob bytes (codes, fp16 scales and zeros, header) and bits/param, against
+    HQQ counted as B bits per code + fp16 scale + fp16 zero per group (no header, ideal packing);
+    ratios are against the fp32 expert (and bf16 as the checkpoint stores it);
+  * relative Frobenius error of every expert matrix of the demo model (mean and max), ours vs HQQ;
+  * on a GPU only: time of one Mixtral-shaped expert (D=4096, F=14336) at batch 1 through
+    `quant.expert_forward` and `quant.triton_gemv.expert_forward_fused` (when it imports), against an
+    fp16 GEMV chain of the same shape (F.linear); on the CPU this part is skipped with a note.
+
+    python bench/bench_quant.py            # writes bench/results/quant-<cpu|cuda>.json
+
+Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import offload  # noqa: E402
+import quant  # noqa: E402
+from hqq_ref import hqq_bits_per_param, hqq_dequantize, relative_error  # noqa: E402
+from offload.checkpoint import Checkpoint, expert_names  # noqa: E402
+from offload.convert import COPIED, INFO_FILE, convert  # noqa: E402
+from offload.demo import corpus  # noqa: E402
+from offload.runtime import resolve_model_path  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+WINDOW = 256
+SETTINGS = [(8, 64), (4, 64), (3, 64), (2, 16)]
+NOTE = ('The demo model is heavily overfit (README: train ppl 1.15, held-out 665.8), so held-out perplexity i'
+        's high and quantization noise can lower it (acts as a regularizer); compare ours vs HQQ at equal wid'
+        "th, not against fp32 as 'better'. Our bits_per_param counts the whole blob (header and alignment, 12"
+        "80 bytes/expert); per tensor (codes+fp16 scale+zero) it equals HQQ's B + 32/G.")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def perplexity(folder: Path) -> dict:
+    rt = offload.load(folder, device="cpu", dtype="float32", context=WINDOW + 1)
+    ids = rt.tokenizer.encode(corpus("heldout"))
+    bos = rt.tokenizer.bos_id
+    if ids and ids[0] == bos:
+        ids = ids[1:]
+    nll, count = 0.0, 0
+    start = time.perf_counter()
+    for i in range(0, len(ids) - 1, WINDOW):
+        chunk = ids[i:i + WINDOW]
+        x = torch.tensor([bos] + chunk)
+        logits = rt.model.forward(x, 0, all_logits=True)[:-1]  # position t predicts token t+1
+        nll += float(F.cross_entropy(logits.float(), x[1:], reduction="sum"))
+        count += len(chunk)
+    return {"ppl": math.exp(nll / count), "tokens": count, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def hqq_folder(src: Path, dst: Path, bits: int, group_size: int, errors: list) -> Path:
+    """A Mixtral folder like src with every expert weight replaced by HQQ's reconstruction (float32)."""
+    ckpt = Checkpoint(src)
+    dst.mkdir(parents=True)
+    for name in COPIED:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    tensors = {name: ckpt.read(name, dtype=torch.float32) for name in ckpt.locations}
+    cfg = ckpt.config
+    for layer in range(cfg.num_hidden_layers):
+        for e in range(cfg.num_local_experts):
+            for name in expert_names(layer, e):
+                w = tensors[name]
+                tensors[name] = hqq_dequantize(w, bits, group_size).contiguous()
+                errors.append(relative_error(w, tensors[name]))
+    ckpt.close()
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def our_errors(src: Path, bits: int, group_size: int) -> list[float]:
+    ckpt = Checkpoint(src)
+    cfg, out = ckpt.config, []
+    for layer in range(cfg.num_hidden_layers):
+        for e in range(cfg.num_local_experts):
+            for name in expert_names(layer, e):
+                w = ckpt.read(name, dtype=torch.float32)
+                out.append(relative_error(w, quant.dequantize(quant.quantize(w, bits, group_size))))
+    ckpt.close()
+    return out
+
+
+def gpu_timing() -> dict:
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device: the Mixtral-shaped expert timing runs on a GPU only"}
+    D, Fd, dev = 4096, 14336, "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w1, w3 = (torch.randn(Fd, D, device=dev, generator=gen) * 0.02 for _ in range(2))
+    w2 = torch.randn(D, Fd, device=dev, generator=gen) * 0.02
+    x = torch.randn(1, D, device=dev, dtype=torch.float16)
+
+    def clock(fn, reps=50):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps * 1e3  # microseconds
+
+    h1, h2, h3 = w1.half(), w2.half(), w3.half()
+    base = clock(lambda: F.linear(F.silu(F.linear(x, h1)) * F.linear(x, h3), h2))
+    out = {"shape": {"hidden": D, "ffn": Fd, "batch": 1}, "fp16_gemv_us": round(base, 1), "widths": {}}
+    try:
+        from quant.triton_gemv import expert_forward_fused
+    except Exception as exc:  # triton missing or broken: time the unfused path only
+        expert_forward_fused, out["fused_note"] = None, f"quant.triton_gemv did not import: {exc}"
+    for bits, group in SETTINGS:
+        layout = quant.expert_layout(D, Fd, bits, group)
+        tensors = {}
+        for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+            q = quant.quantize(w, bits, group)
+            tensors.update({f"{name}.q": q.q.cpu(), f"{name}.scale": q.scale.cpu(), f"{name}.zero": q.zero.cpu()})
+        blob = layout.pack(tensors).to(dev)
+        views = layout.views(blob)
+        row = {"expert_forward_us": round(clock(lambda: quant.expert_forward(layout, views, x)), 1)}
+        row["expert_forward_vs_fp16"] = round(row["expert_forward_us"] / base, 3)
+        if expert_forward_fused is not None:
+            row["fused_us"] = round(clock(lambda: expert_forward_fused(layout, views, x)), 1)
+            row["fused_vs_fp16"] = round(row["fused_us"] / base, 3)
+        out["widths"][f"{bits}-bit g{group}"] = row
+    return out
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    src = resolve_model_path("demo")
+    cfg = Checkpoint(src).config
+    params = cfg.expert_params
+    fp32_bytes, bf16_bytes = 4 * params, 2 * params
+    start = time.perf_counter()
+    base = perplexity(src)
+    print(f"fp32: ppl {base['ppl']:.4f} over {base['tokens']} tokens", flush=True)
+    result = {
+        "device": device_name(),
+        "model": "offload/demo_model (trained demo: 4 layers, 8 experts, D=192, F=320)",
+        "eval": f'offload.demo.corpus("heldout"), windows of {WINDOW} tokens + bos, teacher-forced, '
+                f"python {platform.python_version()}",
+        "expert_params": params,
+        "fp32": {"ppl": round(base["ppl"], 4), "tokens": base["tokens"], "expert_bytes": fp32_bytes,
+                 "bf16_expert_bytes": bf16_bytes},
+        "note": NOTE,
+        "widths": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for bits, group in SETTINGS:
+            key = f"{bits}-bit g{group}"
+            dst = convert(src, tmp / f"ours-{bits}", bits, group)
+            info = json.loads((dst / INFO_FILE).read_text())
+            blob = quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, bits, group).nbytes
+            ours = perplexity(dst)
+            shutil.rmtree(dst)
+            hqq_err: list[float] = []
+            hdst = hqq_folder(src, tmp / f"hqq-{bits}", bits, group, hqq_err)
+            hqq = perplexity(hdst)
+            shutil.rmtree(hdst)
+            our_err = our_errors(src, bits, group)
+            hqq_bytes = params * hqq_bits_per_param(bits, group) / 8
+            row = {
+                "ours": {"ppl": round(ours["ppl"], 4), "ppl_vs_fp32": round(ours["ppl"] / base["ppl"], 4),
+                         "blob_bytes": blob, "bytes_vs_fp32": round(blob / fp32_bytes, 4),
+                         "bits_per_param": round(8 * blob / params, 4),
+                         "weight_rel_error_mean": round(sum(our_err) / len(our_err), 5),
+                         "weight_rel_error_max": round(max(our_err), 5)},
+                "hqq": {"ppl": round(hqq["ppl"], 4), "ppl_vs_fp32": round(hqq["ppl"] / base["ppl"], 4),
+                        "bytes": round(hqq_bytes), "bytes_vs_fp32": round(hqq_bytes / fp32_bytes, 4),
+                        "bits_per_param": hqq_bits_per_param(bits, group),
+                        "weight_rel_error_mean": round(sum(hqq_err) / len(hqq_err), 5),
+                        "weight_rel_error_max": round(max(hqq_err), 5)},
+            }
+            assert info["blob_bytes"] == blob, (info["blob_bytes"], blob)
+            row["ours_ppl_vs_hqq"] = round(ours["ppl"] / hqq["ppl"], 4)
+            result["widths"][key] = row
+            print(f"{key}: ours ppl {ours['ppl']:.4f} ({row['ours']['bits_per_param']} b/p, err "
+                  f"{row['ours']['weight_rel_error_mean']}) | HQQ ppl {hqq['ppl']:.4f} "
+                  f"({row['hqq']['bits_per_param']} b/p, err {row['hqq']['weight_rel_error_mean']})", flush=True)
+    result["gpu_expert_timing"] = gpu_timing()
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"quant-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
