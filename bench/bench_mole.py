@@ -10,7 +10,8 @@ What it measures, and against what (ratios against baselines measured in this ru
       - bytes moved host->device per decode token and decode tokens/s, all relative to the dense model:
         the table model with tables on disk and in RAM, the dense model, and the MoE under offloading
         with the same device budget as the table model (its dense part + KV + workspace; what is left
-        holds expert slots), plus the MoE with every expert resident;
+        holds expert slots), plus the MoE with every expert resident; all six are loaded and warmed up,
+        then measured in interleaved rounds (median), so a busy machine slows them alike;
   * a Mixtral-dimension table slice (random values, vocab 32000, d 4096, a few layers and experts; fp16):
     per-token time to gather one token's record (every layer's rows) and have the rows ready on the
     compute device, from disk with a cold page cache, from the page cache, and from RAM; and the time to
@@ -97,29 +98,37 @@ def nll_of_runtime(folder: Path, stream: torch.Tensor, device: str) -> float:
     return total / count
 
 
-def decode(folder: Path, device: str, tokens: int, repeats: int, **options) -> dict:
-    """A warm-up generation, then `repeats` measured ones: the median decode speed, and the bytes moved per
-    decode token (the last run's bytes minus those of a prefill-only run just before it, per new token)."""
-    rt = offload.load(folder, device=device, context=512, **options)
-    ids = rt.encode(PROMPT)
-    list(rt.generate_ids(ids, max_new_tokens=4))
-    speeds = []
+def decode_rounds(contenders: dict[str, tuple[Path, dict]], device: str, tokens: int, repeats: int) -> dict:
+    """Decode speed and bytes per decode token of each contender. All are loaded and warmed up first, then
+    measured in `repeats` interleaved rounds (one generation each per round), so that load from other
+    processes on a shared machine falls on every contender alike; the median of the rounds is reported.
+    Bytes per decode token: a generation's bytes minus those of a prefill-only run just before it."""
+    runtimes = {}
+    for name, (folder, options) in contenders.items():
+        rt = runtimes[name] = offload.load(folder, device=device, context=512, **options)
+        list(rt.generate_ids(rt.encode(PROMPT), max_new_tokens=4))
+    speeds: dict[str, list[float]] = {name: [] for name in contenders}
+    moved: dict[str, tuple[dict, dict]] = {}
     for _ in range(repeats):
-        list(rt.generate_ids(ids, max_new_tokens=1))
-        prefill = rt.stats()
-        sync(device)
-        list(rt.generate_ids(ids, max_new_tokens=tokens + 1))
-        sync(device)
-        speeds.append(rt.stats()["tokens_per_s"])
-    s = rt.stats()
-    n = max(1, s["new_tokens"] - 1)  # decode steps: every new token after the first, which prefill gives
-    out = {"tokens_per_s": statistics.median(speeds), "decode_tokens": n,
-           "bytes_h2d_per_token": round((s["bytes_h2d"] - prefill["bytes_h2d"]) / n),
-           "bytes_disk_per_token": round((s["bytes_disk"] - prefill["bytes_disk"]) / n),
-           "peak_vram_bytes": s["peak_vram_bytes"]}
-    if "expert_hits" in s:
-        out.update({"device_slots": s["device_slots"], "vram_budget": s["vram_budget"],
-                    "hit_rate": round(s["expert_hits"] / max(1, s["expert_hits"] + s["expert_misses"]), 4)})
+        for name, rt in runtimes.items():
+            ids = rt.encode(PROMPT)
+            list(rt.generate_ids(ids, max_new_tokens=1))
+            prefill = rt.stats()
+            sync(device)
+            list(rt.generate_ids(ids, max_new_tokens=tokens + 1))
+            sync(device)
+            speeds[name].append(rt.stats()["tokens_per_s"])
+            moved[name] = (prefill, rt.stats())
+    out = {}
+    for name, (prefill, s) in moved.items():
+        n = max(1, s["new_tokens"] - 1)  # decode steps: every new token after the first, which prefill gives
+        r = out[name] = {"tokens_per_s": statistics.median(speeds[name]), "decode_tokens": n,
+                         "bytes_h2d_per_token": round((s["bytes_h2d"] - prefill["bytes_h2d"]) / n),
+                         "bytes_disk_per_token": round((s["bytes_disk"] - prefill["bytes_disk"]) / n),
+                         "peak_vram_bytes": s["peak_vram_bytes"]}
+        if "expert_hits" in s:
+            r.update({"device_slots": s["device_slots"], "vram_budget": s["vram_budget"],
+                      "hit_rate": round(s["expert_hits"] / max(1, s["expert_hits"] + s["expert_misses"]), 4)})
     return out
 
 
@@ -161,14 +170,14 @@ def small_models(args, tmp: Path) -> dict:
     # reserves; the MoE gets exactly this as --vram, and what its own dense part leaves holds expert slots.
     moe_plan = offload.load(folders["moe"], device=args.device, context=512).store.plan
     budget = st.dense_bytes() + moe_plan.kv_bytes + moe_plan.margin_bytes
-    runs = {
-        "dense": decode(folders["dense"], args.device, args.tokens, args.repeats),
-        "mole_tables_disk": decode(tables[16], args.device, args.tokens, args.repeats, tables="disk"),
-        "mole_tables_ram": decode(tables[16], args.device, args.tokens, args.repeats, tables="ram"),
-        "mole_tables_4bit_disk": decode(tables[4], args.device, args.tokens, args.repeats, tables="disk"),
-        "moe_offloaded_same_budget": decode(folders["moe"], args.device, args.tokens, args.repeats, vram=budget),
-        "moe_all_resident": decode(folders["moe"], args.device, args.tokens, args.repeats),
-    }
+    runs = decode_rounds({
+        "dense": (folders["dense"], {}),
+        "mole_tables_disk": (tables[16], {"tables": "disk"}),
+        "mole_tables_ram": (tables[16], {"tables": "ram"}),
+        "mole_tables_4bit_disk": (tables[4], {"tables": "disk"}),
+        "moe_offloaded_same_budget": (folders["moe"], {"vram": budget}),
+        "moe_all_resident": (folders["moe"], {}),
+    }, args.device, args.tokens, args.repeats)
     base = runs["dense"]["tokens_per_s"]
     for r in runs.values():
         r["tokens_per_s_vs_dense"] = round(r["tokens_per_s"] / base, 3) if base else None
@@ -303,7 +312,7 @@ def main() -> None:
     p.add_argument("--dense", type=Path, default=RUNS / "dense", help="dense baseline (scripts/train_mole.py)")
     p.add_argument("--moe", type=Path, default=RUNS / "moe", help="top-2 MoE baseline (scripts/train_mole.py)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per measured generation")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7, help="interleaved measured rounds (median reported)")
     p.add_argument("--threads", type=int, default=1, help="threads for the perplexity passes")
     p.add_argument("--decode-threads", type=int, default=1, help="threads for decode and the table slice")
     p.add_argument("--no-slice", action="store_true")

@@ -45,15 +45,23 @@ def build(
     from lut.build import build_tables
     from lut.serve import parse_budget
 
-    with Progress(TextColumn("tables"), BarColumn(), MofNCompleteColumn(), TextColumn("token ids"),
-                  TimeRemainingColumn(), transient=True, disable=as_json) as bar:
-        task = bar.add_task("build", total=None)
+    bar = Progress(TextColumn("tables"), BarColumn(), MofNCompleteColumn(), TextColumn("token ids"),
+                   TimeRemainingColumn(), transient=True, disable=as_json)
+    task = None
 
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:  # started on the first batch, so an error before it prints nothing but itself
+            bar.start()
+            task = bar.add_task("build", total=total)
+        bar.update(task, completed=done)
 
+    try:
         summary = build_tables(src, dst, bits=bits, group_size=group_size or None,
                                batch_bytes=parse_budget(batch_mem, "--batch-mem"), force=force, progress=progress)
+    finally:
+        if task is not None:
+            bar.stop()
     if as_json:
         typer.echo(json.dumps(summary))
     else:

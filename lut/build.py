@@ -78,11 +78,14 @@ class _Source:
         return out
 
 
+MAX_BATCH_TOKENS = 512  # beyond this a batch is no faster, and the progress bar would jump
+
+
 def tokens_per_batch(cfg: MoLEConfig, layout: TableLayout, batch_bytes: int) -> int:
     """How many token ids one batch computes within `batch_bytes` of working memory."""
     per_token = (cfg.table_row_values * 4 + layout.record_nbytes
                  + 3 * cfg.num_local_experts * cfg.intermediate_size * 4)  # rows, records, one layer's [N, U, F]s
-    return max(1, min(cfg.vocab_size, batch_bytes // per_token))
+    return max(1, min(MAX_BATCH_TOKENS, cfg.vocab_size, batch_bytes // per_token))
 
 
 def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16, group_size: int | None = None,

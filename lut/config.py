@@ -134,8 +134,10 @@ class MoLEConfig:
     @classmethod
     def from_folder(cls, folder: Path, model_types: tuple[str, ...] = (MOLE_MODEL_TYPE,)) -> "MoLEConfig":
         path = Path(folder) / "config.json"
-        if not Path(folder).is_dir():
+        if not Path(folder).exists():
             raise UserError(f"{folder}: no such model folder")
+        if not Path(folder).is_dir():
+            raise UserError(f"{folder}: not a folder (a MoLE checkpoint is a folder with config.json)")
         if not path.is_file():
             raise UserError(f"{path}: missing (a MoLE checkpoint folder holds config.json and model.safetensors)")
         try:
