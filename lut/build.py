@@ -14,7 +14,8 @@ The folder it writes (atomically: built in a hidden temp folder next to DST, the
     tables.bin         the table file
     tokenizer files    copied from SRC
 
-Rows are computed in float32 from the checkpoint's weights, then stored at --bits (32, 16, 8 or 4).
+Rows are computed in float32 from the checkpoint's weights, then stored at --bits: 32 or 16 as floats, 8, 4, 3
+or 2 quantized group-wise by quant.quantize (lut/tables.py).
 """
 
 from __future__ import annotations
