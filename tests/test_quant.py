@@ -223,10 +223,7 @@ def test_error_on_real_demo_experts_is_no_worse_than_hqq_at_no_more_bits():
     from offload.checkpoint import Checkpoint, expert_names
     from offload.runtime import resolve_model_path
 
-    path = resolve_model_path("demo")
-    if not (path / "model.safetensors").is_file():
-        pytest.skip("the demo model folder is not there")
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(resolve_model_path("demo"))
     try:
         mats = {f"L{layer}.E{e}.w{i}": ckpt.read(name, dtype=torch.float32)
                 for layer, e in REAL_EXPERTS for i, name in zip((1, 2, 3), expert_names(layer, e))}
