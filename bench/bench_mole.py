@@ -51,7 +51,7 @@ import offload  # noqa: E402
 from common import PROMPT, RESULTS, device_name, sync  # noqa: E402
 from lut import DEMO_DIR  # noqa: E402
 from lut.build import TABLE_FILE, build_tables  # noqa: E402
-from lut.model import load_model  # noqa: E402
+from lut.model import load_model, windowed_nll  # noqa: E402
 from lut.serve import TableStore  # noqa: E402
 from lut.tables import TableLayout  # noqa: E402
 from offload.demo import documents  # noqa: E402
@@ -75,14 +75,7 @@ def heldout_stream(tokenizer_dir: Path) -> torch.Tensor:
 @torch.no_grad()
 def nll_of_checkpoint(folder: Path, stream: torch.Tensor) -> float:
     """Mean next-token NLL (nats) of a checkpoint, by its own full-sequence forward (lut/model.py)."""
-    model = load_model(folder, torch.float32, model_types=("mole", "mixtral"))
-    total, count = 0.0, 0
-    for start in range(0, len(stream) - 1, WINDOW):
-        w = stream[start:start + WINDOW + 1]
-        logits, _ = model(w[None, :-1])
-        total += F.cross_entropy(logits[0], w[1:], reduction="sum").item()
-        count += len(w) - 1
-    return total / count
+    return windowed_nll(load_model(folder, torch.float32, model_types=("mole", "mixtral")), stream, WINDOW)
 
 
 @torch.no_grad()

@@ -317,6 +317,19 @@ class MoLEForCausalLM(nn.Module):
         self.load_state_dict(state)
 
 
+@torch.no_grad()
+def windowed_nll(model: MoLEForCausalLM, stream: torch.Tensor, seq: int) -> float:
+    """Mean next-token NLL (nats) over `stream` [N] cut into consecutive windows of `seq` tokens."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(stream) - 1, seq):
+        window = stream[start:start + seq + 1]
+        logits, _ = model(window[None, :-1])
+        total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+        count += len(window) - 1
+    return total / count
+
+
 def checkpoint_shapes(cfg: MoLEConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name of this config's checkpoint with its shape (from a weightless model)."""
     with torch.device("meta"):

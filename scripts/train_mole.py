@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lut.config import MoLEConfig  # noqa: E402
-from lut.model import MoLEForCausalLM, load_model, save_model  # noqa: E402
+from lut.model import MoLEForCausalLM, load_model, save_model, windowed_nll  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
 
 MOLE_DIR = REPO / "lut" / "demo_model"
@@ -107,18 +107,6 @@ def lr_at(step: int, args) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: MoLEForCausalLM, stream: torch.Tensor, seq: int) -> float:
-    """Mean next-token NLL (nats) over the stream cut into consecutive windows of `seq` tokens."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(stream) - 1, seq):
-        window = stream[start:start + seq + 1]
-        logits, _ = model(window[None, :-1])
-        total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
-        count += len(window) - 1
-    return total / count
-
-
 def train(model: MoLEForCausalLM, stream: torch.Tensor, args, name: str) -> dict:
     gen = torch.Generator().manual_seed(args.seed)  # same batches for every model
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -249,8 +237,8 @@ def main() -> None:
         model = load_model(tmp, torch.float32, model_types=("mole", "mixtral"))
         report[kind] = {
             **result, "params": model.param_counts(),
-            "heldout_loss": evaluate(model, heldout_stream, args.seq),
-            "train_loss": evaluate(model, train_stream[: len(heldout_stream)], args.seq),
+            "heldout_loss": windowed_nll(model, heldout_stream, args.seq),
+            "train_loss": windowed_nll(model, train_stream[: len(heldout_stream)], args.seq),
             "samples": {p: greedy(model, tok, p) for p in PROMPTS},
             "recipe": {k: getattr(args, k) for k in ("steps", "batch", "seq", "lr", "warmup", "weight_decay", "aux",
                                                      "seed", "threads")},
