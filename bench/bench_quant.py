@@ -15,9 +15,13 @@ What it measures, and against what (every figure also as a ratio against the fp3
     HQQ counted as B bits per code + fp16 scale + fp16 zero per group (no header, ideal packing);
     ratios are against the fp32 expert (and bf16 as the checkpoint stores it);
   * relative Frobenius error of every expert matrix of the demo model (mean and max), ours vs HQQ;
-  * on a GPU only: time of one Mixtral-shaped expert (D=4096, F=14336) at batch 1 through
-    `quant.expert_forward` and `quant.triton_gemv.expert_forward_fused` (when it imports), against an
-    fp16 GEMV chain of the same shape (F.linear); on the CPU this part is skipped with a note.
+  * `--dense-bits` 8 and 4 (attention projections quantized, group 64) on top of 4-bit experts: held-out
+    perplexity against the same conversion with fp16 attention, the dense bytes on the device against
+    fp16, and the attention matrices' relative error, ours vs HQQ at the same setting;
+  * on a GPU only: time of one Mixtral-shaped expert (D=4096, F=14336) at batch 1 through the torch path
+    (dequantize, then F.linear) and the fused Triton dequantize + GEMV kernels (when triton imports), and
+    of one 4096 x 4096 attention projection through `quant.linear` both ways, each against an fp16 GEMV
+    of the same shape (F.linear); on the CPU this part is skipped with a note.
 
     python bench/bench_quant.py            # writes bench/results/quant-<cpu|cuda>.json
 
@@ -45,8 +49,9 @@ sys.path.insert(0, str(REPO / "tests"))
 import offload  # noqa: E402
 import quant  # noqa: E402
 from hqq_ref import hqq_bits_per_param, hqq_dequantize, relative_error  # noqa: E402
-from offload.checkpoint import Checkpoint, expert_names  # noqa: E402
-from offload.convert import COPIED, INFO_FILE, convert  # noqa: E402
+from offload.checkpoint import Checkpoint, attention_shapes, expert_names  # noqa: E402
+from offload.convert import COPIED, DENSE_GROUP_SIZE, INFO_FILE, convert, dense_format  # noqa: E402
+from offload.memory import dense_bytes  # noqa: E402
 from offload.demo import corpus  # noqa: E402
 from offload.runtime import resolve_model_path  # noqa: E402
 
@@ -140,10 +145,9 @@ def gpu_timing() -> dict:
     h1, h2, h3 = w1.half(), w2.half(), w3.half()
     base = clock(lambda: F.linear(F.silu(F.linear(x, h1)) * F.linear(x, h3), h2))
     out = {"shape": {"hidden": D, "ffn": Fd, "batch": 1}, "fp16_gemv_us": round(base, 1), "widths": {}}
-    try:
-        from quant.triton_gemv import expert_forward_fused
-    except Exception as exc:  # triton missing or broken: time the unfused path only
-        expert_forward_fused, out["fused_note"] = None, f"quant.triton_gemv did not import: {exc}"
+    fused = quant.kernels.fused_kernels() is not None
+    if not fused:  # triton missing or broken: time the torch path only
+        out["fused_note"] = "triton did not import: the torch path only"
     for bits, group in SETTINGS:
         layout = quant.expert_layout(D, Fd, bits, group)
         tensors = {}
@@ -152,13 +156,51 @@ def gpu_timing() -> dict:
             tensors.update({f"{name}.q": q.q.cpu(), f"{name}.scale": q.scale.cpu(), f"{name}.zero": q.zero.cpu()})
         blob = layout.pack(tensors).to(dev)
         views = layout.views(blob)
-        row = {"expert_forward_us": round(clock(lambda: quant.expert_forward(layout, views, x)), 1)}
+        row = {"expert_forward_us": round(clock(lambda: quant.expert_forward(layout, views, x, fused=False)), 1)}
         row["expert_forward_vs_fp16"] = round(row["expert_forward_us"] / base, 3)
-        if expert_forward_fused is not None:
-            row["fused_us"] = round(clock(lambda: expert_forward_fused(layout, views, x)), 1)
+        if fused:
+            row["fused_us"] = round(clock(lambda: quant.expert_forward(layout, views, x, fused=True)), 1)
             row["fused_vs_fp16"] = round(row["fused_us"] / base, 3)
         out["widths"][f"{bits}-bit g{group}"] = row
+    wq = torch.randn(D, D, device=dev, generator=gen) * 0.02
+    hq = wq.half()
+    base = clock(lambda: F.linear(x, hq))
+    out["attention_projection"] = {"shape": [D, D], "fp16_gemv_us": round(base, 1)}
+    for bits in (8, 4):
+        q = quant.quantize(wq, bits, DENSE_GROUP_SIZE)
+        row = {"torch_us": round(clock(lambda: quant.linear(x, q, fused=False)), 1)}
+        row["torch_vs_fp16"] = round(row["torch_us"] / base, 3)
+        if fused:
+            row["fused_us"] = round(clock(lambda: quant.linear(x, q, fused=True)), 1)
+            row["fused_vs_fp16"] = round(row["fused_us"] / base, 3)
+        out["attention_projection"][f"{bits}-bit g{DENSE_GROUP_SIZE}"] = row
     return out
+
+
+def dense_rows(src: Path, tmp: Path, baseline_ppl: float) -> dict:
+    """4-bit experts with the attention projections at 16, 8 and 4 bits: perplexity and device bytes."""
+    cfg = Checkpoint(src).config
+    ckpt = Checkpoint(src)
+    mats = [ckpt.read(name, dtype=torch.float32) for name in attention_shapes(cfg)]
+    ckpt.close()
+    rows, ref = {}, None
+    for bits in (16, 8, 4):
+        dst = convert(src, tmp / f"dense-{bits}", 4, 64, dense_bits=bits)
+        fmt = dense_format(json.loads((dst / INFO_FILE).read_text()))
+        ppl = perplexity(dst)["ppl"]
+        shutil.rmtree(dst)
+        ref = ref or ppl
+        held = dense_bytes(cfg, 2, fmt)
+        row = {"ppl": round(ppl, 4), "ppl_vs_dense16": round(ppl / ref, 4), "ppl_vs_fp32": round(ppl / baseline_ppl, 4),
+               "dense_bytes_fp16_compute": held, "dense_bytes_vs_fp16": round(held / dense_bytes(cfg, 2), 4)}
+        if fmt:
+            ours = [relative_error(w, quant.dequantize(quant.quantize(w, *fmt))) for w in mats]
+            hqq = [relative_error(w, hqq_dequantize(w, *fmt)) for w in mats]
+            row["attention_rel_error_mean"] = {"ours": round(sum(ours) / len(ours), 5), "hqq": round(sum(hqq) / len(hqq), 5)}
+        rows[f"dense {bits}-bit"] = row
+        print(f"4-bit experts, dense {bits}-bit: ppl {ppl:.4f}, device dense bytes {held} "
+              f"({row['dense_bytes_vs_fp16']}x fp16) {row.get('attention_rel_error_mean', '')}", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -214,6 +256,7 @@ def main() -> None:
             print(f"{key}: ours ppl {ours['ppl']:.4f} ({row['ours']['bits_per_param']} b/p, err "
                   f"{row['ours']['weight_rel_error_mean']}) | HQQ ppl {hqq['ppl']:.4f} "
                   f"({row['hqq']['bits_per_param']} b/p, err {row['hqq']['weight_rel_error_mean']})", flush=True)
+        result["dense_bits"] = dense_rows(src, tmp, base["ppl"])
     result["gpu_expert_timing"] = gpu_timing()
     result["seconds"] = round(time.perf_counter() - start, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)

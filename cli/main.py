@@ -236,7 +236,9 @@ def convert(
     dst: str = typer.Argument(..., help="Destination folder (must not exist, or be an earlier conversion of SRC)."),
     bits: int = typer.Option(4, "--bits", help="Expert bits: 8, 4, 3 or 2."),
     group_size: int = typer.Option(64, "--group-size", help="Weights per scale/zero group (must divide the rows)."),
-    dense_bits: int = typer.Option(16, "--dense-bits", help="Dense weights: 16 (8 and 4 are not supported yet)."),
+    dense_bits: int = typer.Option(16, "--dense-bits", help="Attention projections: 16 (fp16), or 8 or 4 bits "
+                                                            "(group 64), kept quantized on the GPU. Embeddings, "
+                                                            "norms, routers and lm_head stay fp16."),
 ) -> None:
     """Write a copy of SRC with quantized expert blobs, which `generate` runs directly."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -91,6 +91,11 @@ def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def attention_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The attention projections (q, k, v, o of every layer): the dense weights `convert --dense-bits` quantizes."""
+    return {name: shape for name, shape in dense_shapes(cfg).items() if ".self_attn." in name}
+
+
 def moe_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Mixtral's sparse blocks: one router and E experts per layer."""
     D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts

@@ -3,10 +3,13 @@
 The output folder holds what `generate` runs directly:
 
     config.json, tokenizer files      copied from the source
-    model.safetensors                 every dense tensor (attention, norms, routers, embeddings, lm_head), fp16
+    model.safetensors                 every dense tensor (attention, norms, routers, embeddings, lm_head), fp16;
+                                      with --dense-bits 8|4 each attention projection W is stored quantized
+                                      instead, as W.q (uint8 codes), W.scale and W.zero (fp16), group 64
     experts.bin                       a file header, then one quantized blob per expert at a fixed stride, in
                                       (layer, expert) order: one pread moves one whole expert
-    moe_offload.json                  how it was made (source, its fingerprint, bits, group size), written last
+    moe_offload.json                  how it was made (source, its fingerprint, bits, group sizes, dense bits),
+                                      written last
 
 experts.bin: bytes [0, 4096) hold MAGIC, a version and a JSON index (layers, experts, stride, blob bytes);
 blob (l, e) starts at 4096 + (l * E + e) * stride and begins with its own BlobLayout header.
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import Checkpoint, dense_shapes, expert_names
+from .checkpoint import Checkpoint, attention_shapes, dense_shapes, expert_names
 from .errors import UserError
 
 INFO_FILE = "moe_offload.json"
@@ -39,6 +42,10 @@ FILE_VERSION = 1
 FILE_HEADER = 4096
 STRIDE_ALIGN = 4096  # blobs on page boundaries: aligned reads, O_DIRECT-friendly
 BITS = (8, 4, 3, 2)
+DENSE_BITS = (16, 8, 4)
+# Attention projections are quantized in groups of 64 whatever the experts use: every Mixtral-class
+# attention dimension is a multiple of 64, and 64 keeps fp16 scale + zero at 0.5 bits per weight.
+DENSE_GROUP_SIZE = 64
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
           "special_tokens_map.json", "tokenizer.model")
 
@@ -61,6 +68,41 @@ def read_info(folder: Path) -> dict | None:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise UserError(f"{path}: not a moe-offload conversion record")
     return info
+
+
+def dense_format(info: dict | None) -> tuple[int, int] | None:
+    """(bits, group size) of the attention projections of a converted folder; None when they are plain fp16."""
+    if not info or info.get("dense_bits", 16) == 16:
+        return None
+    return int(info["dense_bits"]), int(info["dense_group_size"])
+
+
+def stored_dense_shapes(cfg, fmt: tuple[int, int] | None) -> dict[str, tuple[int, ...]]:
+    """`dense_shapes(cfg)` as a folder stores them: with a dense format, each attention projection W as
+    W.q, W.scale and W.zero (quant.quantized_shapes)."""
+    import quant
+
+    shapes = dense_shapes(cfg)
+    if fmt is None:
+        return shapes
+    for name, shape in attention_shapes(cfg).items():
+        del shapes[name]
+        shapes.update({f"{name}.{part}": s for part, (s, _) in quant.quantized_shapes(shape, *fmt).items()})
+    return shapes
+
+
+def read_quantized(ckpt: Checkpoint, name: str, fmt: tuple[int, int], device) -> "quant.QuantizedTensor":
+    """The quantized weight `name` of a converted folder (stored as name.q/.scale/.zero), on `device`."""
+    import quant
+
+    shape = attention_shapes(ckpt.config)[name]
+    parts = {}
+    for part, (_, dtype) in quant.quantized_shapes(shape, *fmt).items():
+        loc = ckpt.locations[f"{name}.{part}"]
+        if loc.dtype != dtype:
+            raise UserError(f"{loc.file}: tensor {name}.{part} is {loc.dtype}, a {fmt[0]}-bit weight stores {dtype}")
+        parts[part] = ckpt.read(f"{name}.{part}", device=device)
+    return quant.QuantizedTensor(parts["q"], parts["scale"], parts["zero"], shape, *fmt)
 
 
 def write_experts_header(f, layers: int, experts: int, stride: int, blob_bytes: int) -> None:
@@ -99,14 +141,20 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
 
     if bits not in BITS:
         raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
-    if dense_bits != 16:
-        raise UserError(f"--dense-bits {dense_bits}: only 16 is supported so far (dense weights stay fp16)")
+    if dense_bits not in DENSE_BITS:
+        raise UserError(f"--dense-bits must be one of {', '.join(map(str, DENSE_BITS))}, got {dense_bits}")
     ckpt = Checkpoint(src)
     ckpt.validate()
     cfg = ckpt.config
     for dim, name in ((cfg.hidden_size, "hidden_size"), (cfg.intermediate_size, "intermediate_size")):
         if group_size <= 0 or dim % group_size:
             raise UserError(f"--group-size {group_size} does not divide the rows of the experts ({name} = {dim})")
+    dense_fmt = None if dense_bits == 16 else (dense_bits, DENSE_GROUP_SIZE)
+    if dense_fmt:
+        for name, (_, cols) in attention_shapes(cfg).items():
+            if cols % DENSE_GROUP_SIZE:
+                raise UserError(f"--dense-bits {dense_bits}: the attention projections' rows ({cols}, in {name}) are "
+                                f"not a multiple of the dense group size {DENSE_GROUP_SIZE}; use --dense-bits 16")
     dst = Path(dst)
     settings = {"bits": bits, "group_size": group_size, "dense_bits": dense_bits}
     if dst.resolve() == ckpt.path.resolve():
@@ -117,7 +165,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
             raise UserError(f"{dst}: exists and is not an earlier conversion of {ckpt.path}; choose another destination")
         if {k: info.get(k) for k in settings} == settings:
             return dst  # already converted with these settings
-        raise UserError(f"{dst}: holds a conversion with other settings ({info['bits']} bits, group {info['group_size']}); "
+        raise UserError(f"{dst}: holds a conversion with other settings ({info['bits']} bits, group {info['group_size']}, "
+                        f"dense {info.get('dense_bits', 16)} bits); "
                         f"remove it or choose another destination")
     partial = dst.with_name(dst.name + ".partial")
     if partial.exists():
@@ -128,8 +177,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
         if (ckpt.path / name).is_file():
             shutil.copy2(ckpt.path / name, partial / name)
     dense = {}
+    attention = attention_shapes(cfg)
     for name in dense_shapes(cfg):
-        dense[name] = ckpt.read(name, dtype=torch.float16)
+        if dense_fmt and name in attention:
+            q = quant.quantize(ckpt.read(name, dtype=torch.float32), *dense_fmt)
+            dense.update({f"{name}.q": q.q, f"{name}.scale": q.scale, f"{name}.zero": q.zero})
+        else:
+            dense[name] = ckpt.read(name, dtype=torch.float16)
     for i in range(cfg.num_hidden_layers):
         name = f"model.layers.{i}.block_sparse_moe.gate.weight"
         dense[name] = ckpt.read(name, dtype=torch.float16)
@@ -159,7 +213,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
                     progress(done, L * E)
         f.flush()
         os.fsync(f.fileno())
-    info = {"format": FORMAT, "version": FILE_VERSION, **settings, "source": fingerprint(ckpt),
+    info = {"format": FORMAT, "version": FILE_VERSION, **settings,
+            **({"dense_group_size": DENSE_GROUP_SIZE, "dense_quantized": "attention projections q, k, v, o"}
+               if dense_fmt else {}),
+            "source": fingerprint(ckpt),
             "blob_bytes": layout.nbytes, "experts_file": EXPERTS_FILE,
             "bits_per_param": round(8 * layout.nbytes / cfg.expert_params, 4),
             "seconds": round(time.perf_counter() - start, 2)}

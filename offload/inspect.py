@@ -4,30 +4,39 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import Checkpoint, expert_names
+from .checkpoint import Checkpoint
 from .errors import UserError
 from .runtime import resolve_model_path
 
 
-def describe(path: str | os.PathLike | None, dtype_bytes: int | None = None) -> dict:
-    """A dict describing the checkpoint; byte figures use the checkpoint's dtype unless `dtype_bytes` is given."""
+def open_checked(path: str | os.PathLike | None, dtype=None):
+    """A model folder (a Hub checkpoint or a `convert` output) and its expert source, with every tensor the
+    model needs checked present with its shape (headers only): (checkpoint, source, dense format)."""
+    import torch
+
+    from .convert import dense_format, read_info, stored_dense_shapes
+    from .sources import open_source
+
     ckpt = Checkpoint(resolve_model_path(path))
-    ckpt.validate()
+    source = open_source(ckpt, dtype or torch.float32)
+    fmt = dense_format(read_info(ckpt.path))
+    ckpt.validate({**stored_dense_shapes(ckpt.config, fmt), **source.expected_shapes()})
+    return ckpt, source, fmt
+
+
+def describe(path: str | os.PathLike | None) -> dict:
+    """A dict describing the model folder; unquantized byte figures use the checkpoint's dtype."""
+    from .convert import read_info
+    from .memory import dense_bytes
+
+    ckpt, source, fmt = open_checked(path)
     cfg = ckpt.config
-    expert_tensors = {n for i in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts) for n in expert_names(i, e)}
-    expert_params = dense_params = 0
-    for name, loc in ckpt.locations.items():
-        count = 1
-        for s in loc.shape:
-            count *= s
-        if name in expert_tensors:
-            expert_params += count
-        elif not (cfg.tie_word_embeddings and name == "lm_head.weight"):
-            dense_params += count
     file_dtype = ckpt.locations["model.embed_tokens.weight"].dtype
-    width = dtype_bytes or file_dtype.itemsize
+    width = file_dtype.itemsize
     n_experts = cfg.num_hidden_layers * cfg.num_local_experts
-    return {
+    dense_params, expert_params = dense_bytes(cfg, 1), n_experts * cfg.expert_params
+    info = read_info(ckpt.path)
+    out = {
         "path": str(ckpt.path),
         "layers": cfg.num_hidden_layers,
         "experts_per_layer": cfg.num_local_experts,
@@ -43,11 +52,16 @@ def describe(path: str | os.PathLike | None, dtype_bytes: int | None = None) -> 
         "params_experts": expert_params,
         "expert_fraction": round(expert_params / max(1, dense_params + expert_params), 4),
         "experts_total": n_experts,
-        "bytes_per_expert": cfg.expert_params * width,
-        "bytes_dense_gpu": dense_params * width,
-        "bytes_all_experts": expert_params * width,
+        # A converted folder's experts are quantized blobs: their size is the blob's, header included.
+        "bytes_per_expert": source.layout.nbytes if info else cfg.expert_params * width,
+        "bytes_dense_gpu": dense_bytes(cfg, width, fmt),
+        "bytes_all_experts": n_experts * (source.layout.nbytes if info else cfg.expert_params * width),
         "expert_uses_per_token": cfg.num_hidden_layers * cfg.num_experts_per_tok,
     }
+    if info:
+        out["quantized"] = f"experts {info['bits']}-bit (group {info['group_size']}), attention " + (
+            f"{fmt[0]}-bit (group {fmt[1]})" if fmt else "fp16")
+    return out
 
 
 def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str = "auto", dtype: str = "auto",
@@ -69,8 +83,7 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     if context <= 0:
         raise UserError(f"--context must be positive, got {context}")
     vram, ram = parse_bytes(vram, "--vram"), parse_bytes(ram, "--ram")
-    ckpt = Checkpoint(resolve_model_path(path))
-    ckpt.validate()
+    ckpt, _, _ = open_checked(path)
     cfg = ckpt.config
     planning_only = device.startswith("cuda") and not torch.cuda.is_available()
     if planning_only and vram is None:
@@ -80,7 +93,8 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     context = min(context, cfg.max_position_embeddings)
     source = open_source(ckpt, dt)
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" and not planning_only else None
-    plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, source.layout.nbytes, free_device_bytes=free)
+    plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, source.layout.nbytes, free_device_bytes=free,
+                       dense_format=source.dense_format)
     resident = plan.device_slots == plan.experts_total
     used = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.expert_pool_bytes
     return {

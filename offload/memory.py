@@ -92,19 +92,27 @@ class MemoryPlan:
 
 # ---- what the device tier must hold besides experts (one definition, used by the store and by `inspect`) ----
 
-def dense_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    """Every weight that is not an expert (embeddings, attention, norms, routers, lm_head), at `itemsize`."""
-    from .checkpoint import dense_shapes, moe_shapes
+def dense_bytes(cfg: ModelConfig, itemsize: int, dense_format: tuple[int, int] | None = None) -> int:
+    """Every weight that is not an expert (embeddings, attention, norms, routers, lm_head), at `itemsize`;
+    with a dense format (bits, group size), the attention projections as quantized bytes."""
+    import quant
+
+    from .checkpoint import attention_shapes, dense_shapes, moe_shapes
 
     shapes = {**dense_shapes(cfg), **{k: v for k, v in moe_shapes(cfg).items() if k.endswith("gate.weight")}}
-    count = 0
+    quantized = attention_shapes(cfg) if dense_format else {}
+    total = 0
     for name, shape in shapes.items():
-        if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name in quantized:
+            total += quant.quantized_nbytes(shape, *dense_format)
+        else:
             n = 1
             for s in shape:
                 n *= s
-            count += n
-    return count * itemsize
+            total += n * itemsize
+    return total
 
 
 def kv_bytes(cfg: ModelConfig, context: int, itemsize: int) -> int:
@@ -122,11 +130,12 @@ def workspace_bytes(cfg: ModelConfig, context: int, itemsize: int, cuda: bool) -
 
 
 def plan_memory(cfg: ModelConfig, itemsize: int, device: str, vram: int | None, ram: int | None, context: int,
-                blob_bytes: int, free_device_bytes: int | None = None, dense: int = 0) -> MemoryPlan:
+                blob_bytes: int, free_device_bytes: int | None = None, dense: int = 0,
+                dense_format: tuple[int, int] | None = None) -> MemoryPlan:
     """The MemoryPlan of a model under these budgets, from its config alone (no weights are read)."""
     cuda = device.startswith("cuda")
     return MemoryPlan.make(
-        device=device, vram=vram, ram=ram, dense_bytes=dense or dense_bytes(cfg, itemsize),
+        device=device, vram=vram, ram=ram, dense_bytes=dense or dense_bytes(cfg, itemsize, dense_format),
         kv_bytes=kv_bytes(cfg, context, itemsize), margin_bytes=workspace_bytes(cfg, context, itemsize, cuda),
         blob_bytes=blob_bytes, experts_total=cfg.num_hidden_layers * cfg.num_local_experts,
         experts_per_token=cfg.num_experts_per_tok, free_device_bytes=free_device_bytes)

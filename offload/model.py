@@ -16,6 +16,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+import quant
+
 from .config import ModelConfig
 
 
@@ -32,6 +34,16 @@ class ExpertProvider(Protocol):
 def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """One Mixtral expert: w2(silu(w1 x) * w3 x). x [t, D]; w1, w3 [F, D]; w2 [D, F]."""
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T for a weight tensor, or for a weight kept quantized on the device (`convert --dense-bits`)."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else quant.linear(x, w)
+
+
+def parts(w) -> tuple[torch.Tensor, ...]:
+    """The tensors that hold a weight: itself, or a quantized weight's codes, scales and zeros."""
+    return (w,) if isinstance(w, torch.Tensor) else w.tensors
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,9 +92,9 @@ class Attention:
     def __call__(self, x: torch.Tensor, pos: int, cache: KVCache, cos, sin) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
         H, K, Hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = F.linear(x, self.wq).view(T, H, Hd).transpose(0, 1)  # [H, T, Hd]
-        k = F.linear(x, self.wk).view(T, K, Hd).transpose(0, 1)  # [K, T, Hd]
-        v = F.linear(x, self.wv).view(T, K, Hd).transpose(0, 1)
+        q = linear(x, self.wq).view(T, H, Hd).transpose(0, 1)  # [H, T, Hd]
+        k = linear(x, self.wk).view(T, K, Hd).transpose(0, 1)  # [K, T, Hd]
+        v = linear(x, self.wv).view(T, K, Hd).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         end = pos + T
         cache.k[self.layer, :, pos:end] = k
@@ -96,7 +108,7 @@ class Attention:
         if cfg.sliding_window:
             allowed &= qpos - kpos < cfg.sliding_window
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)  # [H, T, Hd]
-        return F.linear(out.transpose(0, 1).reshape(T, H * Hd), self.wo)
+        return linear(out.transpose(0, 1).reshape(T, H * Hd), self.wo)
 
 
 class MoE:
@@ -105,6 +117,9 @@ class MoE:
     def __init__(self, cfg: ModelConfig, layer: int, gate: torch.Tensor, experts: ExpertProvider):
         self.cfg, self.layer, self.gate, self.experts = cfg, layer, gate, experts
         self.last_routing: torch.Tensor | None = None  # [T, k] expert ids of the latest call, for stats/profiling
+
+    def dense_tensors(self) -> list[torch.Tensor]:
+        return [self.gate]
 
     def __call__(self, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(F.linear(h, self.gate), dim=-1, dtype=torch.float32)  # [T, E]
@@ -154,7 +169,8 @@ class Transformer:
         """Every non-expert weight on the compute device (for memory accounting)."""
         out = {id(t): t for t in (self.embed, self.norm, self.lm_head)}
         for b in self.blocks:
-            for t in (b.norm1, b.norm2, b.attn.wq, b.attn.wk, b.attn.wv, b.attn.wo, *getattr(b.ffn, "dense_tensors", lambda: [])()):
+            attn = (t for w in (b.attn.wq, b.attn.wk, b.attn.wv, b.attn.wo) for t in parts(w))
+            for t in (b.norm1, b.norm2, *attn, *getattr(b.ffn, "dense_tensors", lambda: [])()):
                 out[id(t)] = t
         return list(out.values())
 

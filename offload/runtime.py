@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import Checkpoint, dense_shapes
+from .checkpoint import Checkpoint
 from .config import MIXTRAL_MODEL_TYPES
 from .errors import UserError
 from .generate import Sampling, generate_ids
@@ -50,22 +50,30 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str | None
     return torch.bfloat16 if checkpoint_dtype == "bfloat16" else torch.float16
 
 
-def build_model(ckpt: Checkpoint, layers, device: torch.device, dtype: torch.dtype, context: int) -> Transformer:
+def build_model(ckpt: Checkpoint, layers, device: torch.device, dtype: torch.dtype, context: int,
+                dense_format: tuple[int, int] | None = None) -> Transformer:
     """Load every dense weight onto the device; `layers.layer_ffn(i, read)` builds layer i's feed-forward part.
 
     `layers` is the seam for what sits behind the feed-forward blocks: the ExpertStore (Mixtral's routed
     experts behind tiers and caches) or lut's table store (Mixture-of-Lookup-Experts tables).
+    With a dense format (bits, group size), the attention projections stay quantized on the device.
     """
+    from .convert import read_quantized
+
     cfg = ckpt.config
 
     def w(name: str) -> torch.Tensor:
         return ckpt.read(name, dtype=dtype, device=device)
 
+    def proj(name: str):
+        return read_quantized(ckpt, name, dense_format, device) if dense_format else w(name)
+
     blocks = []
     for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn"
+        attn = Attention(cfg, i, proj(f"{p}.q_proj.weight"), proj(f"{p}.k_proj.weight"),
+                         proj(f"{p}.v_proj.weight"), proj(f"{p}.o_proj.weight"))
         p = f"model.layers.{i}"
-        attn = Attention(cfg, i, w(f"{p}.self_attn.q_proj.weight"), w(f"{p}.self_attn.k_proj.weight"),
-                         w(f"{p}.self_attn.v_proj.weight"), w(f"{p}.self_attn.o_proj.weight"))
         ffn = layers.layer_ffn(i, w)
         blocks.append(Block(cfg, attn, ffn, w(f"{p}.input_layernorm.weight"), w(f"{p}.post_attention_layernorm.weight")))
     embed = w("model.embed_tokens.weight")
@@ -134,6 +142,8 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
     """Open a Mixtral model folder (or 'demo') for generation. Extra options go to the expert store."""
     from lut import TABLE_MODEL_TYPES
 
+    from .convert import dense_format, read_info, stored_dense_shapes
+
     ckpt = Checkpoint(resolve_model_path(path), model_types=MIXTRAL_MODEL_TYPES + TABLE_MODEL_TYPES)
     cfg = ckpt.config
     dev = resolve_device(device)
@@ -148,6 +158,7 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
         store = TableStore(ckpt, dev, dt, **store_options)
     else:
         store = ExpertStore(ckpt, dev, dt, context=context, **store_options)
-    ckpt.validate({**dense_shapes(cfg), **store.expected_shapes()})
-    model = build_model(ckpt, store, dev, dt, context)
+    fmt = dense_format(read_info(ckpt.path))
+    ckpt.validate({**stored_dense_shapes(cfg, fmt), **store.expected_shapes()})
+    model = build_model(ckpt, store, dev, dt, context, fmt)
     return Runtime(ckpt, model, tokenizer, store)

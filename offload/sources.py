@@ -1,7 +1,7 @@
 """Where experts come from on disk, and how an expert blob is computed once it is in a tier.
 
 A source reads expert (layer, e) into a blob buffer (a host slot) and knows the blob's layout and how to
-run it. `CheckpointExperts` reads a Hugging Face checkpoint's separate w1/w2/w3 tensors; `BlobFileExperts`
+run it, and how the folder stores its attention projections (`dense_format`: None for plain weights). `CheckpointExperts` reads a Hugging Face checkpoint's separate w1/w2/w3 tensors; `BlobFileExperts`
 reads whole quantized blobs written by `moe-offload convert`.
 """
 
@@ -27,6 +27,7 @@ class CheckpointExperts:
         cfg = ckpt.config
         ckpt.validate(moe_shapes(cfg))  # headers only: a folder missing experts fails here, naming the tensor
         self.ckpt, self.dtype = ckpt, dtype
+        self.dense_format = None
         self.layout = BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dtype)
         self.file_dtype = ckpt.locations[expert_names(0, 0)[0]].dtype
         # Same dtype on disk as in compute: read straight into the blob. Otherwise stage and convert.
@@ -58,10 +59,11 @@ class BlobFileExperts:
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, info: dict):
         import quant
 
-        from .convert import EXPERTS_FILE, FILE_HEADER, read_experts_header
+        from .convert import EXPERTS_FILE, FILE_HEADER, dense_format, read_experts_header
 
         cfg = ckpt.config
         self.ckpt, self.dtype, self.quant = ckpt, dtype, quant
+        self.dense_format = dense_format(info)
         self.path = ckpt.path / EXPERTS_FILE
         index = read_experts_header(self.path)
         if (index["layers"], index["experts"]) != (cfg.num_hidden_layers, cfg.num_local_experts):

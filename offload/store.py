@@ -85,7 +85,7 @@ class ExpertStore:
 
         self.plan = plan_memory(
             cfg, dtype.itemsize, str(device), vram=parse_bytes(vram, "--vram"), ram=parse_bytes(ram, "--ram"),
-            context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes,
+            context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
             free_device_bytes=torch.cuda.mem_get_info(device)[0] if self.cuda else None)
         N = self.layout.nbytes
 

@@ -8,8 +8,9 @@ for each of w1, w2, w3 (rows = output features, quantized along the input dimens
     {name}.scale  float16  [rows, cols / G]
     {name}.zero   float16  [rows, cols / G]                       weight = (code - zero) * scale
 
-The forward dequantizes a block of rows at a time and multiplies, so on the CPU the temporary
-weights stay a few MB (the whole w1 would be 235 MB in float32 for Mixtral-8x7B).
+On CUDA, one token (batch-1 decode) goes through the fused dequantize + GEMV kernels of
+`quant.triton_gemv`. Otherwise the forward dequantizes a block of rows at a time and multiplies, so on
+the CPU the temporary weights stay a few MB (the whole w1 would be 235 MB in float32 for Mixtral-8x7B).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 
 from .blob import BlobLayout
 from .errors import UserError
-from .pack import packed_length
-from .quantize import check_format, dequantize_parts, quantize
+from .kernels import fused_kernels, use_fused
+from .quantize import dequantize_parts, quantize, quantized_shapes
 
 NAMES = ("w1", "w2", "w3")
 ROW_BLOCK_ELEMS = 1 << 21  # weights dequantized at once on the CPU (8 MB in float32)
@@ -32,12 +33,9 @@ def _shapes(hidden: int, ffn: int) -> dict[str, tuple[int, int]]:
 
 def expert_layout(hidden: int, ffn: int, bits: int, group_size: int) -> BlobLayout:
     """The blob layout of a quantized expert with w1, w3 [F, D] and w2 [D, F]."""
-    tensors = []
-    for name, (rows, cols) in _shapes(hidden, ffn).items():
-        check_format((rows, cols), bits, group_size)
-        tensors += [(f"{name}.q", torch.uint8, (rows, packed_length(cols, bits))),
-                    (f"{name}.scale", torch.float16, (rows, cols // group_size)),
-                    (f"{name}.zero", torch.float16, (rows, cols // group_size))]
+    tensors = [(f"{name}.{part}", dtype, part_shape)
+               for name, shape in _shapes(hidden, ffn).items()
+               for part, (part_shape, dtype) in quantized_shapes(shape, bits, group_size).items()]
     return BlobLayout.build(tensors, kind="quant", bits=bits, group_size=group_size,
                             extra={"hidden": hidden, "ffn": ffn})
 
@@ -64,10 +62,15 @@ def unpack_expert(layout: BlobLayout, blob: torch.Tensor, dtype: torch.dtype = t
             for name in NAMES}
 
 
-def expert_forward(layout: BlobLayout, blob_views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) for x [T, D], dequantizing on the fly on x's device; returns [T, D] in x's dtype."""
+def expert_forward(layout: BlobLayout, blob_views: dict[str, torch.Tensor], x: torch.Tensor,
+                   fused: bool | None = None) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) for x [T, D], dequantizing on the fly on x's device; returns [T, D] in x's dtype.
+
+    `fused` as in `quant.kernels.use_fused`: by default the Triton kernels run one token on CUDA."""
     if layout.kind != "quant":
         raise UserError(f"expert_forward needs a quantized blob layout, got kind {layout.kind!r}")
+    if use_fused(x, fused):
+        return fused_kernels().expert_forward_fused(layout, blob_views, x)
     def rows(name: str, r0: int, r1: int) -> torch.Tensor:
         return _dequantize_rows(layout, blob_views, name, r0, r1, x.dtype)
 

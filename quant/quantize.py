@@ -25,7 +25,7 @@ Rows are processed in chunks, so memory stays bounded for a whole Mixtral expert
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -57,10 +57,34 @@ class QuantizedTensor:
     group_size: int
 
     @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q, self.scale, self.zero
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    @property
     def bits_per_param(self) -> float:
         """Storage bits per weight, codes (with any row padding), scales and zeros all counted."""
-        total = self.q.numel() * 8 + (self.scale.numel() + self.zero.numel()) * 16
-        return total / (self.shape[0] * self.shape[1])
+        return self.nbytes * 8 / (self.shape[0] * self.shape[1])
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        return replace(self, q=self.q.to(device), scale=self.scale.to(device), zero=self.zero.to(device))
+
+
+def quantized_shapes(shape: tuple[int, int], bits: int, group_size: int) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
+    """The stored parts of a quantized weight [out, in]: {"q" | "scale" | "zero": (shape, dtype)}."""
+    check_format(shape, bits, group_size)
+    rows, cols = shape
+    return {"q": ((rows, _pack.packed_length(cols, bits)), torch.uint8),
+            "scale": ((rows, cols // group_size), torch.float16),
+            "zero": ((rows, cols // group_size), torch.float16)}
+
+
+def quantized_nbytes(shape: tuple[int, int], bits: int, group_size: int) -> int:
+    """Bytes a weight [out, in] takes quantized (codes, scales and zeros)."""
+    return sum(r * c * dt.itemsize for (r, c), dt in quantized_shapes(shape, bits, group_size).values())
 
 
 def check_format(shape: tuple[int, ...], bits: int, group_size: int) -> None:

@@ -5,15 +5,16 @@ For one token a weight is read exactly once, so the packed codes go straight fro
 registers, are dequantized there and multiplied: no dequantized copy of the weight is ever written,
 and the bytes read are the blob's (~4.5 bits per weight at 4-bit/G64 instead of 16).
 
-Import this module only when CUDA and triton are present (nothing in `quant` imports it). The packed
+`quant.kernels.fused_kernels()` imports this module when triton is present; `quant.expert_forward` and
+`quant.linear` call it for one token on CUDA (`fused=True` forces it, e.g. under the interpreter). The packed
 format is `quant.pack`'s: row r of a matrix is a little-endian bit stream, code k at bit k*B, so
     byte = (k * B) // 8,  shift = (k * B) % 8,  code = (bytes[byte] | bytes[byte + 1] << 8) >> shift
 with the second byte needed only at 3 bits, where a code may straddle two bytes.
 
 Two kernels: `_gate_up_kernel` computes silu(w1 x) * w3 x for a block of F rows (one pass over x,
 two matrices), `_gemv_kernel` computes w2 h. Accumulation is float32 and h stays float32 between them.
-Validated against `quant.expert_forward` with Triton's CPU interpreter (TRITON_INTERPRET=1); see
-tests/test_quant.py for the CUDA test.
+Validated against the torch path with Triton's CPU interpreter (TRITON_INTERPRET=1) in CI, and on CUDA by
+the `gpu`-marked tests in tests/test_quant.py.
 """
 
 from __future__ import annotations
@@ -88,11 +89,7 @@ def dequant_gemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def expert_forward_fused(layout: BlobLayout, blob_views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """`quant.expert_forward` for x [1, D] with fused kernels; other token counts go to the torch path."""
-    if x.shape[0] != 1:
-        from .expert import expert_forward
-
-        return expert_forward(layout, blob_views, x)
+    """`quant.expert_forward` for one token x [1, D] with the fused kernels: [1, D] in x's dtype."""
     v, bits, group = blob_views, layout.bits, layout.group_size
     ffn, n_groups = v["w1.scale"].shape
     hidden = n_groups * group

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import offload
+import quant
+from offload.checkpoint import Checkpoint
 from offload.convert import convert
 from offload.generate import decode_one, prefill
 from offload.runtime import resolve_model_path
@@ -25,6 +27,15 @@ def digest(folder) -> dict:
 def quantized(tiny_checkpoint, tmp_path_factory):
     dst = tmp_path_factory.mktemp("q") / "tiny-q4"
     result = run_cli("convert", tiny_checkpoint, dst, "--bits", "4", "--group-size", "32")
+    assert result.returncode == 0, result.stderr
+    return dst
+
+
+@pytest.fixture(scope="module")
+def dense4(tiny_checkpoint, tmp_path_factory):
+    """4-bit experts and 4-bit attention projections."""
+    dst = tmp_path_factory.mktemp("qd") / "tiny-q4-d4"
+    result = run_cli("convert", tiny_checkpoint, dst, "--bits", "4", "--group-size", "32", "--dense-bits", "4")
     assert result.returncode == 0, result.stderr
     return dst
 
@@ -55,7 +66,9 @@ def test_quantized_logits_stay_close_to_the_original(quantized, tiny_checkpoint)
     assert torch.nn.functional.cosine_similarity(original[0], q[0], dim=0) > 0.99
 
 
-def test_quantized_results_are_bit_identical_across_budgets_and_prefetch(quantized):
+@pytest.mark.parametrize("folder", ["quantized", "dense4"])
+def test_quantized_results_are_bit_identical_across_budgets_and_prefetch(folder, request):
+    quantized = request.getfixturevalue(folder)
     reference, rt = greedy(quantized)
     plan = rt.store.plan
     fixed = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes
@@ -63,6 +76,28 @@ def test_quantized_results_are_bit_identical_across_budgets_and_prefetch(quantiz
         logits, rt = greedy(quantized, vram=fixed + slots * plan.blob_bytes, ram=ram, prefetch=prefetch)
         assert rt.store.plan.device_slots == slots
         assert torch.equal(logits, reference), (slots, prefetch, ram)
+
+
+def test_dense_bits_keep_the_attention_projections_quantized_on_the_device(quantized, dense4, tiny_checkpoint,
+                                                                           tmp_path):
+    dense8 = convert(tiny_checkpoint, tmp_path / "d8", bits=4, group_size=32, dense_bits=8)
+    info = json.loads((dense4 / "moe_offload.json").read_text())
+    assert (info["dense_bits"], info["dense_group_size"]) == (4, 64)
+    stored = Checkpoint(dense4).locations
+    assert "model.layers.0.self_attn.q_proj.weight" not in stored
+    assert stored["model.layers.0.self_attn.q_proj.weight.q"].dtype == torch.uint8
+    reference, _ = greedy(quantized, steps=0)
+    held = {}
+    for name, folder, similarity in (("16", quantized, 1.0), ("8", dense8, 0.999), ("4", dense4, 0.99)):
+        logits, rt = greedy(folder, steps=0)
+        assert torch.nn.functional.cosine_similarity(reference[0], logits[0], dim=0) >= similarity - 1e-6, name
+        wq = rt.model.blocks[0].attn.wq
+        assert isinstance(wq, torch.Tensor) if name == "16" else (isinstance(wq, quant.QuantizedTensor) and wq.bits == int(name))
+        held[name] = sum(t.numel() * t.element_size() for t in rt.model.dense_tensors())
+        assert rt.store.plan.dense_bytes == held[name]  # the memory plan counts what the device really holds
+    assert held["16"] > held["8"] > held["4"]
+    described = json.loads(run_cli("inspect", dense4, "--json").stdout)
+    assert described["bytes_per_expert"] == info["blob_bytes"] and "attention 4-bit" in described["quantized"]
 
 
 def test_the_demo_model_converts_at_every_width_and_generates(tmp_path):
@@ -97,6 +132,7 @@ def test_interrupted_conversion_leaves_nothing_generate_accepts_and_a_rerun_succ
 @pytest.mark.parametrize("args, needle", [
     (("--bits", "5"), "--bits"),
     (("--bits", "4", "--group-size", "7"), "does not divide"),
+    (("--bits", "4", "--dense-bits", "5"), "--dense-bits"),
     (("--bits", "4", "--group-size", "32", "--dst-exists"), "not an earlier conversion"),
 ])
 def test_bad_convert_input_is_one_line_and_leaves_the_source_untouched(tiny_checkpoint, tmp_path, args, needle):
