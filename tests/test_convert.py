@@ -60,6 +60,15 @@ def test_converted_folder_generates_and_moves_quantized_blobs(quantized, tiny_ch
     assert stats["bytes_h2d"] == (stats["expert_misses"] - stats["cpu_expert_calls"] + stats["prefetch_issued"]) * stats["blob_bytes"]
 
 
+def test_the_same_vram_holds_more_quantized_experts(quantized, tiny_checkpoint):
+    plain = offload.load(tiny_checkpoint, device="cpu", context=128).store.plan
+    vram = plain.dense_bytes + plain.kv_bytes + plain.margin_bytes + 2 * plain.blob_bytes
+    small = offload.load(quantized, device="cpu", context=128, vram=vram).store.plan
+    assert offload.load(tiny_checkpoint, device="cpu", context=128, vram=vram).store.plan.device_slots == 2
+    assert small.dense_bytes == plain.dense_bytes  # fp16 dense weights, computed in float32 as the original's
+    assert small.device_slots >= 2 * plain.blob_bytes // small.blob_bytes > 2
+
+
 def test_quantized_logits_stay_close_to_the_original(quantized, tiny_checkpoint):
     original, _ = greedy(tiny_checkpoint, steps=0)
     q, _ = greedy(quantized, steps=0)
