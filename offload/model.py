@@ -107,7 +107,9 @@ class Attention:
         allowed = kpos <= qpos
         if cfg.sliding_window:
             allowed &= qpos - kpos < cfg.sliding_window
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)  # [H, T, Hd]
+        # A batch dimension of 1: SDPA's fused (memory-efficient) CUDA kernels take 4-D inputs only; 3-D
+        # would fall back to the math path, which materializes [H, T, S] scores in float32.
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=allowed)[0]  # [H, T, Hd]
         return linear(out.transpose(0, 1).reshape(T, H * Hd), self.wo)
 
 

@@ -24,7 +24,8 @@ from .kernels import fused_kernels, use_fused
 from .quantize import dequantize_parts, quantize, quantized_shapes
 
 NAMES = ("w1", "w2", "w3")
-ROW_BLOCK_ELEMS = 1 << 21  # weights dequantized at once on the CPU (8 MB in float32)
+ROW_BLOCK_ELEMS = 1 << 21      # weights dequantized at once on the CPU (8 MB in float32)
+GPU_ROW_BLOCK_ELEMS = 1 << 24  # on a GPU (prefill): 4 blocks of a Mixtral matrix, ~200 MB of float32 temporaries
 
 
 def _shapes(hidden: int, ffn: int) -> dict[str, tuple[int, int]]:
@@ -83,9 +84,9 @@ def expert_forward(layout: BlobLayout, blob_views: dict[str, torch.Tensor], x: t
 
 
 def _row_block(x: torch.Tensor, cols: int) -> int:
-    """Rows to dequantize at once: bounded on the CPU; the whole matrix on a GPU, where each extra
-    block costs kernel launches and the allocator reuses the temporary."""
-    return max(1, ROW_BLOCK_ELEMS // cols) if x.device.type == "cpu" else 1 << 62
+    """Rows to dequantize at once: a few MB on the CPU; on a GPU larger blocks (each costs kernel launches),
+    still bounded, since a whole Mixtral matrix in float32 temporaries would outgrow the planned workspace."""
+    return max(1, (ROW_BLOCK_ELEMS if x.device.type == "cpu" else GPU_ROW_BLOCK_ELEMS) // cols)
 
 
 def _dequantize_rows(layout: BlobLayout, views: dict[str, torch.Tensor], name: str, r0: int, r1: int,

@@ -19,6 +19,8 @@ the `gpu`-marked tests in tests/test_quant.py.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -76,15 +78,21 @@ def _gate_up_kernel(q1_ptr, s1_ptr, z1_ptr, q3_ptr, s3_ptr, z3_ptr, x_ptr, h_ptr
     tl.store(h_ptr + rows, a / (1.0 + tl.exp(-a)) * b, mask=row_ok)   # silu(a) * b
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it x's (`--device cuda:1`); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def dequant_gemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, x: torch.Tensor,
                  bits: int, group_size: int) -> torch.Tensor:
     """W x for one quantized matrix (packed [N, bytes], scale/zero [N, K/G]) and x [K]: float32 [N]."""
     n, n_groups = scale.shape
     k = n_groups * group_size
     y = torch.empty(n, dtype=torch.float32, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](packed, scale, zero, x.contiguous(), y, n, k, packed.shape[1],
-                                             n_groups, BITS=bits, GROUP=group_size, BLOCK_N=BLOCK_N,
-                                             BLOCK_K=BLOCK_K)
+    with _on(x.device):
+            _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](packed, scale, zero, x.contiguous(), y, n, k, packed.shape[1],
+                                                 n_groups, BITS=bits, GROUP=group_size, BLOCK_N=BLOCK_N,
+                                                 BLOCK_K=BLOCK_K)
     return y
 
 
@@ -95,8 +103,9 @@ def expert_forward_fused(layout: BlobLayout, blob_views: dict[str, torch.Tensor]
     hidden = n_groups * group
     xv = x.reshape(-1).contiguous()                                          # [D]
     h = torch.empty(ffn, dtype=torch.float32, device=x.device)              # [F]
-    _gate_up_kernel[(triton.cdiv(ffn, BLOCK_N),)](
-        v["w1.q"], v["w1.scale"], v["w1.zero"], v["w3.q"], v["w3.scale"], v["w3.zero"], xv, h,
-        ffn, hidden, v["w1.q"].shape[1], n_groups, BITS=bits, GROUP=group, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    with _on(x.device):
+        _gate_up_kernel[(triton.cdiv(ffn, BLOCK_N),)](
+            v["w1.q"], v["w1.scale"], v["w1.zero"], v["w3.q"], v["w3.scale"], v["w3.zero"], xv, h,
+            ffn, hidden, v["w1.q"].shape[1], n_groups, BITS=bits, GROUP=group, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     y = dequant_gemv(v["w2.q"], v["w2.scale"], v["w2.zero"], h, bits, group)  # [D]
     return y.to(x.dtype).reshape(1, hidden)
