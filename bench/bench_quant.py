@@ -153,7 +153,7 @@ def gpu_timing() -> dict:
         tensors = {}
         for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
             q = quant.quantize(w, bits, group)
-            tensors.update({f"{name}.q": q.q.cpu(), f"{name}.scale": q.scale.cpu(), f"{name}.zero": q.zero.cpu()})
+            tensors.update({f"{name}.{part}": t.cpu() for part, t in q.parts.items()})
         blob = layout.pack(tensors).to(dev)
         views = layout.views(blob)
         row = {"expert_forward_us": round(clock(lambda: quant.expert_forward(layout, views, x, fused=False)), 1)}
@@ -179,8 +179,8 @@ def gpu_timing() -> dict:
 
 def dense_rows(src: Path, tmp: Path, baseline_ppl: float) -> dict:
     """4-bit experts with the attention projections at 16, 8 and 4 bits: perplexity and device bytes."""
-    cfg = Checkpoint(src).config
     ckpt = Checkpoint(src)
+    cfg = ckpt.config
     mats = [ckpt.read(name, dtype=torch.float32) for name in attention_shapes(cfg)]
     ckpt.close()
     rows, ref = {}, None

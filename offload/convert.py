@@ -181,7 +181,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
     for name in dense_shapes(cfg):
         if dense_fmt and name in attention:
             q = quant.quantize(ckpt.read(name, dtype=torch.float32), *dense_fmt)
-            dense.update({f"{name}.q": q.q, f"{name}.scale": q.scale, f"{name}.zero": q.zero})
+            dense.update({f"{name}.{part}": t for part, t in q.parts.items()})
         else:
             dense[name] = ckpt.read(name, dtype=torch.float16)
     for i in range(cfg.num_hidden_layers):

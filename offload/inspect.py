@@ -9,33 +9,34 @@ from .errors import UserError
 from .runtime import resolve_model_path
 
 
-def open_checked(path: str | os.PathLike | None, dtype=None):
+def open_checked(path: str | os.PathLike | None):
     """A model folder (a Hub checkpoint or a `convert` output) and its expert source, with every tensor the
-    model needs checked present with its shape (headers only): (checkpoint, source, dense format)."""
+    model needs checked present with its shape (headers only): (checkpoint, source, conversion record or
+    None)."""
     import torch
 
     from .convert import dense_format, read_info, stored_dense_shapes
     from .sources import open_source
 
     ckpt = Checkpoint(resolve_model_path(path))
-    source = open_source(ckpt, dtype or torch.float32)
-    fmt = dense_format(read_info(ckpt.path))
-    ckpt.validate({**stored_dense_shapes(ckpt.config, fmt), **source.expected_shapes()})
-    return ckpt, source, fmt
+    source = open_source(ckpt, torch.float32)
+    info = read_info(ckpt.path)
+    ckpt.validate({**stored_dense_shapes(ckpt.config, dense_format(info)), **source.expected_shapes()})
+    return ckpt, source, info
 
 
 def describe(path: str | os.PathLike | None) -> dict:
     """A dict describing the model folder; unquantized byte figures use the checkpoint's dtype."""
-    from .convert import read_info
+    from .convert import dense_format
     from .memory import dense_bytes
 
-    ckpt, source, fmt = open_checked(path)
+    ckpt, source, info = open_checked(path)
+    fmt = dense_format(info)
     cfg = ckpt.config
     file_dtype = ckpt.locations["model.embed_tokens.weight"].dtype
     width = file_dtype.itemsize
     n_experts = cfg.num_hidden_layers * cfg.num_local_experts
     dense_params, expert_params = dense_bytes(cfg, 1), n_experts * cfg.expert_params
-    info = read_info(ckpt.path)
     out = {
         "path": str(ckpt.path),
         "layers": cfg.num_hidden_layers,

@@ -43,7 +43,7 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
 
 def parts(w) -> tuple[torch.Tensor, ...]:
     """The tensors that hold a weight: itself, or a quantized weight's codes, scales and zeros."""
-    return (w,) if isinstance(w, torch.Tensor) else w.tensors
+    return (w,) if isinstance(w, torch.Tensor) else tuple(w.parts.values())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Where experts come from on disk, and how an expert blob is computed once it is in a tier.
 
 A source reads expert (layer, e) into a blob buffer (a host slot) and knows the blob's layout and how to
-run it, and how the folder stores its attention projections (`dense_format`: None for plain weights). `CheckpointExperts` reads a Hugging Face checkpoint's separate w1/w2/w3 tensors; `BlobFileExperts`
-reads whole quantized blobs written by `moe-offload convert`.
+run it, and how the folder stores its attention projections (`dense_format`: None for plain weights).
+`CheckpointExperts` reads a Hugging Face checkpoint's separate w1/w2/w3 tensors; `BlobFileExperts` reads
+whole quantized blobs written by `moe-offload convert`.
 """
 
 from __future__ import annotations

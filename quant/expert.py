@@ -52,7 +52,7 @@ def pack_expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, bits: int,
     tensors = {}
     for name, w in zip(NAMES, (w1, w2, w3)):
         q = quantize(w, bits, group_size)
-        tensors.update({f"{name}.q": q.q, f"{name}.scale": q.scale, f"{name}.zero": q.zero})
+        tensors.update({f"{name}.{part}": t for part, t in q.parts.items()})
     return layout.pack(tensors)
 
 

@@ -25,7 +25,7 @@ Rows are processed in chunks, so memory stays bounded for a whole Mixtral expert
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -57,20 +57,19 @@ class QuantizedTensor:
     group_size: int
 
     @property
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.q, self.scale, self.zero
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by part name, as `quantized_shapes` names them (a blob or safetensors stores
+        weight W as W.q, W.scale, W.zero)."""
+        return {"q": self.q, "scale": self.scale, "zero": self.zero}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
 
     @property
     def bits_per_param(self) -> float:
         """Storage bits per weight, codes (with any row padding), scales and zeros all counted."""
         return self.nbytes * 8 / (self.shape[0] * self.shape[1])
-
-    def to(self, device: torch.device | str) -> "QuantizedTensor":
-        return replace(self, q=self.q.to(device), scale=self.scale.to(device), zero=self.zero.to(device))
 
 
 def quantized_shapes(shape: tuple[int, int], bits: int, group_size: int) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
