@@ -99,17 +99,26 @@ class Attention:
         end = pos + T
         cache.k[self.layer, :, pos:end] = k
         cache.v[self.layer, :, pos:end] = v
-        keys = cache.k[self.layer, :, :end].repeat_interleave(H // K, dim=0)    # [H, end, Hd]
-        values = cache.v[self.layer, :, :end].repeat_interleave(H // K, dim=0)
-        # Causal mask over absolute positions, plus Mixtral's sliding window when the config sets one.
-        qpos = torch.arange(pos, end, device=x.device)[:, None]
-        kpos = torch.arange(end, device=x.device)[None, :]
-        allowed = kpos <= qpos
-        if cfg.sliding_window:
-            allowed &= qpos - kpos < cfg.sliding_window
-        # A batch dimension of 1: SDPA's fused (memory-efficient) CUDA kernels take 4-D inputs only; 3-D
-        # would fall back to the math path, which materializes [H, T, S] scores in float32.
-        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=allowed)[0]  # [H, T, Hd]
+        # Mixtral's sliding window: no query sees a key more than `window - 1` positions back, so the keys
+        # before the window of the step's first query are never read.
+        window = cfg.sliding_window
+        first = max(0, pos - window + 1) if window else 0
+        keys = cache.k[self.layer, :, first:end][None]    # [1, K, S, Hd]; SDPA groups the H // K queries
+        values = cache.v[self.layer, :, first:end][None]  # per key head itself (enable_gqa), no copies
+        mask, causal = None, False
+        if T > 1:
+            if pos == 0 and not (window and T > window):
+                causal = True  # the plain lower-triangular mask: SDPA builds it inside its fused kernels
+            else:
+                qpos = torch.arange(pos, end, device=x.device)[:, None]
+                kpos = torch.arange(first, end, device=x.device)[None, :]
+                mask = kpos <= qpos
+                if window:
+                    mask &= qpos - kpos < window
+        # One token attends to every key it is given (the window was cut above), so decode needs no mask.
+        # A batch dimension of 1: SDPA's fused CUDA kernels take 4-D inputs only.
+        out = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=H != K)[0]  # [H, T, Hd]
         return linear(out.transpose(0, 1).reshape(T, H * Hd), self.wo)
 
 

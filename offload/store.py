@@ -153,9 +153,14 @@ class ExpertStore:
         """Router-ahead: the residual stream changes slowly, so layer L+j's router applied to layer L's
         hidden state picks most of the experts L+j will use. Guesses already in host RAM are copied to
         the device now; the others are read from disk into RAM (never blocking this thread)."""
-        for nxt in range(layer + 1, min(layer + 1 + self.prefetch, self.cfg.num_hidden_layers)):
-            guess = torch.topk(F.linear(h, self.gates[nxt]), self.cfg.num_experts_per_tok, dim=-1).indices
-            for e in sorted(set(guess.flatten().tolist())):
+        ahead = range(layer + 1, min(layer + 1 + self.prefetch, self.cfg.num_hidden_layers))
+        if not ahead:
+            return
+        logits = torch.stack([F.linear(h, self.gates[nxt]) for nxt in ahead])  # [K, T, E]
+        # One host sync for all K guesses (on a GPU each .tolist() waits for the compute stream).
+        guesses = torch.topk(logits, self.cfg.num_experts_per_tok, dim=-1).indices.flatten(1).tolist()
+        for nxt, guess in zip(ahead, guesses):
+            for e in sorted(set(guess)):
                 key = (nxt, e)
                 if key in self.dev_table:
                     continue
