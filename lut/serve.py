@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quant import pinned
 from quant.errors import UserError
 
 from .config import TABLE_MODEL_TYPE, MoLEConfig
@@ -133,7 +134,7 @@ class TableStore:
         V, R, off = self.layout.vocab, self.layout.record_nbytes, self.layout.data_offset
         if self.mode == "ram":
             # Pinned when a GPU will DMA from it (pageable memory would force a staging copy per step).
-            host = torch.empty((V, R), dtype=torch.uint8, pin_memory=self.cuda)
+            host = pinned.empty((V, R), pin=self.cuda)  # to the byte (see offload.pinned)
             with open(self.path, "rb") as f:
                 f.seek(off)
                 view, got = memoryview(host.numpy()).cast("B"), 0

@@ -38,6 +38,8 @@ from typing import NamedTuple
 import psutil
 import torch
 
+from quant import pinned
+
 from .errors import UserError
 from .generate import Sampling
 from .memory import human
@@ -227,7 +229,7 @@ def measure_h2d(store, min_s: float = 0.02) -> float:
 
     From a scratch blob (pinned on CUDA, as the host tier is; written first, so its pages are real) into
     a free device slot when there is one (nothing reads it), else into a scratch blob on the device."""
-    src = torch.ones(store.layout.nbytes, dtype=torch.uint8, pin_memory=store.cuda)
+    src = pinned.empty(store.layout.nbytes, pin=store.cuda).fill_(1)
     dst = store.dev[store.dev_table.free[-1]] if store.dev_table.free else torch.empty_like(src, device=store.device)
     sync = (lambda: torch.cuda.synchronize(store.device)) if store.cuda else (lambda: None)
     dst.copy_(src, non_blocking=True)  # warm-up

@@ -28,6 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from quant import pinned
+
 from .cache import POLICIES, SlotTable
 from .checkpoint import Checkpoint
 from .errors import UserError
@@ -89,9 +91,10 @@ class ExpertStore:
             free_device_bytes=torch.cuda.mem_get_info(device)[0] if self.cuda else None)
         N = self.layout.nbytes
 
-        # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy).
+        # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), and
+        # pinned to the byte: torch's pin_memory=True would round it up to a power of two.
         pin = self.cuda if pin is None else pin
-        self.host = torch.empty((self.plan.host_slots, N), dtype=torch.uint8, pin_memory=pin)
+        self.host = pinned.empty((self.plan.host_slots, N), pin)
         header = torch.frombuffer(bytearray(self.layout.header()), dtype=torch.uint8)
         self.host[:, : self.layout.header_nbytes] = header
         self.host_views = [self.layout.views(self.host[s]) for s in range(self.plan.host_slots)]
@@ -315,7 +318,7 @@ class ExpertStore:
         """Measure, on this machine, one expert's batch-1 CPU time against one blob's host->device copy."""
         if self.cpu_experts != "auto" or not self.cuda:
             return self.cpu_experts == "always"
-        scratch = torch.zeros(self.layout.nbytes, dtype=torch.uint8, pin_memory=True)
+        scratch = pinned.empty(self.layout.nbytes, pin=True).zero_()
         views = self.layout.views(scratch)
         x = torch.zeros(1, self.cfg.hidden_size, dtype=self.dtype)
         self.source.compute(views, x)  # warm-up

@@ -99,3 +99,17 @@ def test_quantized_folder_decodes_through_the_fused_kernels(tiny_checkpoint, tmp
     assert torch.equal(unfused[0], fused[0])  # prefill (many tokens) takes the torch path either way
     similarity = torch.nn.functional.cosine_similarity(unfused[1:].float(), fused[1:4].float(), dim=-1)
     assert similarity.min() > 0.999
+
+
+def test_the_host_tier_is_pinned_outside_torchs_rounding_allocator(tiny_checkpoint):
+    reference, rt = greedy(tiny_checkpoint)
+    blob = rt.store.plan.blob_bytes
+    torch.cuda.synchronize()
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    logits, rt = greedy(tiny_checkpoint, ram=5 * blob, prefetch=1)  # 5 host slots: streamed from disk
+    host = rt.store.host
+    assert host.is_pinned() and host.numel() == 5 * blob
+    # torch's caching host allocator holds none of it (it would have rounded it up to a power of two) ...
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) - before < host.numel()
+    # ... and copying from it gives what copying from an all-in-RAM tier gives.
+    assert torch.equal(logits, reference)

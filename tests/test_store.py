@@ -127,3 +127,43 @@ def test_a_shard_truncated_while_running_is_a_clean_error(tmp_path, tiny_checkpo
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     with pytest.raises(UserError, match="truncated"):
         list(rt.generate("The quick brown fox", max_new_tokens=8))
+
+
+class FakeCudart:
+    """Records cudaHostRegister / cudaHostUnregister calls; `fail` makes registering return that error."""
+
+    def __init__(self, fail: int = 0):
+        self.calls, self.fail = [], fail
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append(("register", ptr, size))
+        return self.fail
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+def test_pinned_host_memory_is_locked_to_the_byte_and_unlocked_when_collected(monkeypatch):
+    from quant import pinned
+
+    fake = FakeCudart()
+    monkeypatch.setattr(pinned, "_cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    t = pinned.empty((3, 1000), pin=True)  # 3,000 bytes: torch's pinned allocator would lock 4,096
+    ptr = t.data_ptr()
+    assert fake.calls == [("register", ptr, 3000)]
+    view = t[1]
+    del t
+    assert len(fake.calls) == 1  # a view still uses the memory: it stays locked
+    del view
+    assert fake.calls == [("register", ptr, 3000), ("unregister", ptr)]
+    assert pinned.empty((4, 4), pin=False) is not None and len(fake.calls) == 2  # unpinned: no CUDA calls
+
+
+def test_a_host_tier_that_cannot_be_pinned_is_a_user_error(monkeypatch):
+    from quant import pinned
+
+    monkeypatch.setattr(pinned, "_cudart", lambda: FakeCudart(fail=2))
+    with pytest.raises(UserError, match="could not page-lock .* lower --ram"):
+        pinned.empty(1 << 20, pin=True)

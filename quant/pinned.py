@@ -1,0 +1,46 @@
+"""Host memory page-locked to exactly the size asked for: the host tier of expert blobs (offload.store), a
+RAM-resident lookup table (lut.serve), scratch blobs. Here in the lowest layer so both can use it.
+
+`torch.empty(..., pin_memory=True)` goes through torch's caching host allocator, which rounds every
+allocation up to a power of two and keeps freed blocks locked for reuse: a 24 GiB host tier would lock
+32 GiB, and a one-off scratch blob would stay locked for the life of the process. `empty` allocates
+ordinary memory instead and page-locks that range in place with cudaHostRegister (portable, so every
+device's context sees it as pinned, as torch's own checkpoint stager does). The lock is released when the
+tensor is collected: after every device has finished its queued copies, since a DMA may still read it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .errors import UserError
+
+PORTABLE = 1  # cudaHostRegisterPortable
+
+
+def _cudart():
+    return torch.cuda.cudart()
+
+
+def empty(shape, pin: bool) -> torch.Tensor:
+    """An uninitialized uint8 tensor of `shape` in host memory, page-locked when `pin` (needs CUDA)."""
+    t = torch.empty(shape, dtype=torch.uint8)
+    if not pin or t.numel() == 0:
+        return t
+    cudart = _cudart()
+    err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel(), PORTABLE))
+    if err:
+        raise UserError(f"could not page-lock {t.numel() / 2**30:.2f} GiB of host RAM for the GPU to copy from "
+                        f"(cudaHostRegister returned CUDA error {err}); lower --ram")
+    # The finalizer holds the storage, so the memory outlives its lock; it runs when `t` is collected
+    # (not at interpreter exit: the process's memory goes back to the OS then anyway).
+    weakref.finalize(t, _unlock, t.untyped_storage()).atexit = False
+    return t
+
+
+def _unlock(storage: torch.UntypedStorage) -> None:
+    for d in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(d)
+    _cudart().cudaHostUnregister(storage.data_ptr())
