@@ -30,9 +30,6 @@ from common import PROMPT, RESULTS, device_name, sync
 from offload.memory import human
 
 
-
-
-
 def h2d_bandwidth(nbytes: int = 256 << 20) -> float:
     """Pinned host -> device copy bandwidth in bytes/s (warm-up, then 5 timed copies)."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -132,10 +129,12 @@ def write_mixtral_slice(folder: Path, layers: int) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEMO_DIR / name, folder / name)
-    g = torch.Generator().manual_seed(0)
+    # Drawn on the GPU when there is one: tens of GB of normal samples take minutes on a CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device).manual_seed(0)
 
     def rnd(*shape, scale=0.02):
-        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(torch.bfloat16).cpu()
 
     weight_map = {}
     dense = {"model.embed_tokens.weight": rnd(V, D), "model.norm.weight": torch.ones(D, dtype=torch.bfloat16),

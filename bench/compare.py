@@ -48,9 +48,6 @@ from offload.runtime import resolve_model_path  # noqa: E402
 from offload.tokenizer import Tokenizer  # noqa: E402
 
 
-
-
-
 def release(device: str) -> None:
     """Free the last contender's memory before the next one loads (the allocator caches freed blocks)."""
     gc.collect()

@@ -79,7 +79,7 @@ GEN_OPTIONS = dict(
     context=typer.Option(2048, "--context", help="Longest prompt + generation, in tokens (sizes the KV cache)."),
     vram=typer.Option(None, "--vram", help="Device memory budget, e.g. 12GiB, 512MiB, 1.5GB or bytes "
                                            "(default: free GPU memory; on CPU, room for every expert)."),
-    ram=typer.Option(None, "--ram", help="Pinned host RAM for experts (default: 80%% of available RAM); "
+    ram=typer.Option(None, "--ram", help="Pinned host RAM for experts (default: 80% of available RAM); "
                                          "smaller than the experts = stream them from disk."),
     prefetch=typer.Option(1, "--prefetch", help="Router-ahead prefetch, layers ahead (0 = off)."),
     cpu_experts=typer.Option("auto", "--cpu-experts", help="auto | never | always: compute a missed expert on "

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Everything that only a GPU can show, in two runs that each fit one 10-minute call on a lent H100.
+# From the repository root, with the repository's own packages (no install needed):
+#
+#   OUT=/some/folder bash bench/gpu_session.sh checks    # gpu tests, fused kernels, offload sweep, a profile trace
+#   OUT=/some/folder bash bench/gpu_session.sh compare   # bench/compare on an 8-layer Mixtral-shaped slice, 12 GiB
+#
+# Records, logs and the profile land in $OUT (default bench/results/gpu-session, which git ignores); the
+# records to keep are then copied into bench/results/ by hand. bench_quant's HQQ columns need the hqq
+# package: without it that benchmark is skipped and says so.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-}
+OUT=${OUT:-bench/results/gpu-session}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+status=0
+step() {  # step NAME COMMAND...: run it, log it to $OUT/NAME.log, remember a failure and go on
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+if ! $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "no CUDA device: these runs are for a GPU machine (on CPU, run the benchmarks themselves)" >&2
+    exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
+    | tee "$OUT/device.csv"
+
+case "$what" in
+checks)
+    step pytest-gpu $py -m pytest -m gpu -q -p no:cacheprovider tests
+    if $py -c "import hqq" 2>/dev/null; then
+        step bench-quant $py bench/bench_quant.py
+        cp bench/results/quant-cuda.json "$OUT/"
+    else
+        echo "=== bench-quant: skipped, hqq is not installed (carry its wheel: /work/.library/device/README.md)"
+    fi
+    step bench-offload $py bench/bench_offload.py --slice-layers 4 --out "$OUT/offload-gpu.json"
+    # A profile where copies must overlap compute: 2 Mixtral-shaped layers (16 experts of 352 MB), room for
+    # 6 of them next to the dense part, router-ahead prefetch one layer ahead.
+    slice=$(mktemp -d)/mixtral-slice
+    step write-slice $py -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
+from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv[1]), 2)" "$slice"
+    step inspect $py -m cli.main inspect "$slice" --vram 3GiB --context 512
+    step profile $py -m cli.main profile "$slice" --vram 3GiB --prefetch 1 --context 512 -n 24 --out "$OUT/profile"
+    rm -rf "$(dirname "$slice")"
+    ;;
+compare)
+    step compare $py bench/compare.py --slice-layers 8 --vram 12GiB --repeats 2 --tokens 16 \
+        --out "$OUT/compare-gpu.json"
+    ;;
+*)
+    echo "usage: OUT=folder bash bench/gpu_session.sh checks|compare" >&2
+    exit 2
+    ;;
+esac
+exit $status
