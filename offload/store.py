@@ -295,7 +295,7 @@ class ExpertStore:
                 # The slot may still be read by a kernel queued on the compute stream: wait for it.
                 self.copy_stream.wait_event(self.free[slot])
                 started = prof.mark(self.copy_stream) if prof else None
-                self.dev[slot].copy_(self.host[host], non_blocking=True)
+                self._h2d(slot, host)
                 self.ready[slot].record(self.copy_stream)
                 done = torch.cuda.Event()
                 done.record(self.copy_stream)
@@ -311,6 +311,10 @@ class ExpertStore:
         if prefetch:
             self.prefetched.add(key)
         return slot
+
+    def _h2d(self, slot: int, host: int) -> None:
+        """Queue the copy of host slot `host` into device slot `slot` on the current (copy) stream."""
+        self.dev[slot].copy_(self.host[host], non_blocking=True)
 
     # ---- computing a miss on the CPU -----------------------------------------------------------------
 

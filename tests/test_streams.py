@@ -1,0 +1,157 @@
+"""The store's CUDA stream and event protocol, run on a CPU against simulated streams.
+
+On a GPU, copies run on their own stream and finish whenever the hardware gets to them. Two hazards follow,
+and the store fences both with events: compute must wait for a slot's copy (`ready`), and the reader thread
+must not overwrite a host slot that a queued copy still reads (`host_busy`). Here the copy stream runs
+its work as late as it possibly can, only when an event forces it, so a missing or misplaced fence reads
+stale bytes and changes the logits. The tests check that the fenced store gives the logits of the plain
+CPU store, and that the simulation does catch each fence when it is removed. The third fence, `free` (a
+copy must not overwrite a slot that a queued kernel still reads), cannot show here: simulated compute is
+done before the next copy is queued. tests/test_gpu.py runs the real streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+import offload
+from offload.generate import decode_one, prefill
+
+PROMPT = "The quick brown fox jumps over the lazy dog and the experts"
+
+
+class SimStream:
+    """A stream whose queued copies run only when an event recorded after them is waited for."""
+
+    def __init__(self, lazy: bool):
+        self.lazy, self.queue, self.lock = lazy, [], threading.RLock()
+
+    def enqueue(self, op) -> None:
+        if not self.lazy:
+            op()
+            return
+        with self.lock:
+            self.queue.append(op)
+
+    def record(self, event: "SimEvent") -> None:
+        with self.lock:
+            event.marker = object()
+            if self.lazy:
+                self.queue.append(event.marker)
+                event.stream = self
+            else:
+                event.stream = None  # eager work is done the moment it is queued
+
+    def flush_through(self, marker) -> None:
+        with self.lock:
+            while marker in self.queue:
+                op = self.queue.pop(0)
+                if callable(op):
+                    op()
+
+    def wait_event(self, event: "SimEvent") -> None:
+        event.synchronize()  # the compute stream is eager: it may only go on once the event is done
+
+
+class SimEvent:
+    def __init__(self, *args, **kwargs):
+        self.stream, self.marker = None, None
+
+    def record(self, stream: SimStream) -> None:
+        stream.record(self)
+
+    def query(self) -> bool:
+        return self.stream is None or self.marker not in self.stream.queue
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.flush_through(self.marker)
+
+
+def simulate_cuda(store, monkeypatch) -> SimStream:
+    """Turn a CPU store's device tier into one fed by a simulated, lazy copy stream."""
+    compute, copy = SimStream(lazy=False), SimStream(lazy=True)
+    current = [compute]
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "Event", SimEvent)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    store.cuda = True
+    store.copy_stream = copy
+    store.ready = [SimEvent() for _ in store.dev_views]
+    store.free = [SimEvent() for _ in store.dev_views]
+    store._h2d = lambda slot, host: current[-1].enqueue(lambda: store.dev[slot].copy_(store.host[host]))
+    return copy
+
+
+def decode(rt, steps: int = 10) -> torch.Tensor:
+    ids = rt.encode(PROMPT)
+    logits = [prefill(rt.model, torch.tensor(ids))]
+    for i in range(steps):
+        logits.append(decode_one(rt.model, int(logits[-1].argmax()), len(ids) + i))
+    return torch.stack(logits)
+
+
+def budgets(folder, device_slots: int, host_slots: int) -> dict:
+    plan = offload.load(folder, device="cpu", context=256).store.plan
+    return dict(vram=plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + device_slots * plan.blob_bytes,
+                ram=host_slots * plan.blob_bytes)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return decode(offload.load(tiny_checkpoint, device="cpu", context=256))
+
+
+def simulated(folder, monkeypatch, prefetch: int, device_slots: int, host_slots: int, break_fence=None):
+    rt = offload.load(folder, device="cpu", context=256, prefetch=prefetch, cpu_experts="never",
+                      **budgets(folder, device_slots, host_slots))
+    copy = simulate_cuda(rt.store, monkeypatch)
+    if break_fence:
+        break_fence(rt.store, monkeypatch)
+    logits = decode(rt)
+    rt.store.close()
+    return logits, copy, rt.store.stats()
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("device_slots,host_slots", [(3, 2), (4, 3), (5, 18)])
+def test_fenced_copies_give_the_cpu_stores_logits(tiny_checkpoint, reference, monkeypatch, prefetch, device_slots,
+                                                   host_slots):
+    logits, copy, stats = simulated(tiny_checkpoint, monkeypatch, prefetch, device_slots, host_slots)
+    assert stats["expert_misses"] > 0 and stats["bytes_h2d"] > 0  # copies really went through the stream
+    assert torch.equal(logits, reference)
+
+
+def no_ready_wait(store, monkeypatch):
+    compute = torch.cuda.current_stream()
+    monkeypatch.setattr(compute, "wait_event", lambda event: None)
+
+
+def no_host_fence(store, monkeypatch):
+    class Forgetful(dict):
+        def __setitem__(self, key, value):
+            pass
+
+    store.host_busy = Forgetful()
+
+
+@pytest.mark.parametrize("break_fence,prefetch", [(no_ready_wait, 0), (no_host_fence, 1)])
+def test_the_simulation_catches_a_missing_fence(tiny_checkpoint, reference, monkeypatch, break_fence, prefetch):
+    # 4 device slots, 3 host slots: host slots are reused while copies out of them are still queued.
+    logits, _, _ = simulated(tiny_checkpoint, monkeypatch, prefetch, 4, 3, break_fence)
+    assert not torch.equal(logits, reference)
