@@ -5,7 +5,8 @@ and the store fences both with events: compute must wait for a slot's copy (`rea
 must not overwrite a host slot that a queued copy still reads (`host_busy`). Here the copy stream runs
 its work as late as it possibly can, only when an event forces it, so a missing or misplaced fence reads
 stale bytes and changes the logits. The tests check that the fenced store gives the logits of the plain
-CPU store, and that the simulation does catch each fence when it is removed. The third fence, `free` (a
+CPU store, that the simulation does catch each fence when it is removed, and that the profiler's CUDA
+timing (events on both streams, read after each token's sync) gives a valid profile. The third fence, `free` (a
 copy must not overwrite a slot that a queued kernel still reads), cannot show here: simulated compute is
 done before the next copy is queued. tests/test_gpu.py runs the real streams.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -39,27 +41,45 @@ class SimStream:
 
     def record(self, event: "SimEvent") -> None:
         with self.lock:
-            event.marker = object()
+            event.marker = Marker()
             if self.lazy:
                 self.queue.append(event.marker)
                 event.stream = self
             else:
                 event.stream = None  # eager work is done the moment it is queued
+                event.marker.t = time.perf_counter()
 
     def flush_through(self, marker) -> None:
         with self.lock:
             while marker in self.queue:
                 op = self.queue.pop(0)
-                if callable(op):
+                if isinstance(op, Marker):
+                    op.t = time.perf_counter()  # the time the event "happened", for elapsed_time
+                else:
                     op()
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.queue:
+                self.queue.append(Marker())
+                self.flush_through(self.queue[-1])
 
     def wait_event(self, event: "SimEvent") -> None:
         event.synchronize()  # the compute stream is eager: it may only go on once the event is done
 
 
+class Marker:
+    t: float | None = None
+
+
 class SimEvent:
     def __init__(self, *args, **kwargs):
         self.stream, self.marker = None, None
+
+    def elapsed_time(self, end: "SimEvent") -> float:
+        # As CUDA: both events must have happened (the profiler synchronizes before it reads them).
+        assert self.marker.t is not None and end.marker.t is not None, "elapsed_time of an event not yet done"
+        return (end.marker.t - self.marker.t) * 1e3
 
     def record(self, stream: SimStream) -> None:
         stream.record(self)
@@ -88,8 +108,11 @@ def simulate_cuda(store, monkeypatch) -> SimStream:
     monkeypatch.setattr(torch.cuda, "Event", SimEvent)
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: copy.flush())
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     store.cuda = True
     store.copy_stream = copy
     store.ready = [SimEvent() for _ in store.dev_views]
@@ -155,3 +178,25 @@ def test_the_simulation_catches_a_missing_fence(tiny_checkpoint, reference, monk
     # 4 device slots, 3 host slots: host slots are reused while copies out of them are still queued.
     logits, _, _ = simulated(tiny_checkpoint, monkeypatch, prefetch, 4, 3, break_fence)
     assert not torch.equal(logits, reference)
+
+
+def test_the_profilers_cuda_timing_under_simulated_streams(tiny_checkpoint, reference, monkeypatch):
+    """The profiler's CUDA branch: timing events on both streams, read after each token's sync."""
+    from offload.profile import load_schema, profile_runtime, schema_errors
+    from quant import pinned
+    from test_store import FakeCudart
+
+    monkeypatch.setattr(pinned, "_cudart", lambda: FakeCudart())  # the bandwidth probe pins a scratch blob
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=1, cpu_experts="never",
+                      **budgets(tiny_checkpoint, 4, 3))
+    simulate_cuda(rt.store, monkeypatch)
+    ids = rt.encode(PROMPT)
+    result = profile_runtime(rt, ids, 11)
+    rt.store.close()
+    assert result.record["tokens"] == reference.argmax(-1).tolist()
+    assert schema_errors(result.record, load_schema()) == []
+    copies = [s for s in result.spans if s.track == "copy"]
+    assert len(copies) * rt.store.plan.blob_bytes == result.record["totals"]["bytes_h2d"]
+    for row in result.record["per_token"]:
+        assert row["copy_wait_s"] >= 0 and row["expert_s"] > 0
+        assert row["copy_wait_s"] + row["expert_s"] <= row["latency_s"]
