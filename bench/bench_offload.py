@@ -28,11 +28,13 @@ import torch
 import offload
 from common import PROMPT, RESULTS, device_name, sync
 from offload.memory import human
+from quant import pinned
 
 
 def h2d_bandwidth(nbytes: int = 256 << 20) -> float:
-    """Pinned host -> device copy bandwidth in bytes/s (warm-up, then 5 timed copies)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    """Pinned host -> device copy bandwidth in bytes/s (warm-up, then 5 timed copies), from memory pinned
+    as the host tier pins it."""
+    src = pinned.empty(nbytes, pin=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()

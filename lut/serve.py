@@ -134,7 +134,7 @@ class TableStore:
         V, R, off = self.layout.vocab, self.layout.record_nbytes, self.layout.data_offset
         if self.mode == "ram":
             # Pinned when a GPU will DMA from it (pageable memory would force a staging copy per step).
-            host = pinned.empty((V, R), pin=self.cuda)  # to the byte (see offload.pinned)
+            host = pinned.empty((V, R), pin=self.cuda)  # to the byte (see quant.pinned)
             with open(self.path, "rb") as f:
                 f.seek(off)
                 view, got = memoryview(host.numpy()).cast("B"), 0

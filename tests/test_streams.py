@@ -6,9 +6,10 @@ must not overwrite a host slot that a queued copy still reads (`host_busy`). Her
 its work as late as it possibly can, only when an event forces it, so a missing or misplaced fence reads
 stale bytes and changes the logits. The tests check that the fenced store gives the logits of the plain
 CPU store, that the simulation does catch each fence when it is removed, and that the profiler's CUDA
-timing (events on both streams, read after each token's sync) gives a valid profile. The third fence, `free` (a
-copy must not overwrite a slot that a queued kernel still reads), cannot show here: simulated compute is
-done before the next copy is queued. tests/test_gpu.py runs the real streams.
+timing (events on both streams, read after each token's sync) gives a valid profile.
+
+The third fence, `free` (a copy must not overwrite a slot that a queued kernel still reads), cannot show
+here: simulated compute is done before the next copy is queued. tests/test_gpu.py runs the real streams.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 import offload
 from offload.generate import decode_one, prefill
+from test_store import _plan, budget
 
 PROMPT = "The quick brown fox jumps over the lazy dog and the experts"
 
@@ -92,7 +94,7 @@ class SimEvent:
             self.stream.flush_through(self.marker)
 
 
-def simulate_cuda(store, monkeypatch) -> SimStream:
+def simulate_cuda(store, monkeypatch) -> None:
     """Turn a CPU store's device tier into one fed by a simulated, lazy copy stream."""
     compute, copy = SimStream(lazy=False), SimStream(lazy=True)
     current = [compute]
@@ -118,7 +120,6 @@ def simulate_cuda(store, monkeypatch) -> SimStream:
     store.ready = [SimEvent() for _ in store.dev_views]
     store.free = [SimEvent() for _ in store.dev_views]
     store._h2d = lambda slot, host: current[-1].enqueue(lambda: store.dev[slot].copy_(store.host[host]))
-    return copy
 
 
 def decode(rt, steps: int = 10) -> torch.Tensor:
@@ -130,9 +131,7 @@ def decode(rt, steps: int = 10) -> torch.Tensor:
 
 
 def budgets(folder, device_slots: int, host_slots: int) -> dict:
-    plan = offload.load(folder, device="cpu", context=256).store.plan
-    return dict(vram=plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + device_slots * plan.blob_bytes,
-                ram=host_slots * plan.blob_bytes)
+    return dict(vram=budget(folder, device_slots), ram=host_slots * _plan(str(folder)).blob_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -143,19 +142,19 @@ def reference(tiny_checkpoint):
 def simulated(folder, monkeypatch, prefetch: int, device_slots: int, host_slots: int, break_fence=None):
     rt = offload.load(folder, device="cpu", context=256, prefetch=prefetch, cpu_experts="never",
                       **budgets(folder, device_slots, host_slots))
-    copy = simulate_cuda(rt.store, monkeypatch)
+    simulate_cuda(rt.store, monkeypatch)
     if break_fence:
         break_fence(rt.store, monkeypatch)
     logits = decode(rt)
     rt.store.close()
-    return logits, copy, rt.store.stats()
+    return logits, rt.store.stats()
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 @pytest.mark.parametrize("device_slots,host_slots", [(3, 2), (4, 3), (5, 18)])
 def test_fenced_copies_give_the_cpu_stores_logits(tiny_checkpoint, reference, monkeypatch, prefetch, device_slots,
                                                    host_slots):
-    logits, copy, stats = simulated(tiny_checkpoint, monkeypatch, prefetch, device_slots, host_slots)
+    logits, stats = simulated(tiny_checkpoint, monkeypatch, prefetch, device_slots, host_slots)
     assert stats["expert_misses"] > 0 and stats["bytes_h2d"] > 0  # copies really went through the stream
     assert torch.equal(logits, reference)
 
@@ -176,7 +175,7 @@ def no_host_fence(store, monkeypatch):
 @pytest.mark.parametrize("break_fence,prefetch", [(no_ready_wait, 0), (no_host_fence, 1)])
 def test_the_simulation_catches_a_missing_fence(tiny_checkpoint, reference, monkeypatch, break_fence, prefetch):
     # 4 device slots, 3 host slots: host slots are reused while copies out of them are still queued.
-    logits, _, _ = simulated(tiny_checkpoint, monkeypatch, prefetch, 4, 3, break_fence)
+    logits, _ = simulated(tiny_checkpoint, monkeypatch, prefetch, 4, 3, break_fence)
     assert not torch.equal(logits, reference)
 
 
