@@ -40,28 +40,13 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Compute every expert's output for every token id and write the table model folder DST."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    from cli.main import progress_bar  # at call time: see user_errors
     from lut.build import build_tables
     from lut.serve import parse_budget
 
-    bar = Progress(TextColumn("tables"), BarColumn(), MofNCompleteColumn(), TextColumn("token ids"),
-                   TimeRemainingColumn(), transient=True, disable=as_json)
-    task = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:  # started on the first batch, so an error before it prints nothing but itself
-            bar.start()
-            task = bar.add_task("build", total=total)
-        bar.update(task, completed=done)
-
-    try:
+    with progress_bar("tables", unit="token ids", transient=True, disable=as_json) as progress:
         summary = build_tables(src, dst, bits=bits, group_size=group_size or None,
                                batch_bytes=parse_budget(batch_mem, "--batch-mem"), force=force, progress=progress)
-    finally:
-        if task is not None:
-            bar.stop()
     if as_json:
         typer.echo(json.dumps(summary))
     else:

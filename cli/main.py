@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -33,6 +34,32 @@ def user_errors(fn):
     return wrapper
 
 
+@contextlib.contextmanager
+def progress_bar(label: str, unit: str = "", transient: bool = False, disable: bool = False):
+    """A rich bar on stderr; yields the `progress(done, total)` callback that the library's long jobs take.
+
+    Drawn from the first call on, so an error found before the work starts prints nothing but itself."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    bar = Progress(*columns, console=_stderr_console(), transient=transient, disable=disable)
+    task = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=total)
+        bar.update(task, completed=done)
+
+    try:
+        yield progress
+    finally:
+        if task is not None:
+            bar.stop()
+
+
 def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, temperature: float, top_k: int,
               top_p: float, seed: Optional[int], chat: bool, device: str, dtype: str, as_json: bool,
               context: int, vram: Optional[str] = None, ram: Optional[str] = None, prefetch: int = 1,
@@ -43,8 +70,9 @@ def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if max_new_tokens < 1:
         raise offload.UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    rt = offload.load(model, device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
-                      cpu_experts=cpu_experts)
+    with progress_bar("reading experts into RAM", transient=True, disable=as_json) as progress:
+        rt = offload.load(model, device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
+                          cpu_experts=cpu_experts, progress=progress)
     pieces = []
     out = sys.stderr if as_json else sys.stdout
     if not as_json:
@@ -214,9 +242,10 @@ def profile(
     from offload.profile import profile as run_profile
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    result = run_profile(model, prompt if prompt is not None else DEFAULT_PROMPT, out, max_new_tokens, sampling,
-                         chat=chat, device=device, dtype=dtype, context=context, vram=vram, ram=ram,
-                         prefetch=prefetch, cpu_experts=cpu_experts)
+    with progress_bar("reading experts into RAM", transient=True) as progress:
+        result = run_profile(model, prompt if prompt is not None else DEFAULT_PROMPT, out, max_new_tokens, sampling,
+                             chat=chat, device=device, dtype=dtype, context=context, vram=vram, ram=ram,
+                             prefetch=prefetch, cpu_experts=cpu_experts, progress=progress)
     from rich.console import Console
     from rich.table import Table
 
@@ -241,29 +270,12 @@ def convert(
                                                             "norms, routers and lm_head stay fp16."),
 ) -> None:
     """Write a copy of SRC with quantized expert blobs, which `generate` runs directly."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from offload.convert import convert as run_convert
     from offload.runtime import resolve_model_path
 
-    columns = (TextColumn("converting experts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    bar = Progress(*columns, console=_stderr_console())
-    task = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:  # start drawing only once the input has been checked and work begins
-            bar.start()
-            task = bar.add_task("experts", total=total)
-        bar.update(task, completed=done)
-
-    try:
+    with progress_bar("converting experts") as progress:
         out = run_convert(resolve_model_path(src), dst, bits=bits, group_size=group_size, dense_bits=dense_bits,
                           progress=progress)
-    finally:
-        if task is not None:
-            bar.stop()
     typer.echo(f"wrote {out}", err=True)
 
 

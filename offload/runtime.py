@@ -138,8 +138,11 @@ class Runtime:
 
 
 def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: str = "auto",
-         context: int = 2048, **store_options) -> Runtime:
-    """Open a Mixtral model folder (or 'demo') for generation. Extra options go to the expert store."""
+         context: int = 2048, progress=None, **store_options) -> Runtime:
+    """Open a Mixtral model folder (or 'demo') for generation. Extra options go to the expert store.
+
+    When every expert fits in the host RAM budget, they are all read in now; `progress(done, total)` is
+    called after each."""
     from lut import TABLE_MODEL_TYPES
 
     from .convert import dense_format, read_info, stored_dense_shapes
@@ -161,4 +164,6 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
     fmt = dense_format(read_info(ckpt.path))
     ckpt.validate({**stored_dense_shapes(cfg, fmt), **store.expected_shapes()})
     model = build_model(ckpt, store, dev, dt, context, fmt)
+    if isinstance(store, ExpertStore):
+        store.fill_host(progress)
     return Runtime(ckpt, model, tokenizer, store)

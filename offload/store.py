@@ -6,7 +6,8 @@ Where an expert's bytes come from and go, for one use of expert (layer, e):
     host slot hit?    -> copy host slot -> a device slot on the copy stream (or compute on the CPU, when the
                          measured CPU cost beats the copy: --cpu-experts)
     neither           -> the reader thread preads the expert from the safetensors shards into a host slot,
-                         then as above
+                         then as above (only when the host tier is smaller than the model: when every expert
+                         fits, `fill_host` reads them all at load and the disk is never touched again)
 
 Each expert is one contiguous blob (quant.blob.BlobLayout) in every tier, so one copy moves it. Device
 slots are one tensor [slots, blob bytes] allocated once; their typed views are made once; nothing is
@@ -20,9 +21,11 @@ Dimension legend: T tokens, D hidden, F expert ffn, N blob bytes.
 
 from __future__ import annotations
 
+import os
 import resource
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -316,6 +319,42 @@ class ExpertStore:
         """Queue the copy of host slot `host` into device slot `slot` on the current (copy) stream."""
         self.dev[slot].copy_(self.host[host], non_blocking=True)
 
+    def fill_host(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """When every expert fits in the host tier, read them all into it now, so no token waits on the disk.
+
+        A few preads run at once (they release the GIL; a fast NVMe drive needs more than one in flight).
+        `progress(done, total)` after each expert. With a smaller host tier this does nothing: the tier is an
+        LRU the reader thread fills on demand, and filling it now would only read experts that get evicted."""
+        cfg, plan = self.cfg, self.plan
+        if plan.host_slots < plan.experts_total:
+            return
+        todo = []
+        with self.lock:
+            for key in ((layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)):
+                if key not in self.host_table and key not in self.host_reads:
+                    todo.append((key, self.host_table.assign(key)[0]))  # a free slot: nothing is evicted
+        pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="expert-fill")
+        try:
+            reads = [pool.submit(self.source.read_into, key, self.host[slot]) for key, slot in todo]
+            for done, (read, (key, _)) in enumerate(zip(reads, todo), 1):
+                try:
+                    n = read.result()
+                except OSError as exc:
+                    raise UserError(f"reading expert {key}: {exc}") from None
+                with self.lock:
+                    self.stats_.bytes_disk += n
+                if progress:
+                    progress(done, len(todo))
+        except BaseException:
+            # Ctrl-C or a bad shard: drop what is still queued (an exiting process would otherwise wait for
+            # every read), and forget every expert of this fill, so none is used half-read.
+            pool.shutdown(wait=True, cancel_futures=True)
+            with self.lock:
+                for key, _ in todo:
+                    self.host_table.remove(key)
+            raise
+        pool.shutdown()
+
     # ---- computing a miss on the CPU -----------------------------------------------------------------
 
     def _decide_cpu_experts(self) -> bool:
@@ -361,7 +400,8 @@ class ExpertStore:
     # ---- accounting ------------------------------------------------------------------------------------
 
     def reset_stats(self) -> None:
-        self.stats_.reset()
+        with self.lock:  # the reader thread adds to the counters
+            self.stats_.reset()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 

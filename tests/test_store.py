@@ -67,6 +67,39 @@ def test_streaming_from_disk_through_a_small_ram_tier_is_bit_identical(tiny_chec
     assert tokens == reference[0] and torch.equal(logits, reference[1])
 
 
+def test_a_host_tier_that_holds_every_expert_is_filled_at_load(tiny_checkpoint):
+    reports = []
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, 3),
+                      progress=lambda done, total: reports.append((done, total)))
+    store = rt.store
+    total = store.plan.experts_total
+    assert reports == [(i, total) for i in range(1, total + 1)]
+    assert len(store.host_table) == total and not store.host_reads
+    assert store.stats_.bytes_disk == total * sum(r.nbytes for r in store.layout.records)  # w1, w2, w3 once each
+    for key in [(0, 0), (1, 4), (store.cfg.num_hidden_layers - 1, store.cfg.num_local_experts - 1)]:
+        fresh = store.host[0].clone()
+        store.source.read_into(key, fresh)
+        assert torch.equal(store.host[store.host_table.lookup(key)], fresh), key
+
+
+def test_a_shard_truncated_before_the_host_tier_is_filled_is_a_clean_error(tmp_path, tiny_checkpoint):
+    import shutil
+
+    from offload.checkpoint import Checkpoint
+    from offload.store import ExpertStore
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint, folder)
+    store = ExpertStore(Checkpoint(folder), torch.device("cpu"), torch.float32, vram=budget(folder, 3), context=256)
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated"):
+        store.fill_host()
+    assert len(store.host_table) == 0  # no expert of the failed fill is trusted afterwards
+    with pytest.raises(UserError, match="truncated"):
+        offload.load(folder, device="cpu", context=256)
+
+
 def test_cpu_experts_are_bit_identical_and_counted(tiny_checkpoint, reference):
     tokens, logits, stats, _ = run(tiny_checkpoint, vram=budget(tiny_checkpoint, 2), cpu_experts="always")
     assert stats["cpu_expert_calls"] > 0
@@ -83,7 +116,8 @@ def test_stats_add_up(tiny_checkpoint, options):
     assert s["prefetch_hits"] <= s["expert_hits"] and s["prefetch_hits"] <= s["prefetch_issued"]
     copied = s["expert_misses"] - s["cpu_expert_calls"] + s["prefetch_issued"]
     assert s["bytes_h2d"] == copied * store.layout.nbytes
-    assert s["bytes_disk"] > 0
+    assert s["host_slots"] == store.plan.experts_total  # the default --ram holds every expert: read at load,
+    assert s["bytes_disk"] == 0                          # so a generation never touches the disk
 
 
 def test_a_bigger_budget_never_misses_more(tiny_checkpoint):
@@ -122,7 +156,8 @@ def test_a_shard_truncated_while_running_is_a_clean_error(tmp_path, tiny_checkpo
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_checkpoint, folder)
-    rt = offload.load(folder, device="cpu", context=256, vram=budget(folder, 2), ram=2 * 1024 * 1024)
+    # A host tier of 4 experts, so experts are still read from disk while generating.
+    rt = offload.load(folder, device="cpu", context=256, vram=budget(folder, 2), ram=4 * _plan(str(folder)).blob_bytes)
     shard = folder / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     with pytest.raises(UserError, match="truncated"):
