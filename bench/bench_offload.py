@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,21 +27,14 @@ import torch
 import offload
 from common import PROMPT, RESULTS, device_name, sync
 from offload.memory import human
+from offload.profile import copy_bandwidth
 from quant import pinned
 
 
 def h2d_bandwidth(nbytes: int = 256 << 20) -> float:
-    """Pinned host -> device copy bandwidth in bytes/s (warm-up, then 5 timed copies), from memory pinned
-    as the host tier pins it."""
-    src = pinned.empty(nbytes, pin=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    return 5 * nbytes / (time.perf_counter() - t0)
+    """Pinned host -> device copy bandwidth in bytes/s, from memory pinned as the host tier pins it."""
+    src = pinned.empty(nbytes, pin=True).fill_(1)
+    return copy_bandwidth(src, torch.empty(nbytes, dtype=torch.uint8, device="cuda"))
 
 
 def vram_for(folder, device: str, slots: int, context: int, dtype: str = "auto") -> int:

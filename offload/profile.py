@@ -224,14 +224,24 @@ def device_tier_bytes(rt) -> int:
 
 
 def measure_h2d(store, min_s: float = 0.02) -> float:
-    """Bytes/s of one expert blob copied host -> device slot, the copy the store makes on a miss: the
-    median of timed copies (robust to a busy, shared CPU), each synchronized.
+    """Bytes/s of one expert blob copied host -> device slot, the copy the store makes on a miss.
 
     From a scratch blob (pinned on CUDA, as the host tier is; written first, so its pages are real) into
     a free device slot when there is one (nothing reads it), else into a scratch blob on the device."""
     src = pinned.empty(store.layout.nbytes, pin=store.cuda).fill_(1)
     dst = store.dev[store.dev_table.free[-1]] if store.dev_table.free else torch.empty_like(src, device=store.device)
-    sync = (lambda: torch.cuda.synchronize(store.device)) if store.cuda else (lambda: None)
+    rate = copy_bandwidth(src, dst, min_s)
+    del dst
+    if store.cuda:
+        torch.cuda.empty_cache()  # hand a scratch blob back, so it does not count as reserved
+    return rate
+
+
+def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor, min_s: float = 0.02) -> float:
+    """Bytes/s of `dst.copy_(src)`: the median of timed copies (robust to a busy, shared CPU), each
+    synchronized, after one warm-up; at least 5, more until `min_s` has passed (at most 200)."""
+    cuda = dst.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dst.device)) if cuda else (lambda: None)
     dst.copy_(src, non_blocking=True)  # warm-up
     sync()
     times: list[float] = []
@@ -241,10 +251,7 @@ def measure_h2d(store, min_s: float = 0.02) -> float:
         dst.copy_(src, non_blocking=True)
         sync()
         times.append(time.perf_counter() - t0)
-    del dst
-    if store.cuda:
-        torch.cuda.empty_cache()  # hand a scratch blob back, so it does not count as reserved
-    return src.numel() / statistics.median(times)
+    return src.numel() * src.element_size() / statistics.median(times)
 
 
 def device_name(device: torch.device) -> str:
