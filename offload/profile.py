@@ -484,12 +484,25 @@ def write(result: Profile, out: Path) -> list[Path]:
     errors = schema_errors(result.record, load_schema())
     if errors:  # a bug, not a user error: the record and its schema disagree
         raise ValueError("profile record does not match profile_schema.json: " + "; ".join(errors[:5]))
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     path = out / "profile.json"
-    path.write_text(json.dumps(result.record, indent=1))
-    files = [path, write_trace(result.spans, result.record, out / "trace.json"), *write_plots(result.record, out)]
+    try:
+        path.write_text(json.dumps(result.record, indent=1))
+        files = [path, write_trace(result.spans, result.record, out / "trace.json"), *write_plots(result.record, out)]
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write the profile ({exc.strerror or exc})") from None
     result.files = files
     return files
+
+
+def make_out_dir(out: Path) -> None:
+    """Create the output folder, or say in one line why it cannot be one."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
 
 
 def profile(model: str | None, prompt: str = DEFAULT_PROMPT, out: str | Path = "profile", max_new_tokens: int = 32,
@@ -498,6 +511,7 @@ def profile(model: str | None, prompt: str = DEFAULT_PROMPT, out: str | Path = "
     """Load MODEL, generate from PROMPT with timing on, and write the artifacts into OUT."""
     from .runtime import load
 
+    make_out_dir(Path(out))  # before the run: a bad --out must not cost a generation
     rt = load(model, device=device, dtype=dtype, context=context, **store_options)
     try:
         result = profile_runtime(rt, rt.encode(prompt, chat), max_new_tokens, sampling, prompt=prompt)

@@ -65,3 +65,12 @@ def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, args, needle):
     assert result.returncode == 2
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_profile_out_that_is_a_file_is_refused_before_the_run_and_left_alone(tiny_checkpoint, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes")
+    result = run_cli("profile", tiny_checkpoint, "--out", target, "-n", "2", "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"moe-offload: error: --out {target}: exists and is not a folder"
+    assert target.read_text() == "my notes"
