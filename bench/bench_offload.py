@@ -26,8 +26,12 @@ import torch
 
 import offload
 from common import PROMPT, RESULTS, device_name, sync
+from offload.checkpoint import Checkpoint
+from offload.inspect import memory_plan
 from offload.memory import human
 from offload.profile import copy_bandwidth
+from offload.runtime import resolve_model_path
+from offload.store import Stats
 from quant import pinned
 
 
@@ -38,29 +42,43 @@ def h2d_bandwidth(nbytes: int = 256 << 20) -> float:
 
 
 def vram_for(folder, device: str, slots: int, context: int, dtype: str = "auto") -> int:
-    plan = offload.load(folder, device=device, context=context, dtype=dtype).store.plan
-    return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
+    """A --vram with room for exactly `slots` experts (the store's own plan, made without loading weights)."""
+    plan = memory_plan(folder, device=device, context=context, dtype=dtype, vram=10**15)["plan"]
+    return plan["dense_bytes"] + plan["kv_bytes"] + plan["margin_bytes"] + slots * plan["blob_bytes"]
+
+
+def config_of(folder):
+    return Checkpoint(resolve_model_path(folder)).config
 
 
 def decode(folder, device: str, tokens: int, context: int, **options) -> dict:
-    """One warm-up generation (fills caches as a running server would have them), then a measured one."""
+    """One warm-up generation (fills caches as a running server would have them), then a measured one.
+
+    Counters are of the decode steps only, as tokens/s is: prefill uses nearly every expert of every layer,
+    and would inflate the bytes per token and deflate the hit rate. Missed experts are copied, never
+    computed on the CPU (unless `cpu_experts` says otherwise): the sweep measures the copy path."""
+    options.setdefault("cpu_experts", "never")
     rt = offload.load(folder, device=device, context=context, **options)
     ids = rt.encode(PROMPT)
     list(rt.generate_ids(ids, max_new_tokens=4))
     sync(device)
-    list(rt.generate_ids(ids, max_new_tokens=tokens))
+    after_prefill = {}
+    for i, _ in enumerate(rt.generate_ids(ids, max_new_tokens=tokens)):
+        if i == 0:
+            after_prefill = rt.store.stats_.as_dict()
     sync(device)
     s = rt.stats()
-    uses = s["expert_hits"] + s["expert_misses"]
-    decoded = max(1, s["new_tokens"])
+    d = {k: s[k] - after_prefill.get(k, 0) for k in Stats.FIELDS}
+    uses = d["expert_hits"] + d["expert_misses"]
+    decoded = max(1, s["new_tokens"] - 1)
     return {
         "device_slots": s["device_slots"], "host_slots": s["host_slots"], "prefetch": s["prefetch"],
-        "hit_rate": round(s["expert_hits"] / max(1, uses), 4),
-        "prefetch_issued": s["prefetch_issued"], "prefetch_hits": s["prefetch_hits"],
-        "prefetch_accuracy": round(s["prefetch_hits"] / s["prefetch_issued"], 4) if s["prefetch_issued"] else None,
-        "bytes_h2d_per_token": s["bytes_h2d"] // decoded, "bytes_disk_per_token": s["bytes_disk"] // decoded,
+        "hit_rate": round(d["expert_hits"] / max(1, uses), 4),
+        "prefetch_issued": d["prefetch_issued"], "prefetch_hits": d["prefetch_hits"],
+        "prefetch_accuracy": round(d["prefetch_hits"] / d["prefetch_issued"], 4) if d["prefetch_issued"] else None,
+        "bytes_h2d_per_token": d["bytes_h2d"] // decoded, "bytes_disk_per_token": d["bytes_disk"] // decoded,
         "tokens_per_s": s["tokens_per_s"], "prefill_s": s["prefill_s"],
-        "cpu_expert_calls": s["cpu_expert_calls"], "peak_vram_bytes": s["peak_vram_bytes"],
+        "cpu_expert_calls": d["cpu_expert_calls"], "peak_vram_bytes": s["peak_vram_bytes"],
         "blob_bytes": s["blob_bytes"],
     }
 
@@ -90,7 +108,7 @@ def sweep(folder, device: str, slot_counts: list[int], prefetches: list[int], to
 
 def policy_comparison(folder, device: str, slot_counts: list[int], tokens: int, context: int) -> list[dict]:
     """Global LRU vs per-layer LRU misses at equal slot counts (prefetch off, so only the policy differs)."""
-    cfg = offload.load(folder, device=device, context=context).config
+    cfg = config_of(folder)
     rows = []
     for slots in slot_counts:
         if slots < cfg.num_hidden_layers * cfg.num_experts_per_tok:
@@ -169,7 +187,7 @@ def main() -> None:
     if bandwidth:
         print(f"pinned host->device bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
-    cfg = offload.load("demo", device=device).config
+    cfg = config_of("demo")
     total = cfg.num_hidden_layers * cfg.num_local_experts
     slots = sorted({2, total // 8, total // 4, total // 2, 3 * total // 4, total})
     record["demo"] = sweep("demo", device, slots, [0, 1, 2], args.tokens, 256, bandwidth, "demo")

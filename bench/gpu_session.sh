@@ -50,7 +50,12 @@ checks)
     step write-slice $py -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
 from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv[1]), 2)" "$slice"
     step inspect $py -m cli.main inspect "$slice" --vram 3GiB --context 512
-    step profile $py -m cli.main profile "$slice" --vram 3GiB --prefetch 1 --context 512 -n 24 --out "$OUT/profile"
+    # Misses copied (not computed on the CPU), so the trace shows the copy stream; then the same run with
+    # --cpu-experts auto, to see what the measured costs choose (settings.cpu_expert_costs in profile.json).
+    step profile $py -m cli.main profile "$slice" --vram 3GiB --prefetch 1 --context 512 -n 24 --cpu-experts never \
+        --out "$OUT/profile"
+    step profile-auto $py -m cli.main profile "$slice" --vram 3GiB --prefetch 1 --context 512 -n 24 \
+        --out "$OUT/profile-auto"
     rm -rf "$(dirname "$slice")"
     ;;
 compare)

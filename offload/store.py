@@ -36,7 +36,7 @@ from quant import pinned
 from .cache import POLICIES, SlotTable
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .memory import parse_bytes, plan_memory
+from .memory import human, parse_bytes, plan_memory
 from .model import MoE
 from .sources import open_source
 
@@ -88,10 +88,14 @@ class ExpertStore:
         self.profiler = None
         self.gates: dict[int, torch.Tensor] = {}  # router weights, kept for router-ahead prefetch
 
+        free = device_bytes_free(device) if self.cuda else None
         self.plan = plan_memory(
             cfg, dtype.itemsize, str(device), vram=parse_bytes(vram, "--vram"), ram=parse_bytes(ram, "--ram"),
             context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
-            free_device_bytes=torch.cuda.mem_get_info(device)[0] if self.cuda else None)
+            free_device_bytes=free)
+        if free is not None and self.plan.vram_budget > free:
+            raise UserError(f"--vram {human(self.plan.vram_budget)} is more than {device} has free "
+                            f"({human(free)}); lower it, or leave it out to use what is free")
         N = self.layout.nbytes
 
         # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), and
@@ -358,26 +362,23 @@ class ExpertStore:
     # ---- computing a miss on the CPU -----------------------------------------------------------------
 
     def _decide_cpu_experts(self) -> bool:
-        """Measure, on this machine, one expert's batch-1 CPU time against one blob's host->device copy."""
+        """Measure, on this machine, a batch-1 expert on the CPU (with the hidden state's round trip to it and
+        back, as `_run_on_cpu` makes it) against one blob's host->device copy."""
+        self.measured = None
         if self.cpu_experts != "auto" or not self.cuda:
             return self.cpu_experts == "always"
         scratch = pinned.empty(self.layout.nbytes, pin=True).zero_()
         views = self.layout.views(scratch)
-        x = torch.zeros(1, self.cfg.hidden_size, dtype=self.dtype)
-        self.source.compute(views, x)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(3):
-            self.source.compute(views, x)
-        cpu_s = (time.perf_counter() - t0) / 3
-        self.dev[0].copy_(scratch, non_blocking=True)
-        torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            self.dev[0].copy_(scratch, non_blocking=True)
-        torch.cuda.synchronize(self.device)
-        copy_s = (time.perf_counter() - t0) / 3
-        self.measured = {"cpu_expert_s": cpu_s, "h2d_blob_s": copy_s}
-        return cpu_s < copy_s
+        x = torch.zeros(1, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+
+        def on_cpu():
+            return self.source.compute(views, x.to("cpu")).to(self.device, non_blocking=True)
+
+        def copy():
+            return self.dev[0].copy_(scratch, non_blocking=True)
+
+        self.measured = {"cpu_expert_s": _median_time(on_cpu, self.device), "h2d_blob_s": _median_time(copy, self.device)}
+        return self.measured["cpu_expert_s"] < self.measured["h2d_blob_s"]
 
     def _cpu_should_run(self, key: Key) -> bool:
         """Batch-1 decode only (prefill reuses each expert across many tokens, so copying wins there)."""
@@ -421,9 +422,29 @@ class ExpertStore:
             "device_slots": self.plan.device_slots, "host_slots": self.plan.host_slots,
             "blob_bytes": self.layout.nbytes, "prefetch": self.prefetch,
             "cpu_experts": self.cpu_experts if not self.cuda else ("on" if self.cpu_wins else "off"),
+            "cpu_expert_costs": self.measured,  # what decided --cpu-experts auto on a GPU; None otherwise
         })
         return out
 
     def close(self) -> None:
         self.reader.shutdown(wait=True)
 
+
+def device_bytes_free(device: torch.device) -> int:
+    """What the GPU can still give this process: free on the device, plus what torch's caching allocator
+    holds reserved but unused (a runtime loaded before this one and dropped leaves its blocks there)."""
+    reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + reserved_unused
+
+
+def _median_time(fn, device: torch.device, repeats: int = 5) -> float:
+    """Seconds of one `fn()` on a GPU (synchronized), the median of `repeats` after a warm-up."""
+    fn()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[repeats // 2]

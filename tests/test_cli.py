@@ -74,3 +74,22 @@ def test_profile_out_that_is_a_file_is_refused_before_the_run_and_left_alone(tin
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"moe-offload: error: --out {target}: exists and is not a folder"
     assert target.read_text() == "my notes"
+
+
+def test_running_out_of_gpu_memory_is_one_line_and_exit_2(capsys):
+    import typer
+
+    from cli.main import user_errors
+
+    message = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB of which "
+               "1.20 GiB is free. Including non-PyTorch memory, this process has 77.90 GiB memory in use.")
+
+    @user_errors
+    def load():
+        raise torch.OutOfMemoryError(message)
+
+    with pytest.raises(typer.Exit) as exit_:
+        load()
+    assert exit_.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert err == "moe-offload: error: CUDA out of memory. Tried to allocate 2.00 GiB; lower --vram or --context\n"

@@ -96,8 +96,8 @@ def test_quantized_folder_decodes_through_the_fused_kernels(tiny_checkpoint, tmp
         assert torch.equal(logits, fused), (slots, prefetch)
     monkeypatch.setattr(quant.kernels, "fused_kernels", lambda: None)
     unfused, _ = greedy(folder, steps=3, cpu_experts="never")
-    assert torch.equal(unfused[0], fused[0])  # prefill (many tokens) takes the torch path either way
-    similarity = torch.nn.functional.cosine_similarity(unfused[1:].float(), fused[1:4].float(), dim=-1)
+    # Prefill too: an expert that gets one prompt token runs its fused kernel there (fusing is per call).
+    similarity = torch.nn.functional.cosine_similarity(unfused.float(), fused[:4].float(), dim=-1)
     assert similarity.min() > 0.999
 
 

@@ -202,3 +202,37 @@ def test_a_host_tier_that_cannot_be_pinned_is_a_user_error(monkeypatch):
     monkeypatch.setattr(pinned, "_cudart", lambda: FakeCudart(fail=2))
     with pytest.raises(UserError, match="could not page-lock .* lower --ram"):
         pinned.empty(1 << 20, pin=True)
+
+
+def test_a_vram_budget_above_what_the_gpu_has_free_is_refused_before_allocating(tiny_checkpoint, monkeypatch):
+    """Free is what the driver reports plus what torch's caching allocator holds unused (this process can
+    reuse it). Faked here: the check runs before anything is allocated on the device."""
+    from offload.checkpoint import Checkpoint
+    from offload.store import ExpertStore
+
+    MiB = 1 << 20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024 * MiB, 80 * 1024 * MiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 512 * MiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 256 * MiB)
+    with pytest.raises(UserError, match=r"--vram 2.00 GiB is more than cuda has free \(1.25 GiB\)"):
+        ExpertStore(Checkpoint(tiny_checkpoint), torch.device("cuda"), torch.float32, vram="2GiB", context=256)
+
+
+def test_cpu_expert_decision_times_the_round_trip_and_the_copy_and_is_reported(tiny_checkpoint, monkeypatch):
+    """`--cpu-experts auto` on a GPU, run on the CPU with CUDA's synchronize faked: both costs are measured,
+    the decision is their comparison, and stats() reports them."""
+    from quant import pinned
+
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, 3))
+    store = rt.store
+    assert store.stats()["cpu_expert_costs"] is None  # no GPU: nothing to decide
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    monkeypatch.setattr(pinned, "_cudart", lambda: FakeCudart())
+    store.cuda, store.cpu_experts = True, "auto"
+    wins = store._decide_cpu_experts()
+    costs = store.measured
+    assert set(costs) == {"cpu_expert_s", "h2d_blob_s"} and min(costs.values()) > 0
+    assert wins == (costs["cpu_expert_s"] < costs["h2d_blob_s"])
+    assert len(syncs) == 2 * 6  # each timing: a warm-up and 5 repeats, each synchronized
+    assert store.stats()["cpu_expert_costs"] == costs
