@@ -327,8 +327,9 @@ class ExpertStore:
         """When every expert fits in the host tier, read them all into it now, so no token waits on the disk.
 
         A few preads run at once (they release the GIL; a fast NVMe drive needs more than one in flight).
-        `progress(done, total)` after each expert. With a smaller host tier this does nothing: the tier is an
-        LRU the reader thread fills on demand, and filling it now would only read experts that get evicted."""
+        `progress(done, total)` before the first expert and after each. With a smaller host tier this does
+        nothing: that tier is an LRU the reader thread fills on demand, and filling it now would only read
+        experts that get evicted."""
         cfg, plan = self.cfg, self.plan
         if plan.host_slots < plan.experts_total:
             return
@@ -338,6 +339,8 @@ class ExpertStore:
                 if key not in self.host_table and key not in self.host_reads:
                     todo.append((key, self.host_table.assign(key)[0]))  # a free slot: nothing is evicted
         pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="expert-fill")
+        if progress:
+            progress(0, len(todo))
         try:
             reads = [pool.submit(self.source.read_into, key, self.host[slot]) for key, slot in todo]
             for done, (read, (key, _)) in enumerate(zip(reads, todo), 1):
