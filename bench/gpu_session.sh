@@ -31,6 +31,13 @@ if ! $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "no CUDA device: these runs are for a GPU machine (on CPU, run the benchmarks themselves)" >&2
     exit 2
 fi
+# The host tier page-locks its memory with cudaHostRegister; some sandboxed GPU runtimes refuse that.
+if ! $py -c "import sys, torch; t = torch.empty(1 << 20, dtype=torch.uint8); \
+sys.exit(int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 1)) != 0)"; then
+    echo "cudaHostRegister is refused here: pinning through torch's allocator (MOE_OFFLOAD_PINNED=torch)" \
+        | tee "$OUT/pinning.txt"
+    export MOE_OFFLOAD_PINNED=torch
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
     | tee "$OUT/device.csv"
 

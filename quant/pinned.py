@@ -7,10 +7,14 @@ allocation up to a power of two and keeps freed blocks locked for reuse: a 24 Gi
 ordinary memory instead and page-locks that range in place with cudaHostRegister (portable, so every
 device's context sees it as pinned, as torch's own checkpoint stager does). The lock is released when the
 tensor is collected: after every device has finished its queued copies, since a DMA may still read it.
+
+Where cudaHostRegister is not supported (some sandboxed GPU runtimes), MOE_OFFLOAD_PINNED=torch makes
+`empty` use torch's pinned allocator instead, rounding and all.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -26,6 +30,8 @@ def _cudart():
 
 def empty(shape, pin: bool) -> torch.Tensor:
     """An uninitialized uint8 tensor of `shape` in host memory, page-locked when `pin` (needs CUDA)."""
+    if pin and os.environ.get("MOE_OFFLOAD_PINNED") == "torch":
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
     t = torch.empty(shape, dtype=torch.uint8)
     if not pin or t.numel() == 0:
         return t
@@ -33,7 +39,8 @@ def empty(shape, pin: bool) -> torch.Tensor:
     err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel(), PORTABLE))
     if err:
         raise UserError(f"could not page-lock {t.numel() / 2**30:.2f} GiB of host RAM for the GPU to copy from "
-                        f"(cudaHostRegister returned CUDA error {err}); lower --ram")
+                        f"(cudaHostRegister returned CUDA error {err}); lower --ram, or where registering host "
+                        f"memory is unsupported, set MOE_OFFLOAD_PINNED=torch")
     # The finalizer holds the storage, so the memory outlives its lock; it runs when `t` is collected
     # (not at interpreter exit: the process's memory goes back to the OS then anyway).
     weakref.finalize(t, _unlock, t.untyped_storage()).atexit = False

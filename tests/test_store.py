@@ -236,3 +236,21 @@ def test_cpu_expert_decision_times_the_round_trip_and_the_copy_and_is_reported(t
     assert wins == (costs["cpu_expert_s"] < costs["h2d_blob_s"])
     assert len(syncs) == 2 * 6  # each timing: a warm-up and 5 repeats, each synchronized
     assert store.stats()["cpu_expert_costs"] == costs
+
+
+def test_pinned_memory_can_come_from_torchs_allocator_where_registering_is_unsupported(monkeypatch):
+    from quant import pinned
+
+    made = []
+    real_empty = torch.empty
+
+    def fake_empty(*shape, **kwargs):  # a CPU build cannot pin: record the request, return plain memory
+        made.append(kwargs.get("pin_memory", False))
+        kwargs.pop("pin_memory", None)
+        return real_empty(*shape, **kwargs)
+
+    monkeypatch.setenv("MOE_OFFLOAD_PINNED", "torch")
+    monkeypatch.setattr(pinned, "_cudart", lambda: pytest.fail("cudaHostRegister must not be called"))
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    t = pinned.empty((3, 1000), pin=True)
+    assert made == [True] and t.shape == (3, 1000) and t.dtype == torch.uint8
