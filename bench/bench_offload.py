@@ -173,7 +173,8 @@ def write_mixtral_slice(folder: Path, layers: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tokens", type=int, default=32, help="decode steps measured per setting")
+    ap.add_argument("--tokens", type=int, default=32,
+                    help="tokens generated per setting (the decode steps after the first are measured)")
     ap.add_argument("--slice-layers", type=int, default=None, help="layers of the Mixtral-shaped slice (default: 1 on CPU, 4 on GPU)")
     ap.add_argument("--slice-tokens", type=int, default=None, help="decode steps for the slice (default: 4 on CPU, 16 on GPU)")
     ap.add_argument("--no-slice", action="store_true", help="skip the Mixtral-shaped slice")

@@ -32,8 +32,10 @@ if ! $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     exit 2
 fi
 # The host tier page-locks its memory with cudaHostRegister; some sandboxed GPU runtimes refuse that.
-if ! $py -c "import sys, torch; t = torch.empty(1 << 20, dtype=torch.uint8); \
-sys.exit(int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 1)) != 0)"; then
+$py -c "import sys, torch; t = torch.empty(1 << 20, dtype=torch.uint8); \
+sys.exit(3 if int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 1)) else 0)"
+probe=$?
+if [ "$probe" -eq 3 ]; then
     echo "cudaHostRegister is refused here: pinning through torch's allocator (MOE_OFFLOAD_PINNED=torch)" \
         | tee "$OUT/pinning.txt"
     export MOE_OFFLOAD_PINNED=torch

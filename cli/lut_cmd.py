@@ -40,7 +40,7 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Compute every expert's output for every token id and write the table model folder DST."""
-    from cli.main import progress_bar  # at call time: see user_errors
+    from cli.progress import progress_bar
     from lut.build import build_tables
     from lut.serve import parse_budget
 

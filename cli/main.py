@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import sys
@@ -30,7 +29,7 @@ def user_errors(fn):
             raise typer.Exit(2)
         except Exception as exc:
             torch = sys.modules.get("torch")
-            if torch is None or not isinstance(exc, torch.OutOfMemoryError):
+            if torch is None or not isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
             # Another process took GPU memory after the budget was planned, or the workspace estimate was low.
             what = ". ".join(str(exc).split(". ")[:2]).splitlines()[0] if str(exc) else "CUDA out of memory"
@@ -43,32 +42,6 @@ def user_errors(fn):
     return wrapper
 
 
-@contextlib.contextmanager
-def progress_bar(label: str, unit: str = "", transient: bool = False, disable: bool = False):
-    """A rich bar on stderr; yields the `progress(done, total)` callback that the library's long jobs take.
-
-    Drawn from the first call on, so an error found before the work starts prints nothing but itself."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    bar = Progress(*columns, console=_stderr_console(), transient=transient, disable=disable)
-    task = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task(label, total=total)
-        bar.update(task, completed=done)
-
-    try:
-        yield progress
-    finally:
-        if task is not None:
-            bar.stop()
-
-
 def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, temperature: float, top_k: int,
               top_p: float, seed: Optional[int], chat: bool, device: str, dtype: str, as_json: bool,
               context: int, vram: Optional[str] = None, ram: Optional[str] = None, prefetch: int = 1,
@@ -79,6 +52,8 @@ def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if max_new_tokens < 1:
         raise offload.UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    from cli.progress import progress_bar
+
     with progress_bar("reading experts into RAM", transient=True, disable=as_json) as progress:
         rt = offload.load(model, device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
                           cpu_experts=cpu_experts, progress=progress)
@@ -250,6 +225,8 @@ def profile(
     from offload.profile import DEFAULT_PROMPT, summary_rows
     from offload.profile import profile as run_profile
 
+    from cli.progress import progress_bar
+
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     with progress_bar("reading experts into RAM", transient=True) as progress:
         result = run_profile(model, prompt if prompt is not None else DEFAULT_PROMPT, out, max_new_tokens, sampling,
@@ -279,6 +256,7 @@ def convert(
                                                             "norms, routers and lm_head stay fp16."),
 ) -> None:
     """Write a copy of SRC with quantized expert blobs, which `generate` runs directly."""
+    from cli.progress import progress_bar
     from offload.convert import convert as run_convert
     from offload.runtime import resolve_model_path
 
@@ -286,12 +264,6 @@ def convert(
         out = run_convert(resolve_model_path(src), dst, bits=bits, group_size=group_size, dense_bits=dense_bits,
                           progress=progress)
     typer.echo(f"wrote {out}", err=True)
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def _human_bytes(n: int) -> str:

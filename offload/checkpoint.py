@@ -189,7 +189,8 @@ class Checkpoint:
         except OSError as exc:
             raise UserError(f"{loc.file}: read failed for {name} ({exc.strerror})") from None
         if got != loc.nbytes:
-            raise UserError(f"{loc.file}: truncated while running (tensor {name}: read {got} of {loc.nbytes} bytes)")
+            raise UserError(f"{loc.file}: truncated since it was opened (tensor {name}: read {got} of "
+                            f"{loc.nbytes} bytes)")
         return out
 
     def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:

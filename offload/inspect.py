@@ -73,7 +73,7 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     `device` may be "cuda" on a machine without a GPU, to plan for one (then --vram is needed)."""
     import torch
 
-    from .memory import expected_traffic, parse_bytes, plan_memory
+    from .memory import device_bytes_free, expected_traffic, parse_bytes, plan_memory
     from .runtime import resolve_device, resolve_dtype
     from .sources import open_source
 
@@ -93,7 +93,7 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
     context = min(context, cfg.max_position_embeddings)
     source = open_source(ckpt, dt)
-    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" and not planning_only else None
+    free = device_bytes_free(dev) if dev.type == "cuda" and not planning_only else None
     plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, source.layout.nbytes, free_device_bytes=free,
                        dense_format=source.dense_format)
     resident = plan.device_slots == plan.experts_total

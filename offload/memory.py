@@ -72,6 +72,9 @@ class MemoryPlan:
         if vram is None:
             # Default: what the device has free (CUDA), or room for every expert (CPU slot pool).
             vram = free_device_bytes if free_device_bytes is not None else fixed + experts_total * blob_bytes
+        if free_device_bytes is not None and vram > free_device_bytes:
+            raise UserError(f"--vram {human(vram)} is more than {device} has free ({human(free_device_bytes)}); "
+                            f"lower it, or leave it out to use what is free")
         if vram < fixed + blob_bytes:
             raise UserError(f"--vram {human(vram)} cannot hold the dense part ({human(dense_bytes)}) + KV cache "
                             f"({human(kv_bytes)}) + workspace ({human(margin_bytes)}) + one expert ({human(blob_bytes)}): "
@@ -88,6 +91,15 @@ class MemoryPlan:
         host_slots = min(experts_total, ram // blob_bytes)
         return cls(device, vram, ram, dense_bytes, kv_bytes, margin_bytes, blob_bytes, experts_total,
                    experts_per_token, int(device_slots), int(host_slots))
+
+
+def device_bytes_free(device) -> int:
+    """What a CUDA device can still give this process: free on the device, plus what torch's caching
+    allocator holds reserved but unused (a runtime loaded before this one and dropped leaves its blocks)."""
+    import torch
+
+    reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + reserved_unused
 
 
 # ---- what the device tier must hold besides experts (one definition, used by the store and by `inspect`) ----

@@ -238,20 +238,24 @@ def measure_h2d(store, min_s: float = 0.02) -> float:
 
 
 def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor, min_s: float = 0.02) -> float:
-    """Bytes/s of `dst.copy_(src)`: the median of timed copies (robust to a busy, shared CPU), each
-    synchronized, after one warm-up; at least 5, more until `min_s` has passed (at most 200)."""
-    cuda = dst.device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(dst.device)) if cuda else (lambda: None)
-    dst.copy_(src, non_blocking=True)  # warm-up
+    """Bytes/s of `dst.copy_(src)`, from `median_time` of synchronized copies."""
+    sync = (lambda: torch.cuda.synchronize(dst.device)) if dst.device.type == "cuda" else (lambda: None)
+    return src.numel() * src.element_size() / median_time(lambda: dst.copy_(src, non_blocking=True), sync, min_s)
+
+
+def median_time(fn, sync, min_s: float = 0.0, repeats: int = 5) -> float:
+    """Seconds of one `fn()` followed by `sync()`: the median (robust to a busy, shared CPU) of at least
+    `repeats` runs after a warm-up, more until `min_s` has passed (at most 200)."""
+    fn()
     sync()
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < min_s and len(times) < 200):
+    while len(times) < repeats or (time.perf_counter() - start < min_s and len(times) < 200):
         t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
+        fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return src.numel() * src.element_size() / statistics.median(times)
+    return statistics.median(times)
 
 
 def device_name(device: torch.device) -> str:

@@ -165,5 +165,9 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
     ckpt.validate({**stored_dense_shapes(cfg, fmt), **store.expected_shapes()})
     model = build_model(ckpt, store, dev, dt, context, fmt)
     if isinstance(store, ExpertStore):
-        store.fill_host(progress)
+        try:
+            store.fill_host(progress)
+        except BaseException:
+            store.close()
+            raise
     return Runtime(ckpt, model, tokenizer, store)

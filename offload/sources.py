@@ -91,7 +91,8 @@ class BlobFileExperts:
         except OSError as exc:
             raise UserError(f"{self.path}: read failed for expert {key} ({exc.strerror})") from None
         if got != self.layout.nbytes:
-            raise UserError(f"{self.path}: truncated while running (expert {key}: read {got} of {self.layout.nbytes} bytes)")
+            raise UserError(f"{self.path}: truncated since it was opened (expert {key}: read {got} of "
+                            f"{self.layout.nbytes} bytes)")
         # Every blob carries the same header; a mismatch means the file is corrupt at this expert.
         if bytes(blob[: len(self.header)].numpy()) != self.header:
             raise UserError(f"{self.path}: corrupt blob header at expert {key}")

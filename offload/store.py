@@ -36,8 +36,9 @@ from quant import pinned
 from .cache import POLICIES, SlotTable
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .memory import human, parse_bytes, plan_memory
+from .memory import device_bytes_free, parse_bytes, plan_memory
 from .model import MoE
+from .profile import median_time
 from .sources import open_source
 
 Key = tuple[int, int]  # (layer, expert)
@@ -86,20 +87,17 @@ class ExpertStore:
         self.stats_ = Stats()
         # offload.profile.Profiler while `moe-offload profile` runs; None otherwise, so timing costs one `if`.
         self.profiler = None
+        self.measured: dict | None = None  # the costs `--cpu-experts auto` compared on a GPU
         self.gates: dict[int, torch.Tensor] = {}  # router weights, kept for router-ahead prefetch
 
-        free = device_bytes_free(device) if self.cuda else None
         self.plan = plan_memory(
             cfg, dtype.itemsize, str(device), vram=parse_bytes(vram, "--vram"), ram=parse_bytes(ram, "--ram"),
             context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
-            free_device_bytes=free)
-        if free is not None and self.plan.vram_budget > free:
-            raise UserError(f"--vram {human(self.plan.vram_budget)} is more than {device} has free "
-                            f"({human(free)}); lower it, or leave it out to use what is free")
+            free_device_bytes=device_bytes_free(device) if self.cuda else None)
         N = self.layout.nbytes
 
-        # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), and
-        # pinned to the byte: torch's pin_memory=True would round it up to a power of two.
+        # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), to the
+        # byte (quant.pinned: torch's pin_memory=True would round it up to a power of two).
         pin = self.cuda if pin is None else pin
         self.host = pinned.empty((self.plan.host_slots, N), pin)
         header = torch.frombuffer(bytearray(self.layout.header()), dtype=torch.uint8)
@@ -326,39 +324,34 @@ class ExpertStore:
     def fill_host(self, progress: Callable[[int, int], None] | None = None) -> None:
         """When every expert fits in the host tier, read them all into it now, so no token waits on the disk.
 
-        A few preads run at once (they release the GIL; a fast NVMe drive needs more than one in flight).
-        `progress(done, total)` before the first expert and after each. With a smaller host tier this does
-        nothing: that tier is an LRU the reader thread fills on demand, and filling it now would only read
-        experts that get evicted."""
+        For `load`, before the first generation: nothing else touches the host tier yet (an expert is in
+        `host_table` here before its bytes are). A few preads run at once (they release the GIL; a fast NVMe
+        drive needs more than one in flight). `progress(done, total)` before the first expert and after each.
+        With a smaller host tier this does nothing: that tier is an LRU the reader thread fills on demand, and
+        filling it now would only read experts that get evicted."""
         cfg, plan = self.cfg, self.plan
         if plan.host_slots < plan.experts_total:
             return
-        todo = []
-        with self.lock:
-            for key in ((layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)):
-                if key not in self.host_table and key not in self.host_reads:
-                    todo.append((key, self.host_table.assign(key)[0]))  # a free slot: nothing is evicted
+        keys = [(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)]
+        todo: list[tuple[Key, int]] = []
         pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="expert-fill")
-        if progress:
-            progress(0, len(todo))
         try:
+            for key in keys:
+                if key not in self.host_table:
+                    todo.append((key, self.host_table.assign(key)[0]))  # a free slot: nothing is evicted
+            if progress:
+                progress(0, len(todo))
             reads = [pool.submit(self.source.read_into, key, self.host[slot]) for key, slot in todo]
-            for done, (read, (key, _)) in enumerate(zip(reads, todo), 1):
-                try:
-                    n = read.result()
-                except OSError as exc:
-                    raise UserError(f"reading expert {key}: {exc}") from None
-                with self.lock:
-                    self.stats_.bytes_disk += n
+            for done, read in enumerate(reads, 1):
+                self.stats_.bytes_disk += read.result()
                 if progress:
                     progress(done, len(todo))
         except BaseException:
             # Ctrl-C or a bad shard: drop what is still queued (an exiting process would otherwise wait for
             # every read), and forget every expert of this fill, so none is used half-read.
             pool.shutdown(wait=True, cancel_futures=True)
-            with self.lock:
-                for key, _ in todo:
-                    self.host_table.remove(key)
+            for key, _ in todo:
+                self.host_table.remove(key)
             raise
         pool.shutdown()
 
@@ -367,7 +360,6 @@ class ExpertStore:
     def _decide_cpu_experts(self) -> bool:
         """Measure, on this machine, a batch-1 expert on the CPU (with the hidden state's round trip to it and
         back, as `_run_on_cpu` makes it) against one blob's host->device copy."""
-        self.measured = None
         if self.cpu_experts != "auto" or not self.cuda:
             return self.cpu_experts == "always"
         scratch = pinned.empty(self.layout.nbytes, pin=True).zero_()
@@ -380,7 +372,8 @@ class ExpertStore:
         def copy():
             return self.dev[0].copy_(scratch, non_blocking=True)
 
-        self.measured = {"cpu_expert_s": _median_time(on_cpu, self.device), "h2d_blob_s": _median_time(copy, self.device)}
+        sync = lambda: torch.cuda.synchronize(self.device)  # noqa: E731
+        self.measured = {"cpu_expert_s": median_time(on_cpu, sync), "h2d_blob_s": median_time(copy, sync)}
         return self.measured["cpu_expert_s"] < self.measured["h2d_blob_s"]
 
     def _cpu_should_run(self, key: Key) -> bool:
@@ -432,22 +425,3 @@ class ExpertStore:
     def close(self) -> None:
         self.reader.shutdown(wait=True)
 
-
-def device_bytes_free(device: torch.device) -> int:
-    """What the GPU can still give this process: free on the device, plus what torch's caching allocator
-    holds reserved but unused (a runtime loaded before this one and dropped leaves its blocks there)."""
-    reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return torch.cuda.mem_get_info(device)[0] + reserved_unused
-
-
-def _median_time(fn, device: torch.device, repeats: int = 5) -> float:
-    """Seconds of one `fn()` on a GPU (synchronized), the median of `repeats` after a warm-up."""
-    fn()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[repeats // 2]

@@ -30,8 +30,15 @@ def _cudart():
 
 def empty(shape, pin: bool) -> torch.Tensor:
     """An uninitialized uint8 tensor of `shape` in host memory, page-locked when `pin` (needs CUDA)."""
-    if pin and os.environ.get("MOE_OFFLOAD_PINNED") == "torch":
-        return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+    how = os.environ.get("MOE_OFFLOAD_PINNED", "register")
+    if how not in ("register", "torch"):
+        raise UserError(f"MOE_OFFLOAD_PINNED must be 'register' (the default) or 'torch', got {how!r}")
+    if pin and how == "torch":
+        try:
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as exc:
+            raise UserError(f"could not pin host RAM through torch's allocator, which rounds each block up to a "
+                            f"power of two ({str(exc).splitlines()[0]}); lower --ram") from None
     t = torch.empty(shape, dtype=torch.uint8)
     if not pin or t.numel() == 0:
         return t

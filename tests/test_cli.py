@@ -86,7 +86,7 @@ def test_running_out_of_gpu_memory_is_one_line_and_exit_2(capsys):
 
     @user_errors
     def load():
-        raise torch.OutOfMemoryError(message)
+        raise torch.cuda.OutOfMemoryError(message)
 
     with pytest.raises(typer.Exit) as exit_:
         load()

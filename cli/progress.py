@@ -1,0 +1,39 @@
+"""The progress bar of the command line's long jobs (convert, lut build, reading experts in at load)."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, unit: str = "", transient: bool = False, disable: bool = False):
+    """A rich bar on stderr; yields the `progress(done, total)` callback that the library's long jobs take.
+
+    Drawn from the first call on, so an error found before the work starts prints nothing but itself, and
+    stopped at done == total, so it does not redraw over (or compete with) what comes after the job."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TimeRemainingColumn
+
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn()]
+    if unit:
+        columns.insert(3, TextColumn(unit))
+    bar = Progress(*columns, console=Console(stderr=True), transient=transient, disable=disable)
+    task, running = None, False
+
+    def progress(done: int, total: int) -> None:
+        nonlocal task, running
+        if task is None:
+            bar.start()
+            task, running = bar.add_task(label, total=total), True
+        bar.update(task, completed=done)
+        if running and done >= total:
+            bar.stop()
+            running = False
+
+    try:
+        yield progress
+    finally:
+        if running:
+            bar.stop()
