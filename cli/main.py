@@ -222,10 +222,9 @@ def profile(
 ) -> None:
     """Generate with timing on; write a JSON profile, PNG plots and a Perfetto trace; say what bounds the run."""
     from offload.generate import Sampling
+    from cli.progress import progress_bar
     from offload.profile import DEFAULT_PROMPT, summary_rows
     from offload.profile import profile as run_profile
-
-    from cli.progress import progress_bar
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     with progress_bar("reading experts into RAM", transient=True) as progress:

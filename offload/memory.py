@@ -72,9 +72,6 @@ class MemoryPlan:
         if vram is None:
             # Default: what the device has free (CUDA), or room for every expert (CPU slot pool).
             vram = free_device_bytes if free_device_bytes is not None else fixed + experts_total * blob_bytes
-        if free_device_bytes is not None and vram > free_device_bytes:
-            raise UserError(f"--vram {human(vram)} is more than {device} has free ({human(free_device_bytes)}); "
-                            f"lower it, or leave it out to use what is free")
         if vram < fixed + blob_bytes:
             raise UserError(f"--vram {human(vram)} cannot hold the dense part ({human(dense_bytes)}) + KV cache "
                             f"({human(kv_bytes)}) + workspace ({human(margin_bytes)}) + one expert ({human(blob_bytes)}): "

@@ -142,7 +142,7 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
     """Open a Mixtral model folder (or 'demo') for generation. Extra options go to the expert store.
 
     When every expert fits in the host RAM budget, they are all read in now; `progress(done, total)` is
-    called after each."""
+    called before the first and after each."""
     from lut import TABLE_MODEL_TYPES
 
     from .convert import dense_format, read_info, stored_dense_shapes

@@ -36,7 +36,7 @@ from quant import pinned
 from .cache import POLICIES, SlotTable
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .memory import device_bytes_free, parse_bytes, plan_memory
+from .memory import device_bytes_free, human, parse_bytes, plan_memory
 from .model import MoE
 from .profile import median_time
 from .sources import open_source
@@ -90,10 +90,15 @@ class ExpertStore:
         self.measured: dict | None = None  # the costs `--cpu-experts auto` compared on a GPU
         self.gates: dict[int, torch.Tensor] = {}  # router weights, kept for router-ahead prefetch
 
+        free = device_bytes_free(device) if self.cuda else None
         self.plan = plan_memory(
             cfg, dtype.itemsize, str(device), vram=parse_bytes(vram, "--vram"), ram=parse_bytes(ram, "--ram"),
             context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
-            free_device_bytes=device_bytes_free(device) if self.cuda else None)
+            free_device_bytes=free)
+        # Here, not in the plan: `inspect` and the benchmarks plan budgets larger than what is free right now.
+        if free is not None and self.plan.vram_budget > free:
+            raise UserError(f"--vram {human(self.plan.vram_budget)} is more than {device} has free ({human(free)}); "
+                            f"lower it, or leave it out to use what is free")
         N = self.layout.nbytes
 
         # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), to the

@@ -274,3 +274,16 @@ def test_pinned_memory_can_come_from_torchs_allocator_where_registering_is_unsup
     monkeypatch.setenv("MOE_OFFLOAD_PINNED", "sometimes")
     with pytest.raises(UserError, match="MOE_OFFLOAD_PINNED must be 'register' .* or 'torch', got 'sometimes'"):
         pinned.empty(10, pin=True)
+
+
+def test_planning_a_vram_budget_above_what_is_free_still_works(tiny_checkpoint, monkeypatch):
+    """`inspect` and the benchmarks plan budgets the GPU cannot give right now (the refusal is the store's)."""
+    from offload.inspect import memory_plan
+
+    MiB = 1 << 20
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024 * MiB, 80 * 1024 * MiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    plan = memory_plan(tiny_checkpoint, device="cuda", dtype="float32", context=256, vram=10**15)["plan"]
+    assert plan["vram_budget"] == 10**15 and plan["device_slots"] == plan["experts_total"]
