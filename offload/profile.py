@@ -207,7 +207,7 @@ class Profiler:
             alloc = int(torch.cuda.max_memory_allocated(self.device))
             reserved = int(torch.cuda.max_memory_reserved(self.device))
             if per_token_peak:
-                torch.cuda.reset_peak_memory_stats(self.device)
+                self.store.reset_device_peak()
         else:
             alloc = device_tier_bytes(self.rt)
             plan = self.store.plan

@@ -88,6 +88,7 @@ class ExpertStore:
         # offload.profile.Profiler while `moe-offload profile` runs; None otherwise, so timing costs one `if`.
         self.profiler = None
         self.measured: dict | None = None  # the costs `--cpu-experts auto` compared on a GPU
+        self.peak_before = 0  # CUDA: the allocator's peak before its counters were last reset by the profiler
         self.gates: dict[int, torch.Tensor] = {}  # router weights, kept for router-ahead prefetch
 
         free = device_bytes_free(device) if self.cuda else None
@@ -404,12 +405,19 @@ class ExpertStore:
     def reset_stats(self) -> None:
         with self.lock:  # the reader thread adds to the counters
             self.stats_.reset()
+        self.peak_before = 0
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
+    def reset_device_peak(self) -> None:
+        """Reset the allocator's peak counters (the profiler samples a peak per token) without losing the
+        peak of the run so far, which `peak_device_bytes` keeps reporting."""
+        self.peak_before = self.peak_device_bytes()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
     def peak_device_bytes(self) -> int:
         if self.cuda:
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return max(self.peak_before, int(torch.cuda.max_memory_allocated(self.device)))
         # CPU slot pool: the runtime's own accounting of what the "device" tier holds.
         return self.plan.dense_bytes + self.plan.kv_bytes + self.dev.numel()
 
