@@ -30,10 +30,10 @@ def _cudart():
 
 def empty(shape, pin: bool) -> torch.Tensor:
     """An uninitialized uint8 tensor of `shape` in host memory, page-locked when `pin` (needs CUDA)."""
-    how = os.environ.get("MOE_OFFLOAD_PINNED", "register")
-    if how not in ("register", "torch"):
+    how = os.environ.get("MOE_OFFLOAD_PINNED", "register") if pin else "unpinned"
+    if how not in ("register", "torch", "unpinned"):
         raise UserError(f"MOE_OFFLOAD_PINNED must be 'register' (the default) or 'torch', got {how!r}")
-    if pin and how == "torch":
+    if how == "torch":
         try:
             return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
         except RuntimeError as exc:

@@ -274,6 +274,7 @@ def test_pinned_memory_can_come_from_torchs_allocator_where_registering_is_unsup
     monkeypatch.setenv("MOE_OFFLOAD_PINNED", "sometimes")
     with pytest.raises(UserError, match="MOE_OFFLOAD_PINNED must be 'register' .* or 'torch', got 'sometimes'"):
         pinned.empty(10, pin=True)
+    assert pinned.empty(10, pin=False).numel() == 10  # nothing to pin (a CPU run): the setting is not read
 
 
 def test_planning_a_vram_budget_above_what_is_free_still_works(tiny_checkpoint, monkeypatch):
