@@ -153,7 +153,10 @@ class ExpertStore:
             if slot is not None:
                 self.plan_of[key] = ("hit", slot)
                 continue
-            self._start_host(key)  # every disk read first, so they overlap with the copies below
+            # Every disk read first, so they overlap with the copies below; only into slots that hold no other
+            # expert of this layer (a prefill may need more experts than the host tier has slots: reading
+            # one over another not yet copied would read that one twice). The rest are read as they are copied.
+            self._start_host(key, protected=set(needed))
             if decode and self._cpu_should_run(key):
                 self.plan_of[key] = ("cpu", None)
         for key in needed:
@@ -299,6 +302,17 @@ class ExpertStore:
         if evicted in self.plan_of:
             # Fewer slots than this layer's experts: the evicted one (hit or copied) is loaded again when it runs.
             self.plan_of[evicted] = ("miss", None)
+        try:
+            self._fill_slot(key, slot, prefetch)
+        except BaseException:
+            # A failed read or copy (or Ctrl-C while waiting for one): the slot does not hold `key`, and a
+            # runtime used again afterwards must not take it for a hit.
+            self.dev_table.remove(key)
+            raise
+        return slot
+
+    def _fill_slot(self, key: Key, slot: int, prefetch: bool) -> None:
+        """Copy `key` from its host slot (read from disk first if it is not there) into device slot `slot`."""
         host = self._host_slot(key)
         prof = self.profiler
         if self.cuda:
@@ -321,7 +335,6 @@ class ExpertStore:
         self.stats_.layer(key[0], "bytes_h2d", self.layout.nbytes)
         if prefetch:
             self.prefetched.add(key)
-        return slot
 
     def _h2d(self, slot: int, host: int) -> None:
         """Queue the copy of host slot `host` into device slot `slot` on the current (copy) stream."""

@@ -181,6 +181,52 @@ def test_a_shard_truncated_while_running_is_a_clean_error(tmp_path, tiny_checkpo
         list(rt.generate("The quick brown fox", max_new_tokens=8))
 
 
+@pytest.mark.parametrize("failure", [OSError(5, "Input/output error"), KeyboardInterrupt()])
+def test_a_runtime_used_again_after_a_failed_read_is_bit_identical(tiny_checkpoint, reference, monkeypatch, failure):
+    """A read that fails (a disk error, or Ctrl-C while waiting for it, as in a notebook) must not leave a
+    device slot mapped to an expert whose bytes never arrived: the next run would take it for a hit."""
+    from offload.sources import CheckpointExperts
+
+    blob = reference[3].layout.nbytes
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, 3), ram=2 * blob,
+                      prefetch=0)
+    real, reads = CheckpointExperts.read_into, []
+
+    def read_into(self, key, out):
+        reads.append(key)
+        if len(reads) == 5:
+            raise failure
+        return real(self, key, out)
+
+    monkeypatch.setattr(CheckpointExperts, "read_into", read_into)
+    with pytest.raises((UserError, KeyboardInterrupt)):
+        list(rt.generate_ids(rt.encode(PROMPT), 4))
+    monkeypatch.setattr(CheckpointExperts, "read_into", real)
+    slots = rt.store.dev_table.slot_of
+    assert reads[4] not in slots  # the failed expert holds no slot
+    rt.store.reset_stats()
+    ids = rt.encode(PROMPT)
+    logits = [prefill(rt.model, torch.tensor(ids))]
+    for i, token in enumerate(reference[0][:-1]):
+        logits.append(decode_one(rt.model, token, len(ids) + i))
+    assert torch.equal(torch.stack(logits), reference[1])
+
+
+def test_a_prefill_reads_each_expert_once_through_a_host_tier_smaller_than_a_layer(tiny_checkpoint):
+    """Prefill needs most of a layer's experts at once. With fewer host slots than that, reading all of
+    them up front would evict ones read but not yet copied, and read them again."""
+    plan = _plan(str(tiny_checkpoint))
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, plan.experts_total),
+                      ram=3 * plan.blob_bytes, prefetch=0)
+    long = " ".join([PROMPT] * 4)
+    ids = rt.encode(long)
+    rt.store.reset_stats()
+    prefill(rt.model, torch.tensor(ids))
+    s = rt.store.stats()
+    assert s["host_slots"] == 3 and s["expert_misses"] > 3 * rt.config.num_hidden_layers
+    assert s["bytes_disk"] == s["expert_misses"] * sum(r.nbytes for r in rt.store.layout.records)
+
+
 class FakeCudart:
     """Records cudaHostRegister / cudaHostUnregister calls; `fail` makes registering return that error."""
 
