@@ -118,7 +118,7 @@ class Runtime:
                  chat: bool = False) -> Iterator[str]:
         """Yield text pieces as tokens are generated."""
         ids = self.encode(prompt, chat)
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, ids)
         for token in self.generate_ids(ids, max_new_tokens, sampling):
             piece = decoder.push(token)
             if piece:

@@ -20,7 +20,8 @@ class Tokenizer:
             self.tok = HFTokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises its own exception types
             raise UserError(f"{path}: unreadable tokenizer ({str(exc).splitlines()[0]})") from None
-        self.config = _read_json(Path(folder) / "tokenizer_config.json")
+        self.folder = Path(folder)
+        self.config = _read_json(self.folder / "tokenizer_config.json")
         gen = _read_json(Path(folder) / "generation_config.json")
         self.bos_id = self._special("bos_token", gen.get("bos_token_id", bos_id))
         eos = gen.get("eos_token_id", list(eos_ids) or None)
@@ -51,36 +52,68 @@ class Tokenizer:
         return ([self.bos_id] if self.add_bos else []) + ids
 
     def apply_chat_template(self, user_message: str) -> str:
-        template = self.config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if not template:
-            raise UserError("--chat: this model's tokenizer_config.json has no chat_template")
+        """The prompt as the model's chat template writes one user turn. The template comes from a model
+        folder, often downloaded: it runs sandboxed, as transformers runs it, so it cannot reach Python."""
         import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        template, where = self._chat_template()
 
         def raise_exception(message):
-            raise UserError(f"chat template: {message}")
+            raise UserError(f"chat template ({where}): {message}")
 
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(template).render(
-            messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
-            bos_token=self.token("bos_token"), eos_token=self.token("eos_token"))
+        try:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = raise_exception
+            return env.from_string(template).render(
+                messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
+                bos_token=self.token("bos_token"), eos_token=self.token("eos_token"))
+        except jinja2.TemplateError as exc:  # syntax errors, unknown filters, the sandbox's refusals
+            raise UserError(f"chat template ({where}): {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+    def _chat_template(self) -> tuple[str, Path]:
+        """The template and the file it came from: tokenizer_config.json, or the chat_template.jinja /
+        chat_template.json that newer transformers versions write beside it."""
+        template, where = self.config.get("chat_template"), self.folder / "tokenizer_config.json"
+        if not template and (self.folder / "chat_template.jinja").is_file():
+            where = self.folder / "chat_template.jinja"
+            try:
+                template = where.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UserError(f"{where}: unreadable ({exc})") from None
+        elif not template and (self.folder / "chat_template.json").is_file():
+            where = self.folder / "chat_template.json"
+            template = _read_json(where).get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if not template or not isinstance(template, str):
+            raise UserError(f"--chat: this model has no chat template (looked in tokenizer_config.json, "
+                            f"chat_template.jinja and chat_template.json in {self.folder})")
+        return template, where
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
 class StreamDecoder:
-    """Turns generated ids into text pieces as they arrive, never splitting a multi-byte character."""
+    """Turns generated ids into text pieces as they arrive, never splitting a multi-byte character.
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+    Decoding is not prefix-stable: SentencePiece tokenizers (Mixtral's) strip the leading space of whatever
+    they decode, so the first generated word would lose its space. Each step decodes the generated ids
+    after a few ids of context (the end of the prompt) and emits what the context did not already say."""
+
+    CONTEXT = 4
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] = ()):
+        self.tokenizer, self.ids = tokenizer, []
+        self.context = list(prompt_ids)[-self.CONTEXT:]
+        self.emitted = tokenizer.decode(self.context)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.context + self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
         piece, self.emitted = text[len(self.emitted):], text
