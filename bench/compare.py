@@ -70,7 +70,7 @@ def ours(folder, device: str, tokens: int, repeats: int, context: int, **options
         speeds.append(rt.last["tokens_per_s"])
     s = rt.stats()
     uses = s["expert_hits"] + s["expert_misses"]
-    rt.store.close()
+    rt.close()
     del rt
     release(device)
     return {"options": {k: v for k, v in options.items() if k not in ("vram", "ram", "dtype")},
@@ -86,7 +86,7 @@ def transfer_bound(folder, device: str, tokens: int, context: int, **options) ->
     ids = rt.encode(PROMPT)
     list(rt.generate_ids(ids, 4))
     record = profile_runtime(rt, ids, tokens).record
-    rt.store.close()
+    rt.close()
     del rt
     release(device)
     t, decode = record["totals"], record["per_token"][1:]

@@ -53,19 +53,43 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
         raise UserError(f"{path}: missing shard file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        if base + end > size:
-            raise UserError(f"{path}: truncated (tensor {name} ends at byte {base + end}, file has {size})")
-        out[name] = TensorLocation(path, dtype, tuple(info["shape"]), base + begin, end - begin)
+        out[name] = _location(path, name, info, base, size)
     return out
+
+
+def _location(path: Path, name: str, info, base: int, size: int) -> TensorLocation:
+    """One header entry, checked: a known dtype, a shape, and a byte range inside the file that holds
+    exactly that many elements."""
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: corrupt safetensors header (entry {name!r} is not an object)")
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(_count(d) for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)):
+        raise UserError(f"{path}: corrupt safetensors header (tensor {name}: shape {shape!r}, data_offsets {offsets!r})")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - begin != numel * dtype.itemsize:
+        raise UserError(f"{path}: corrupt safetensors header (tensor {name}: bytes {begin}..{end} do not hold "
+                        f"{shape} {info['dtype']} values)")
+    if base + end > size:
+        raise UserError(f"{path}: truncated (tensor {name} ends at byte {base + end}, file has {size})")
+    return TensorLocation(path, dtype, tuple(shape), base + begin, end - begin)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
@@ -169,33 +193,40 @@ class Checkpoint:
             if loc.shape != shape:
                 raise UserError(f"{loc.file}: tensor {name} has shape {list(loc.shape)}, config.json implies {list(shape)}")
 
-    def _file(self, path: Path):
-        f = self._files.get(path)
-        if f is None:
-            try:
-                f = self._files[path] = open(path, "rb")
-            except OSError as exc:
-                raise UserError(f"{path}: cannot open shard ({exc.strerror})") from None
-        return f
+    def fileno(self, path: Path) -> int:
+        """A descriptor of one of the folder's files for `os.preadv`, opened once and closed by `close()`."""
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                try:
+                    f = self._files[path] = open(path, "rb")
+                except OSError as exc:
+                    raise UserError(f"{path}: cannot open ({exc.strerror})") from None
+            return f.fileno()
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read tensor `name`'s raw bytes into the CPU uint8 buffer `out` (e.g. a slice of a pinned blob)."""
         loc = self.locations[name]
         assert out.dtype == torch.uint8 and out.numel() == loc.nbytes and out.device.type == "cpu"
-        with self._lock:
-            f = self._file(loc.file)
-        try:
-            got = os.preadv(f.fileno(), [memoryview(out.numpy())], loc.start)
-        except OSError as exc:
-            raise UserError(f"{loc.file}: read failed for {name} ({exc.strerror})") from None
-        if got != loc.nbytes:
-            raise UserError(f"{loc.file}: truncated since it was opened (tensor {name}: read {got} of "
-                            f"{loc.nbytes} bytes)")
+        fd = self.fileno(loc.file)
+        view, got = memoryview(out.numpy()), 0
+        while got < loc.nbytes:  # one read returns at most ~2 GiB on Linux: a big tensor takes several
+            try:
+                n = os.preadv(fd, [view[got:]], loc.start + got)
+            except OSError as exc:
+                raise UserError(f"{loc.file}: read failed for {name} ({exc.strerror})") from None
+            if n == 0:
+                raise UserError(f"{loc.file}: truncated since it was opened (tensor {name}: read {got} of "
+                                f"{loc.nbytes} bytes)")
+            got += n
         return out
 
     def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Load one tensor, optionally cast and moved."""
         loc = self.locations[name]
+        if dtype is not None and dtype.is_floating_point and not loc.dtype.is_floating_point:
+            raise UserError(f"{loc.file}: tensor {name} holds {loc.dtype} values where a float weight belongs "
+                            f"(an integer-quantized checkpoint?); start from the float model")
         buf = torch.empty(loc.nbytes, dtype=torch.uint8)
         t = self.read_into(name, buf).view(loc.dtype).view(loc.shape)
         return t.to(device=device, dtype=dtype or loc.dtype)

@@ -80,6 +80,13 @@ class ModelConfig:
         rope_theta = raw.get("rope_theta") or rope.get("rope_theta") or 1e6
         if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
             raise UserError(f"{source}: rope scaling is not supported (field 'rope_scaling'/'rope_parameters')")
+        if raw.get("quantization_config"):
+            method = raw["quantization_config"].get("quant_method", "?") if isinstance(raw["quantization_config"], dict) else "?"
+            raise UserError(f"{source}: a pre-quantized checkpoint (quantization_config: {method}) is not supported; "
+                            f"start from the float model (moe-offload convert quantizes its experts)")
+        tie = raw.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise UserError(f"{source}: field 'tie_word_embeddings' must be true or false, got {tie!r}")
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         try:
@@ -97,7 +104,7 @@ class ModelConfig:
                 vocab_size=get("vocab_size"),
                 max_position_embeddings=get("max_position_embeddings", 4096 * 32),
                 sliding_window=raw.get("sliding_window"),
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                tie_word_embeddings=tie,
                 torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_id=eos_ids,

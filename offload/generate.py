@@ -21,7 +21,7 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN fails this too
             raise UserError(f"--temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0, got {self.top_k}")
@@ -62,9 +62,11 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
     """Yield generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens."""
     if not prompt_ids:
         raise UserError("the prompt is empty")
-    if len(prompt_ids) + max_new_tokens > model.max_seq:
-        raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds "
-                        f"the model's context ({model.max_seq} positions)")
+    # The last new token is sampled, never fed back: the cache holds prompt + max_new_tokens - 1 positions.
+    if len(prompt_ids) + max_new_tokens - 1 > model.max_seq:
+        raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_new_tokens}) needs "
+                        f"{len(prompt_ids) + max_new_tokens - 1} positions, more than the context holds "
+                        f"({model.max_seq}); raise --context or lower --max-new-tokens")
     generator = None
     if s.seed is not None:
         generator = torch.Generator().manual_seed(s.seed)

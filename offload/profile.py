@@ -521,6 +521,6 @@ def profile(model: str | None, prompt: str = DEFAULT_PROMPT, out: str | Path = "
     try:
         result = profile_runtime(rt, rt.encode(prompt, chat), max_new_tokens, sampling, prompt=prompt)
     finally:
-        rt.store.close()
+        rt.close()
     write(result, Path(out))
     return result

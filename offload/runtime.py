@@ -87,32 +87,45 @@ class Runtime:
     def __init__(self, ckpt: Checkpoint, model: Transformer, tokenizer: Tokenizer, store: ExpertStore):
         self.ckpt, self.model, self.tokenizer, self.store = ckpt, model, tokenizer, store
         self.last: dict = {}
+        self.active: object | None = None  # the generation that owns the KV cache now
 
     @property
     def config(self):
         return self.ckpt.config
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, sampling: Sampling = Sampling()) -> Iterator[int]:
-        """Yield generated ids; timing lands in `stats()`."""
+        """Yield generated ids; timing lands in `stats()` (also when the caller stops early).
+
+        One generation at a time: they share the KV cache, so starting another ends this one (its next
+        step raises UserError) rather than letting both continue on each other's keys and values."""
+        me = self.active = object()
         self.store.reset_stats()
         t0 = time.perf_counter()
-        first = None
+        first = last = None
         n = 0
-        for token in generate_ids(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids):
-            if first is None:
-                first = time.perf_counter()
-            n += 1
-            yield token
-        end = time.perf_counter()
-        first = first or end
-        decode_s = end - first
-        self.last = {
-            "prompt_tokens": len(prompt_ids), "new_tokens": n,
-            "prefill_s": round(first - t0, 6),
-            "decode_s": round(decode_s, 6),
-            # The first token comes from prefill; decode speed counts the tokens after it.
-            "tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else 0.0,
-        }
+        try:
+            for token in generate_ids(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids):
+                last = time.perf_counter()
+                first = first or last
+                n += 1
+                yield token
+                if self.active is not me:
+                    raise UserError("another generation started on this runtime while this one was running; "
+                                    "they share one KV cache, so this one stopped (finish one before the next)")
+        finally:
+            if self.active is me:
+                self.active = None
+                end = time.perf_counter()
+                first, last = first or end, last or end
+                # The first token comes from prefill; decode speed counts the tokens after it, up to the last
+                # one yielded (a step that sampled end-of-sequence produced no token).
+                decode_s = last - first
+                self.last = {
+                    "prompt_tokens": len(prompt_ids), "new_tokens": n,
+                    "prefill_s": round(first - t0, 6),
+                    "decode_s": round(decode_s, 6),
+                    "tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else 0.0,
+                }
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                  chat: bool = False) -> Iterator[str]:
@@ -128,13 +141,29 @@ class Runtime:
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if not prompt or not prompt.strip():
             raise UserError("the prompt is empty")
-        return self.tokenizer.encode(prompt, chat=chat)
+        ids = self.tokenizer.encode(prompt, chat=chat)
+        vocab = self.config.vocab_size
+        if ids and max(ids) >= vocab:
+            raise UserError(f"{self.ckpt.path / 'tokenizer.json'}: the prompt encodes to id {max(ids)}, beyond the "
+                            f"model's vocab_size {vocab} (config.json): tokenizer and weights do not belong together")
+        return ids
 
     def stats(self) -> dict:
         out = dict(self.last)
         out.pop("tokens", None)
         out.update(self.store.stats())
         return out
+
+    def close(self) -> None:
+        """Stop the store's reader and close every file the runtime holds open (also on `with ... as rt`)."""
+        self.store.close()
+        self.ckpt.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: str = "auto",
@@ -155,19 +184,24 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
         raise UserError(f"--context must be positive, got {context}")
     context = min(context, cfg.max_position_embeddings)
     tokenizer = Tokenizer(ckpt.path, cfg.bos_token_id, cfg.eos_token_id)
-    if ckpt.raw_config.get("model_type") in TABLE_MODEL_TYPES:
-        from lut.serve import TableStore  # Mixture-of-Lookup-Experts tables instead of routed experts
+    try:
+        if ckpt.raw_config.get("model_type") in TABLE_MODEL_TYPES:
+            from lut.serve import TableStore  # Mixture-of-Lookup-Experts tables instead of routed experts
 
-        store = TableStore(ckpt, dev, dt, **store_options)
-    else:
-        store = ExpertStore(ckpt, dev, dt, context=context, **store_options)
-    fmt = dense_format(read_info(ckpt.path))
-    ckpt.validate({**stored_dense_shapes(cfg, fmt), **store.expected_shapes()})
-    model = build_model(ckpt, store, dev, dt, context, fmt)
-    if isinstance(store, ExpertStore):
-        try:
+            store = TableStore(ckpt, dev, dt, **store_options)
+        else:
+            store = ExpertStore(ckpt, dev, dt, context=context, **store_options)
+    except BaseException:
+        ckpt.close()
+        raise
+    try:
+        fmt = dense_format(read_info(ckpt.path))
+        ckpt.validate({**stored_dense_shapes(cfg, fmt), **store.expected_shapes()})
+        model = build_model(ckpt, store, dev, dt, context, fmt)
+        if isinstance(store, ExpertStore):
             store.fill_host(progress)
-        except BaseException:
-            store.close()
-            raise
+    except BaseException:  # a bad folder, a failed read, Ctrl-C: nothing stays open
+        store.close()
+        ckpt.close()
+        raise
     return Runtime(ckpt, model, tokenizer, store)

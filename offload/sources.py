@@ -31,6 +31,12 @@ class CheckpointExperts:
         self.dense_format = None
         self.layout = BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dtype)
         self.file_dtype = ckpt.locations[expert_names(0, 0)[0]].dtype
+        for key in ((i, e) for i in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)):
+            for name in expert_names(*key):
+                loc = ckpt.locations[name]
+                if loc.dtype != self.file_dtype or not loc.dtype.is_floating_point:
+                    raise UserError(f"{loc.file}: tensor {name} is {loc.dtype}; every expert weight must be a "
+                                    f"float of one dtype (layer 0's expert 0 is {self.file_dtype})")
         # Same dtype on disk as in compute: read straight into the blob. Otherwise stage and convert.
         self.direct = self.file_dtype == dtype
 
@@ -81,13 +87,12 @@ class BlobFileExperts:
             raise UserError(f"{self.path}: blob layout does not match config.json and {info['bits']}-bit, "
                             f"group {info['group_size']} experts")
         self.header = self.layout.header()
-        self.fd = os.open(self.path, os.O_RDONLY)
 
     def read_into(self, key: Key, blob: torch.Tensor) -> int:
         layer, e = key
         offset = self.base + (layer * self.experts + e) * self.stride
         try:
-            got = os.preadv(self.fd, [memoryview(blob.numpy())], offset)
+            got = os.preadv(self.ckpt.fileno(self.path), [memoryview(blob.numpy())], offset)  # closed with ckpt
         except OSError as exc:
             raise UserError(f"{self.path}: read failed for expert {key} ({exc.strerror})") from None
         if got != self.layout.nbytes:

@@ -416,6 +416,10 @@ class ExpertStore:
     # ---- accounting ------------------------------------------------------------------------------------
 
     def reset_stats(self) -> None:
+        with self.lock:
+            reading = list(self.host_reads.values())
+        for read in reading:  # a prefetch read of the last run still in flight would count in the next one
+            read.exception()
         with self.lock:  # the reader thread adds to the counters
             self.stats_.reset()
         self.peak_before = 0

@@ -84,3 +84,93 @@ def test_truncated_shard(folder):
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     assert "truncated" in error_of(folder)
+
+
+def rewrite_header(path, edit) -> None:
+    """Apply `edit` to a safetensors file's JSON header in place (the data after it stays as it was)."""
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = edit(json.loads(raw[8:8 + n]))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))  # same length: the byte offsets stay valid
+    assert len(text) == n
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+
+
+def set_entry(name, field, value):
+    def edit(header):
+        header[name][field] = value
+        return header
+    return edit
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (set_entry("model.norm.weight", "data_offsets", None), "corrupt safetensors header"),
+    (set_entry("model.norm.weight", "shape", [63]), "do not hold [63] F32 values"),
+    (set_entry(expert_names(1, 2)[0], "shape", [True, 64]), "corrupt safetensors header"),
+    (lambda header: list(header), "not a JSON object"),
+])
+def test_a_corrupt_header_is_one_line_naming_the_file(folder, edit, needle):
+    rewrite_header(folder / "model.safetensors", edit)
+    message = error_of(folder)
+    assert needle in message and "model.safetensors" in message
+
+
+def test_a_prequantized_checkpoint_is_refused(folder):
+    """bitsandbytes / GPTQ / AWQ folders carry quantization_config and integer weights: refused, not cast."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert "pre-quantized checkpoint (quantization_config: bitsandbytes)" in error_of(folder)
+
+
+def test_integer_weights_are_refused_not_cast(folder):
+    import offload
+
+    tensors = load_file(folder / "model.safetensors")
+    for name in ("model.norm.weight", expert_names(1, 2)[0]):
+        tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"experts\.2\.w1\.weight is torch\.int8"):
+        offload.load(folder, device="cpu")
+    tensors[expert_names(1, 2)[0]] = tensors[expert_names(1, 3)[0]].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"model\.norm\.weight holds torch\.int8 values where a float weight belongs"):
+        offload.load(folder, device="cpu")
+
+
+def test_tie_word_embeddings_must_be_a_bool(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["tie_word_embeddings"] = "false"  # a string is truthy: it would tie silently
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert "'tie_word_embeddings' must be true or false" in error_of(folder)
+
+
+def test_a_tensor_that_takes_several_reads_is_read_whole(tiny_checkpoint, monkeypatch):
+    """Linux returns at most ~2 GiB per read: a larger tensor arrives in pieces, which is not truncation."""
+    import os
+
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: real(fd, [bufs[0][:1000]], offset))
+    ckpt = Checkpoint(tiny_checkpoint)
+    name = "model.embed_tokens.weight"
+    assert ckpt.locations[name].nbytes > 10_000
+    assert torch.equal(ckpt.read(name), load_file(tiny_checkpoint / "model.safetensors")[name])
+
+
+def test_load_and_close_leave_no_file_open(tiny_checkpoint, tmp_path):
+    import os
+
+    import offload
+    from offload.convert import convert
+
+    q4 = convert(tiny_checkpoint, tmp_path / "q4", bits=4, group_size=32)
+    before = len(os.listdir("/proc/self/fd"))
+    for folder in (tiny_checkpoint, q4, tiny_checkpoint, q4):
+        with offload.load(folder, device="cpu", context=64) as rt:
+            list(rt.generate_ids(rt.encode("hello"), 2))
+    with pytest.raises(UserError, match="cannot hold the dense part"):
+        offload.load(q4, device="cpu", vram="1KiB")  # a load that fails closes what it opened too
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -1,0 +1,101 @@
+"""Generation through a Runtime: the context limit is exact, bad sampling values and foreign token ids are
+one-line errors, one generation owns the KV cache at a time, and stats describe the run that just ended."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import offload
+from offload.errors import UserError
+from offload.generate import Sampling
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_checkpoint):
+    return offload.load(tiny_checkpoint, device="cpu", context=64)
+
+
+def test_the_context_holds_prompt_plus_new_tokens_minus_one(rt, tiny_checkpoint):
+    """The last new token is sampled, never fed back: it needs no KV position."""
+    ids = rt.encode(PROMPT)
+    context = len(ids) + 3
+    small = offload.load(tiny_checkpoint, device="cpu", context=context)
+    assert len(list(small.generate_ids(ids, 4))) == 4
+    with pytest.raises(UserError, match=f"needs {context + 1} positions, more than the context holds \\({context}\\)"):
+        list(small.generate_ids(ids, 5))
+
+
+@pytest.mark.parametrize("options", [dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_k=-2)])
+def test_bad_sampling_values_are_refused(options):
+    with pytest.raises(UserError, match="--t"):
+        Sampling(**options)
+
+
+def test_a_tokenizer_id_beyond_the_models_vocabulary_is_refused(rt, monkeypatch):
+    monkeypatch.setattr(rt.tokenizer, "encode", lambda text, chat=False: [1, rt.config.vocab_size + 5])
+    with pytest.raises(UserError, match=f"beyond the model's vocab_size {rt.config.vocab_size}"):
+        rt.encode("hello")
+
+
+def test_a_second_generation_ends_the_first_instead_of_sharing_its_cache(rt):
+    ids = rt.encode(PROMPT)
+    alone = list(rt.generate_ids(ids, 6))
+    first = rt.generate_ids(ids, 6)
+    assert next(first) == alone[0]
+    assert list(rt.generate_ids(ids, 6)) == alone  # the newer one runs on a cache of its own
+    with pytest.raises(UserError, match="another generation started on this runtime"):
+        next(first)
+
+
+def test_stats_describe_a_generation_the_caller_stopped_early(rt):
+    ids = rt.encode(PROMPT)
+    list(rt.generate_ids(ids, 8))
+    assert rt.stats()["new_tokens"] == 8
+    for i, _ in enumerate(rt.generate_ids(ids, 8)):
+        if i == 2:
+            break
+    s = rt.stats()
+    assert s["new_tokens"] == 3 and s["prompt_tokens"] == len(ids) and s["tokens_per_s"] > 0
+
+
+def test_decode_speed_excludes_the_step_that_only_found_end_of_sequence(rt, monkeypatch):
+    """Stopping on end-of-sequence: the step that sampled it produced no token, so its time is not counted."""
+    ids = rt.encode(PROMPT)
+    tokens = list(rt.generate_ids(ids, 4))
+    monkeypatch.setattr(rt.tokenizer, "eos_ids", {tokens[3]})
+    slow = rt.model.forward
+
+    def forward(x, pos):
+        if pos == len(ids) + 2:  # the step that yields the end-of-sequence token
+            time.sleep(0.5)
+        return slow(x, pos)
+
+    monkeypatch.setattr(rt.model, "forward", forward)
+    assert list(rt.generate_ids(ids, 4)) == tokens[:3]
+    s = rt.stats()
+    assert s["new_tokens"] == 3 and s["decode_s"] < 0.5
+
+
+def test_prefetch_reads_in_flight_count_in_the_run_that_started_them(tiny_checkpoint, monkeypatch):
+    from offload.sources import CheckpointExperts
+
+    plan = offload.load(tiny_checkpoint, device="cpu", context=64).store.plan
+    store = offload.load(tiny_checkpoint, device="cpu", context=64, ram=2 * plan.blob_bytes).store
+    started, real = threading.Event(), CheckpointExperts.read_into
+
+    def slow_read(self, key, blob):
+        started.set()
+        time.sleep(0.3)
+        return real(self, key, blob)
+
+    monkeypatch.setattr(CheckpointExperts, "read_into", slow_read)
+    read = store._start_host((0, 0), protected={(0, 1)})  # as a prefetch does: no one waits for it
+    started.wait()
+    store.reset_stats()  # a new run starts while that read is still going
+    read.result()
+    assert store.stats()["bytes_disk"] == 0
