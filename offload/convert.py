@@ -15,7 +15,9 @@ experts.bin: bytes [0, 4096) hold MAGIC, a version and a JSON index (layers, exp
 blob (l, e) starts at 4096 + (l * E + e) * stride and begins with its own BlobLayout header.
 
 Atomicity: everything is written into DST.partial/ and renamed to DST only when complete, so an interrupted
-conversion leaves no folder `generate` accepts; a rerun discards a stale DST.partial/ and starts again.
+conversion leaves no folder `generate` accepts. DST.partial/ carries a marker file from the moment it is
+created; a rerun discards a stale DST.partial/ only when it holds that marker (a folder of the user's that
+happens to have the name, the source model included, is never removed) and starts again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from quant.errors import writing
 
 from .checkpoint import Checkpoint, attention_shapes, dense_shapes, expert_names
 from .errors import UserError
@@ -46,6 +50,7 @@ DENSE_BITS = (16, 8, 4)
 # Attention projections are quantized in groups of 64 whatever the experts use: every Mixtral-class
 # attention dimension is a multiple of 64, and 64 keeps fp16 scale + zero at 0.5 bits per weight.
 DENSE_GROUP_SIZE = 64
+PARTIAL_MARKER = ".moe-offload-partial"  # in DST.partial/ from its mkdir on: proof that convert made the folder
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
           "special_tokens_map.json", "tokenizer.model")
 
@@ -126,9 +131,13 @@ def read_experts_header(path: Path) -> dict:
         raise UserError(f"{path}: experts file version {version} is not supported (this build reads {FILE_VERSION})")
     try:
         index = json.loads(raw[16:16 + n])
-        need = FILE_HEADER + index["layers"] * index["experts"] * index["stride"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:
         raise UserError(f"{path}: corrupt experts header ({exc})") from None
+    for key in ("layers", "experts", "stride", "blob_bytes"):
+        value = index.get(key) if isinstance(index, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{path}: corrupt experts header ('{key}' must be a non-negative integer, got {value!r})")
+    need = FILE_HEADER + index["layers"] * index["experts"] * index["stride"]
     if size != need:
         raise UserError(f"{path}: is {size} bytes, its header implies {need} (truncated or corrupt)")
     return index
@@ -137,8 +146,6 @@ def read_experts_header(path: Path) -> dict:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_size: int = 64,
             dense_bits: int = 16, workers: int | None = None, progress=None) -> Path:
     """Convert the Mixtral folder `src` into a quantized folder `dst`; returns dst. `progress(done, total)`."""
-    import quant
-
     if bits not in BITS:
         raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
     if dense_bits not in DENSE_BITS:
@@ -159,7 +166,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
     settings = {"bits": bits, "group_size": group_size, "dense_bits": dense_bits}
     if dst.resolve() == ckpt.path.resolve():
         raise UserError(f"{dst}: the destination is the source folder")
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         info = read_info(dst) if dst.is_dir() else None
         if info is None or info.get("source") != fingerprint(ckpt):
             raise UserError(f"{dst}: exists and is not an earlier conversion of {ckpt.path}; choose another destination")
@@ -169,13 +176,37 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
                         f"dense {info.get('dense_bits', 16)} bits); "
                         f"remove it or choose another destination")
     partial = dst.with_name(dst.name + ".partial")
-    if partial.exists():
+    with writing(partial):
+        _start_partial(partial, ckpt.path)
+        for name in COPIED:
+            if (ckpt.path / name).is_file():
+                shutil.copy2(ckpt.path / name, partial / name)
+        _write_output(ckpt, partial, bits, group_size, dense_fmt, settings, workers, progress)
+        (partial / PARTIAL_MARKER).unlink()  # DST is a finished conversion, not a partial one
+        os.rename(partial, dst)
+    return dst
+
+
+def _start_partial(partial: Path, src: Path) -> None:
+    """Create DST.partial/ with its marker. An existing one is removed only when it is a real folder holding the
+    marker (an interrupted conversion); anything else by that name is the user's, and is left alone."""
+    if src.resolve().is_relative_to(partial.resolve()):
+        raise UserError(f"{partial}: is or holds the source folder {src}, and convert writes its output there; "
+                        f"rename the source or choose another destination")
+    if partial.exists() or partial.is_symlink():
+        if partial.is_symlink() or not partial.is_dir() or not (partial / PARTIAL_MARKER).is_file():
+            raise UserError(f"{partial}: exists and was not made by moe-offload convert; remove or rename it")
         shutil.rmtree(partial)  # a stale interrupted conversion: start again
     partial.mkdir(parents=True)
+    (partial / PARTIAL_MARKER).write_text(json.dumps({"source": str(src.resolve())}) + "\n")
 
-    for name in COPIED:
-        if (ckpt.path / name).is_file():
-            shutil.copy2(ckpt.path / name, partial / name)
+
+def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, dense_fmt: tuple[int, int] | None,
+                  settings: dict, workers: int | None, progress) -> None:
+    """Write model.safetensors, experts.bin and, last, moe_offload.json into `partial`."""
+    import quant
+
+    cfg = ckpt.config
     dense = {}
     attention = attention_shapes(cfg)
     for name in dense_shapes(cfg):
@@ -221,5 +252,3 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
             "bits_per_param": round(8 * layout.nbytes / cfg.expert_params, 4),
             "seconds": round(time.perf_counter() - start, 2)}
     (partial / INFO_FILE).write_text(json.dumps(info, indent=1))
-    os.rename(partial, dst)
-    return dst

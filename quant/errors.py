@@ -4,6 +4,24 @@ It lives in `quant`, the lowest layer, so that `quant`, `lut` and `offload` rais
 without `quant`/`lut` importing `offload`. The CLI turns it into one line on stderr and exit code 2.
 """
 
+from __future__ import annotations
+
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """A problem with the user's input: the message names the file or field and what would fix it."""
+
+
+@contextmanager
+def writing(path):
+    """Writing output under `path`: a filesystem refusal (a file where a folder belongs, permission denied, a
+    full disk) is the user's to fix, so it becomes one UserError naming the path instead of a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"{exc.filename or path}: cannot write ({exc.strerror or exc})") from None
+    except SafetensorError as exc:  # safetensors' save_file reports its I/O errors this way
+        raise UserError(f"{path}: cannot write ({exc})") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
 
 import pytest
 import torch
@@ -12,9 +13,10 @@ import torch
 import offload
 import quant
 from offload.checkpoint import Checkpoint
-from offload.convert import convert
+from offload.convert import PARTIAL_MARKER, convert, read_experts_header
 from offload.generate import decode_one, prefill
 from offload.runtime import resolve_model_path
+from quant.errors import UserError
 
 from conftest import run_cli
 
@@ -128,11 +130,11 @@ def test_interrupted_conversion_leaves_nothing_generate_accepts_and_a_rerun_succ
         convert(tiny_checkpoint, dst, bits=4, group_size=32, progress=interrupt)
     assert not dst.exists()
     partial = tmp_path / "out.partial"
-    assert partial.exists()
+    assert (partial / PARTIAL_MARKER).is_file()  # what lets the rerun remove it
     result = run_cli("generate", partial, "hello", "-n", "2")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert convert(tiny_checkpoint, dst, bits=4, group_size=32) == dst
-    assert not partial.exists()
+    assert not partial.exists() and not (dst / PARTIAL_MARKER).exists()
     # Rerunning on a finished conversion with the same settings is a no-op.
     before = digest(dst)
     assert convert(tiny_checkpoint, dst, bits=4, group_size=32) == dst and digest(dst) == before
@@ -171,3 +173,67 @@ def test_a_blob_with_a_corrupt_header_is_refused(quantized, tmp_path):
     result = run_cli("generate", broken, "The quick brown fox", "-n", "6", "--ram", "1GiB")
     assert result.returncode == 2 and "corrupt" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_source_named_like_the_partial_folder_is_refused_and_kept(tiny_checkpoint, tmp_path):
+    src = tmp_path / "mixtral.partial"
+    shutil.copytree(tiny_checkpoint, src)
+    before = digest(src)
+    result = run_cli("convert", src, tmp_path / "mixtral", "--bits", "4", "--group-size", "32")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "source" in result.stderr
+    assert digest(src) == before and not (tmp_path / "mixtral").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "file", "symlink"])
+def test_a_partial_name_that_convert_did_not_make_is_left_alone(tiny_checkpoint, tmp_path, kind):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    partial = tmp_path / "out.partial"
+    if kind == "folder":
+        shutil.copytree(mine, partial)
+    elif kind == "file":
+        partial.write_text("mine")
+    else:
+        partial.symlink_to(mine, target_is_directory=True)
+    with pytest.raises(UserError, match="not made by moe-offload convert; remove or rename it"):
+        convert(tiny_checkpoint, tmp_path / "out", bits=4, group_size=32)
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert (partial / "notes.txt").read_text() == "mine" if kind != "file" else partial.read_text() == "mine"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_destination_is_one_line_naming_it(tiny_checkpoint, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    result = run_cli("convert", tiny_checkpoint, tmp_path / "afile" / "x", "--bits", "4", "--group-size", "32")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "afile/x.partial: cannot write" in result.stderr
+
+
+@pytest.mark.parametrize("body", [
+    b'{"layers":3,"experts":6,"stride":8192}',                        # no blob_bytes
+    b'{"layers":3,"experts":6,"stride":8192,"blob_bytes":9e999}',     # JSON infinity
+    b'{"layers":3,"experts":6,"stride":8192,"blob_bytes":"4096"}',
+    b'{"layers":true,"experts":6,"stride":8192,"blob_bytes":4096}',
+    b'[3,6,8192,4096]',
+])
+def test_a_corrupt_experts_file_header_is_refused(quantized, tmp_path, body):
+    path = tmp_path / "experts.bin"
+    data = bytearray((quantized / "experts.bin").read_bytes())
+    data[8:4096] = (struct.pack("<II", 1, len(body)) + body).ljust(4088, b"\x00")
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupt experts header"):
+        read_experts_header(path)
+
+
+def test_generate_on_a_corrupt_experts_header_is_one_line(quantized, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(quantized, broken)
+    data = bytearray((broken / "experts.bin").read_bytes())
+    i = data.index(b'"blob_bytes"')
+    data[i:i + 12] = b'"blob_bytez"'
+    (broken / "experts.bin").write_bytes(bytes(data))
+    result = run_cli("generate", broken, "hello", "-n", "2")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "corrupt experts header" in result.stderr
