@@ -277,7 +277,29 @@ from cli.lut_cmd import lut_app; app.add_typer(lut_app, name="lut")  # noqa: E40
 
 
 def main() -> None:
-    app()
+    """The `moe-offload` command. Typer's own errors (a missing argument, a value that is not a number) come
+    out in one line too, like the project's, instead of a usage line and a boxed panel."""
+    # click's exception classes, wherever this typer takes click from (newer typers vendor their own copy).
+    errors = sys.modules[typer.BadParameter.__module__]
+    no_args = getattr(errors, "NoArgsIsHelpError", ())  # click >= 8.2: `moe-offload` alone shows the help
+    try:
+        code = app(standalone_mode=False, prog_name="moe-offload")
+    except no_args as exc:
+        if exc.format_message().strip():  # typer's rich help has printed itself already; click's is this text
+            typer.echo(exc.format_message())
+        sys.exit(0)
+    except errors.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "moe-offload"
+        message = " ".join(exc.format_message().split())
+        typer.echo(f"moe-offload: error: {message} (see '{where} --help')", err=True)
+        sys.exit(2)
+    except errors.ClickException as exc:
+        typer.echo(f"moe-offload: error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C while typer itself runs (parsing, a prompt)
+        typer.echo("moe-offload: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

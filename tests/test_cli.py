@@ -59,6 +59,11 @@ def test_inspect_counts_dense_and_expert_parameters(tiny_checkpoint):
     (("generate", "{ckpt}", ""), "prompt is empty"),
     (("generate", "{ckpt}", "hi", "--top-p", "0"), "--top-p"),
     (("generate", "{ckpt}", "hi", "--device", "tpu"), "--device"),
+    (("generate", "{ckpt}", "hi", "-t", "nan"), "--temperature"),
+    (("generate", "{ckpt}", "hi", "-n", "many"), "Invalid value for '--max-new-tokens'"),
+    (("generate", "{ckpt}", "hi", "--bogus"), "No such option: --bogus (see 'moe-offload generate --help')"),
+    (("convert", "{ckpt}"), "Missing argument 'dst'"),
+    (("frobnicate",), "No such command 'frobnicate'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, args, needle):
     result = run_cli(*(a.format(ckpt=tiny_checkpoint) for a in args))
@@ -93,3 +98,8 @@ def test_running_out_of_gpu_memory_is_one_line_and_exit_2(capsys):
     assert exit_.value.exit_code == 2
     err = capsys.readouterr().err
     assert err == "moe-offload: error: CUDA out of memory. Tried to allocate 2.00 GiB; lower --vram or --context\n"
+
+
+def test_no_command_shows_the_help():
+    result = run_cli()
+    assert result.returncode == 0 and "Usage: moe-offload" in result.stdout and "generate" in result.stdout
