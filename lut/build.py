@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from quant.errors import UserError
+from quant.errors import UserError, writing
 
 from .config import MOLE_MODEL_TYPE, TABLE_MODEL_TYPE, MoLEConfig
 from .model import checkpoint_shapes, expert_outputs, is_table_expert
@@ -97,28 +97,29 @@ def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16,
     cfg = MoLEConfig.from_folder(src, (MOLE_MODEL_TYPE,))
     layout = TableLayout.make(cfg.vocab_size, cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size,
                               bits, group_size)
-    if dst.exists() and not force and (not dst.is_dir() or any(dst.iterdir())):
+    if src.resolve().is_relative_to(dst.resolve()):
+        raise UserError(f"{dst}: DST must not be SRC or a folder holding it (replacing it would delete {src})")
+    if (dst.exists() or dst.is_symlink()) and not force and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst}: already exists (choose another DST, or pass --force to replace it)")
-    if dst.resolve() == src.resolve():
-        raise UserError(f"{dst}: DST must differ from SRC")
     source = _Source(src, cfg, weights_budget)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     t0 = time.perf_counter()
-    try:
-        _write_tables(tmp / TABLE_FILE, cfg, layout, source, batch_bytes, progress)
-        _write_dense(tmp, source)
-        _write_config(tmp, src, cfg, layout)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        fsync_dir(tmp)
-        _swap_in(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written folder a later run could trust
-        raise
+    with writing(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            _write_tables(tmp / TABLE_FILE, cfg, layout, source, batch_bytes, progress)
+            _write_dense(tmp, source)
+            _write_config(tmp, src, cfg, layout)
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+            fsync_dir(tmp)
+            _swap_in(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written folder a later run could trust
+            raise
     return {"dst": str(dst), "bits": bits, "group_size": layout.group_size, "vocab": cfg.vocab_size,
             "layers": cfg.num_hidden_layers, "experts": cfg.num_local_experts, "hidden": cfg.hidden_size,
             "record_nbytes": layout.record_nbytes, "table_nbytes": layout.file_nbytes,
@@ -168,12 +169,13 @@ def _write_config(folder: Path, src: Path, cfg: MoLEConfig, layout: TableLayout)
 
 
 def _swap_in(tmp: Path, dst: Path) -> None:
-    """Rename the finished folder into place; an existing DST (--force) is moved aside first, then removed."""
+    """Rename the finished folder into place; an existing DST (--force) is moved aside first, then removed:
+    a real folder with its contents, a symlink or a file by unlinking it (a link's target is not DST's)."""
     old = None
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         os.rename(dst, old)
     os.rename(tmp, dst)
     fsync_dir(dst.parent)
     if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

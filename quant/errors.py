@@ -6,6 +6,7 @@ without `quant`/`lut` importing `offload`. The CLI turns it into one line on std
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 
@@ -22,6 +23,9 @@ def writing(path):
     try:
         yield
     except OSError as exc:
-        raise UserError(f"{exc.filename or path}: cannot write ({exc.strerror or exc})") from None
+        where = exc.filename or path
+        # mkdir(exist_ok=True) on a file says "File exists", which reads as if the folder were there.
+        why = "a file, not a folder" if isinstance(exc, FileExistsError) and not os.path.isdir(where) else exc.strerror
+        raise UserError(f"{where}: cannot write ({why or exc})") from None
     except SafetensorError as exc:  # safetensors' save_file reports its I/O errors this way
         raise UserError(f"{path}: cannot write ({exc})") from None

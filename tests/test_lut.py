@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -154,6 +155,37 @@ def test_an_interrupted_build_leaves_nothing(mole, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_force_never_replaces_a_dst_that_holds_src(mole, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(mole[0], models / "mole")
+    (models / "notes.txt").write_text("mine")
+    for dst in (models, models / "mole"):
+        with pytest.raises(UserError, match="must not be SRC or a folder holding it"):
+            build_tables(models / "mole", dst, force=True)
+    assert (models / "notes.txt").read_text() == "mine"
+    assert MoLEConfig.from_folder(models / "mole").ffn == "mole" and (models / "mole" / "model.safetensors").is_file()
+
+
+def test_force_replaces_a_symlink_dst_by_unlinking_it_and_leaves_its_target(mole, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    build_tables(mole[0], link, force=True)
+    assert not link.is_symlink() and TableLayout.open(link / TABLE_FILE).bits == 16
+    assert os.listdir(target) == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["link", "target"]  # nothing moved aside is left behind
+
+
+def test_an_unwritable_dst_is_one_line_naming_it(mole, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    result = run_cli("lut", "build", mole[0], tmp_path / "afile" / "x")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"{tmp_path / 'afile'}" in result.stderr and "cannot write" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
 def test_src_that_is_not_a_mole_checkpoint_is_one_line_exit_2(tmp_path):
     src = tmp_path / "mixtral"
     src.mkdir()
@@ -165,8 +197,6 @@ def test_src_that_is_not_a_mole_checkpoint_is_one_line_exit_2(tmp_path):
 
 
 def test_table_that_does_not_match_vocab_layers_experts_d_is_one_line_exit_2(mole, tables32, tmp_path):
-    import shutil
-
     bad = tmp_path / "truncated"
     shutil.copytree(tables32, bad)
     with open(bad / TABLE_FILE, "r+b") as f:
