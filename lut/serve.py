@@ -4,8 +4,8 @@ Where a token's bytes come from and go, for one forward step with token ids [T]:
 
     layer 0's ffn call  -> the step begins: its distinct ids U are looked up in the table, ONE contiguous
                            record per id holding the rows of every layer ([L, N, D], lut/tables.py):
-                             tables="disk": a read-only memory map of tables.bin (page cache / disk)
-                             tables="ram":  the whole table read once into host RAM (pinned with CUDA)
+                             tables="disk": one pread per id from tables.bin (page cache / disk)
+                             tables="ram":  the whole table read once into host RAM, gathered from there
                            the records go to a (pinned) staging buffer, then one copy to the compute
                            device (on its own CUDA stream, started before layer 0's shared FFN runs,
                            which it overlaps), where they are dequantized to [U, L, N, D]
@@ -18,22 +18,25 @@ first point the token ids cross this seam.
 
 Nothing of the tables stays on the device between steps: `table_bytes_device` is 0 by construction, and
 the step's rows buffer is dropped at its last layer. `bytes_disk` counts bytes read from the table file
-(through the map; the OS page cache may serve some of them), `bytes_h2d` the bytes copied to the compute
+(by pread; the OS page cache may serve some of them), `bytes_h2d` the bytes copied to the compute
 device (on a CPU-only machine: into the compute buffers, the copy a GPU would get over PCIe).
+
+Disk mode reads with pread rather than through a memory map: a tables.bin that shrinks while it is served
+(overwritten in place by a rebuild) is then a short read and a one-line error, where a map would kill the
+process with SIGBUS.
 
 Dimension legend: T tokens in the step, U distinct token ids, L layers, N experts, D hidden, R record bytes.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 import resource
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quant import pinned
 from quant.errors import UserError
 
 from .config import TABLE_MODEL_TYPE, MoLEConfig
@@ -93,7 +96,7 @@ class TableStore:
 
     def __init__(self, ckpt, device: torch.device, dtype: torch.dtype, ram=None, tables: str | None = None,
                  vram=None, step_bytes: int = 64 << 20, **expert_options):
-        """`ram`: host budget for the tables (bytes or '2GiB'); `tables`: "disk" (memory-mapped) or "ram"
+        """`ram`: host budget for the tables (bytes or '2GiB'); `tables`: "disk" (read per step) or "ram"
         (default: "ram" when a `ram` budget is given and the tables fit it, else "disk"). `vram` is only
         reported: the device holds the dense part and one step's rows. The expert store's options
         (prefetch, cpu_experts, ...) have nothing to act on here and are ignored."""
@@ -123,32 +126,51 @@ class TableStore:
             raise UserError(f"--ram {self.ram_budget:,} bytes cannot hold the tables ({data:,} bytes of "
                             f"{self.path.name}); raise --ram or serve them from disk")
         self.mode = tables
-        self.table = self._open_table()  # uint8 [V, R], on the host (mapped or resident)
-        self.table_np = self.table.numpy()  # the same bytes, for the single-threaded gather in _fetch
+        self.fd: int | None = None     # "disk": tables.bin, read with one pread per id
+        self.table: torch.Tensor | None = None  # "ram": uint8 [V, R], every record resident in host RAM
+        if tables == "ram":
+            self.table = self._load_table()
+            self.table_np = self.table.numpy()  # the same bytes, for the single-threaded gather in _fetch
+        else:
+            self.fd = self._open_fd()
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
         self.step: _Step | None = None
         self.reset_stats()
 
-    def _open_table(self) -> torch.Tensor:
-        V, R, off = self.layout.vocab, self.layout.record_nbytes, self.layout.data_offset
-        if self.mode == "ram":
-            # Pinned when a GPU will DMA from it (pageable memory would force a staging copy per step).
-            host = pinned.empty((V, R), pin=self.cuda)  # to the byte (see quant.pinned)
+    def _load_table(self) -> torch.Tensor:
+        V, R = self.layout.vocab, self.layout.record_nbytes
+        # Ordinary (pageable) memory: _fetch gathers each step's records from it into a pinned staging buffer,
+        # and only that buffer is DMA'd; page-locking the whole table would take RAM from the OS for nothing.
+        host = torch.empty((V, R), dtype=torch.uint8)
+        try:
             with open(self.path, "rb") as f:
-                f.seek(off)
+                f.seek(self.layout.data_offset)
                 view, got = memoryview(host.numpy()).cast("B"), 0
                 while got < V * R:
                     n = f.readinto(view[got:got + (64 << 20)])
                     if not n:
                         raise UserError(f"{self.path}: truncated while loading the tables into RAM")
                     got += n
-            return host
-        with open(self.path, "rb") as f:
-            # A private (copy-on-write) map: reads come from the file, and nothing we do can write to it.
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        self._map.madvise(mmap.MADV_RANDOM)  # rows are read by token id: read-ahead would fetch neighbours
-        return torch.frombuffer(self._map, dtype=torch.uint8, count=V * R, offset=off).view(V, R)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot read ({exc.strerror})") from None
+        return host
+
+    def _open_fd(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot open ({exc.strerror})") from None
+        if hasattr(os, "posix_fadvise"):
+            # Rows are read by token id: read-ahead would fetch neighbours no step asked for.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return fd
+
+    def close(self) -> None:
+        """Close tables.bin (disk mode); the runtime calls this on every store it is done with."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     # ---- the runtime's seam ---------------------------------------------------------------------
 
@@ -206,19 +228,21 @@ class TableStore:
             span = (0, lay.record_nbytes)
         else:
             span = (layer * lay.chunk_nbytes, (layer + 1) * lay.chunk_nbytes)
-        nbytes = U * (span[1] - span[0])
+        n = span[1] - span[0]
         if self.mode == "disk":
-            self.stats_["bytes_disk"] += nbytes
-            self._will_need(uniq, span)
-        self.stats_["bytes_h2d"] += nbytes
+            self.stats_["bytes_disk"] += U * n
+        self.stats_["bytes_h2d"] += U * n
         # Host side: gather into a staging buffer, pinned with CUDA so the copy below is a real async DMA.
         # A fresh pinned tensor from torch's caching host allocator is not handed out again until the copy
         # that reads it has completed (the allocator records the copy's event), so no step overwrites rows
         # still in flight.
-        staging = torch.empty((U, span[1] - span[0]), dtype=torch.uint8, pin_memory=self.cuda)
-        # numpy's take is a plain single-threaded copy: the gather is bound by memory (or disk), and torch's
-        # parallel copy would wait for a pool thread, which on a busy CPU costs more than the copy itself.
-        np.take(self.table_np[:, span[0]:span[1]], uniq.numpy(), axis=0, out=staging.numpy())
+        staging = torch.empty((U, n), dtype=torch.uint8, pin_memory=self.cuda)
+        if self.mode == "disk":
+            self._read(uniq, span, staging)
+        else:
+            # numpy's take is a plain single-threaded copy: the gather is bound by memory, and torch's parallel
+            # copy would wait for a pool thread, which on a busy CPU costs more than the copy itself.
+            np.take(self.table_np[:, span[0]:span[1]], uniq.numpy(), axis=0, out=staging.numpy())
         staging = staging.view(U, -1, lay.chunk_nbytes)
         if not self.cuda:
             return staging, None
@@ -235,14 +259,17 @@ class TableStore:
         dev.record_stream(compute)
         return dev, event
 
-    def _will_need(self, uniq: torch.Tensor, span: tuple[int, int]) -> None:
-        """Ask the kernel for each record's pages in one request: with MADV_RANDOM a cold record would
-        otherwise arrive one page fault (one 4 KiB read) at a time."""
-        R, base = self.layout.record_nbytes, self.layout.data_offset
-        for i in uniq.tolist():
-            start = base + i * R + span[0]
-            aligned = start - start % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_WILLNEED, aligned, start + span[1] - span[0] - aligned)
+    def _read(self, uniq: torch.Tensor, span: tuple[int, int], staging: torch.Tensor) -> None:
+        """One pread per id of bytes [span) of its record, straight into its row of `staging` [U, span]."""
+        R, base, n = self.layout.record_nbytes, self.layout.data_offset, span[1] - span[0]
+        view = memoryview(staging.numpy()).cast("B")
+        for k, i in enumerate(uniq.tolist()):
+            try:
+                got = os.preadv(self.fd, [view[k * n:(k + 1) * n]], base + i * R + span[0])
+            except OSError as exc:
+                raise UserError(f"{self.path}: read failed for token id {i} ({exc.strerror})") from None
+            if got != n:
+                raise UserError(f"{self.path}: truncated since it was opened (token id {i}: read {got} of {n} bytes)")
 
     def _wait(self, event) -> None:
         if event is not None:

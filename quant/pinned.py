@@ -1,5 +1,5 @@
-"""Host memory page-locked to exactly the size asked for: the host tier of expert blobs (offload.store), a
-RAM-resident lookup table (lut.serve), scratch blobs. Here in the lowest layer so both can use it.
+"""Host memory page-locked to exactly the size asked for: the host tier of expert blobs (offload.store), scratch
+blobs for bandwidth probes. Here in the lowest layer, beside the blobs it holds.
 
 `torch.empty(..., pin_memory=True)` goes through torch's caching host allocator, which rounds every
 allocation up to a power of two and keeps freed blocks locked for reuse: a 24 GiB host tier would lock

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import offload
-from conftest import run_cli, write_tokenizer
+from conftest import REPO, run_cli, write_tokenizer
 from lut.build import TABLE_FILE, build_tables
 from lut.config import MoLEConfig
 from lut.model import MoLEForCausalLM, load_model, save_model
@@ -127,6 +129,70 @@ def test_ram_budget_picks_the_tier_and_refuses_a_table_that_does_not_fit(tables3
     assert offload.load(tables32, device="cpu", ram=f"{data - 1}").store.mode == "disk"
     with pytest.raises(UserError, match="cannot hold the tables"):
         offload.load(tables32, device="cpu", ram="1KiB", tables="ram")
+
+
+def test_a_decode_step_from_disk_is_one_read_of_its_record(tables32, monkeypatch):
+    rt = offload.load(tables32, device="cpu", dtype="float32", tables="disk")
+    logits = prefill(rt.model, torch.tensor(PROMPT))
+    reads = []
+    real = os.preadv
+
+    def preadv(fd, buffers, offset):
+        reads.append((offset, sum(len(b) for b in buffers)))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    token = int(logits.argmax())
+    decode_one(rt.model, token, len(PROMPT))
+    layout = TableLayout.open(tables32 / TABLE_FILE)
+    assert reads == [(layout.data_offset + token * layout.record_nbytes, layout.record_nbytes)]
+
+
+def test_a_table_file_truncated_while_served_is_a_user_error_not_a_crash(tables32, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(tables32, served)
+    # In a child process: rows read through a memory map of a shrunken file kill the process with SIGBUS.
+    code = (f"import os, torch, offload\n"
+            f"from offload.generate import prefill\n"
+            f"from quant.errors import UserError\n"
+            f"rt = offload.load({str(served)!r}, device='cpu', tables='disk')\n"
+            f"os.truncate({str(served / TABLE_FILE)!r}, 4096)  # a rebuild copied over the served file\n"
+            f"try:\n"
+            f"    prefill(rt.model, torch.tensor([1, 300, 5]))\n"
+            f"except UserError as exc:\n"
+            f"    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tables.bin: truncated since it was opened" in result.stdout
+
+
+def test_close_releases_the_table_file_and_profile_refuses_a_table_folder_in_one_line(tables32, tmp_path):
+    result = run_cli("profile", tables32, "--out", tmp_path / "profile", "-n", "2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "profile runs Mixtral expert models" in result.stderr
+    store = offload.load(tables32, device="cpu", tables="disk").store
+    fd = store.fd
+    os.fstat(fd)
+    store.close()
+    store.close()  # the runtime may close a store twice (a failed load, then the runtime's own close)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_tables_in_ram_are_never_page_locked(tables32, monkeypatch):
+    from offload.checkpoint import Checkpoint
+    from lut.serve import TableStore
+    from quant import pinned
+
+    # A CUDA store on a CPU machine, as far as the RAM table is concerned: the DMA goes through the pinned
+    # staging buffer of each step, so locking the whole table (tens of GiB at Mixtral scale) buys nothing.
+    monkeypatch.delenv("MOE_OFFLOAD_PINNED", raising=False)
+    monkeypatch.setattr(pinned, "_cudart", lambda: pytest.fail("the RAM table was page-locked"))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    ckpt = Checkpoint(tables32, model_types=("mole_tables",))
+    store = TableStore(ckpt, torch.device("cuda"), torch.float32, tables="ram")
+    assert store.cuda and store.mode == "ram" and not store.table.is_pinned()
 
 
 # ---- the folder and the command line --------------------------------------------------------------
