@@ -176,6 +176,9 @@ class TableLayout:
         views = self.views(out)
         if self.bits in (32, 16):
             views["values"].copy_(rows)
+            if self.bits == 16 and not torch.isfinite(views["values"]).all():  # the cast makes |x| > 65504 inf
+                raise UserError("table rows hold values beyond float16's range (±65504); build with --bits 32"
+                                if torch.isfinite(rows).all() else "table rows hold NaN or infinite values")
         else:
             q = quantize(rows.reshape(-1, self.hidden), self.bits, self.group_size)  # every row on its own
             for name, t in (("codes", q.q), ("scales", q.scale), ("zeros", q.zero)):

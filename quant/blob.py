@@ -41,6 +41,11 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def _count(x) -> bool:
+    """A header's size or offset: a non-negative JSON integer (not a bool, a float or a string)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 @dataclass(frozen=True)
 class TensorRecord:
     name: str
@@ -127,11 +132,21 @@ class BlobLayout:
             raise UserError(f"{source}: blob format version {version} is not supported (this build reads {VERSION})")
         try:
             body = json.loads(data[_PREFIX.size:_PREFIX.size + n])
-            records = tuple(TensorRecord(name, dt, tuple(shape), off, nb) for name, dt, shape, off, nb in body["tensors"])
-            layout = cls(records, int(body["nbytes"]), body["kind"], int(body["bits"]), int(body["group_size"]),
-                         dict(body.get("extra", {})))
+            records = []
+            for name, dt, shape, off, nb in body["tensors"]:
+                if not (isinstance(name, str) and isinstance(dt, str) and isinstance(shape, list)
+                        and all(map(_count, shape)) and _count(off) and _count(nb)):
+                    raise ValueError(f"tensor record {[name, dt, shape, off, nb]!r} has fields of the wrong type")
+                records.append(TensorRecord(name, dt, tuple(shape), off, nb))
+            nbytes, kind, bits, group_size = body["nbytes"], body["kind"], body["bits"], body["group_size"]
+            extra = body.get("extra", {})
+            if not (_count(nbytes) and isinstance(kind, str) and _count(bits) and _count(group_size)
+                    and isinstance(extra, dict)):
+                raise ValueError("nbytes, bits and group_size must be non-negative integers, kind a string, "
+                                 "extra an object")
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{source}: corrupt blob header ({exc})") from None
+        layout = cls(tuple(records), nbytes, kind, bits, group_size, extra)
         layout.check(source)
         return layout
 

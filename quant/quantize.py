@@ -106,7 +106,14 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedTenso
     q_rows, scales, zeros = [], [], []
     for r in range(0, out_f, rows_per_chunk):
         w = weight[r:r + rows_per_chunk].to(torch.float32).reshape(-1, group_size)  # [rows * in/G, G]
-        s, z = _fit_groups(w, bits)
+        s, z, fitted = _fit_groups(w, bits)
+        if not fitted.all():
+            # Every candidate scale overflowed float16: the fallback (1, 0) it kept would store garbage.
+            g = int((~fitted).flatten().nonzero()[0])
+            lo, hi = float(w[g].min()), float(w[g].max())
+            raise UserError(f"values too large for float16 scales: row {r + g // groups_per_row} of the weight to "
+                            f"quantize has a group spanning {lo:.4g} .. {hi:.4g}, more than {bits}-bit codes with "
+                            f"a float16 scale reach ({torch.finfo(torch.float16).max * ((1 << bits) - 1):.4g})")
         codes = _codes(w, s, z, bits).reshape(-1, in_f).to(torch.uint8)
         q_rows.append(_pack.pack(codes, bits))
         scales.append(s.reshape(-1, groups_per_row).to(torch.float16))
@@ -137,8 +144,9 @@ def _codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torc
     return torch.addcmul(z, w, 1.0 / s).round_().clamp_(0, (1 << bits) - 1)
 
 
-def _fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, zero) [N, 1], float32 values exactly representable in float16, for w [N, G]."""
+def _fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) [N, 1], float32 values exactly representable in float16, for w [N, G], and
+    whether each group found a candidate range whose scale float16 holds (where not, (s, z) mean nothing)."""
     qmax = (1 << bits) - 1
     n = w.shape[1]
     lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
@@ -163,6 +171,7 @@ def _fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
             err, s_next, z_next = _refit(w, s, z, bits, stats)
             keep_best(s, z, err)
             s, z = s_next, z_next
+    fitted = torch.isfinite(best[0])
     # Slide the grid by fractions of a step: moves which values sit near a grid point, which the
     # least-squares rounds (a local search) do not reach at 8 bits.
     s = best[1]
@@ -174,7 +183,7 @@ def _fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
         err, s_next, z_next = _refit(w, s, z, bits, stats)
         keep_best(s, z, err)
         s, z = s_next, z_next
-    return best[1], best[2]
+    return best[1], best[2], fitted
 
 
 def _refit(w, s, z, bits, stats):

@@ -93,6 +93,18 @@ def test_fewer_bits_per_row_cost_more_error_and_16_bits_almost_none(mole, tmp_pa
     assert errors[16] < 1e-3 and errors[16] < errors[8] < errors[4] < errors[2] < 0.5, errors
 
 
+def test_rows_beyond_float16_are_refused_at_16_bits_and_kept_at_32():
+    rows = torch.zeros(2, 3, 3, 64)  # [U, L, N, D]
+    rows[1, 2, 0, 5] = 1e5
+    with pytest.raises(UserError, match="beyond float16's range"):
+        TableLayout.make(320, 3, 3, 64, 16).encode(rows)
+    for bits in (8, 4):
+        with pytest.raises(UserError, match="values too large for float16 scales"):
+            TableLayout.make(320, 3, 3, 64, bits).encode(rows * 1000)
+    layout = TableLayout.make(320, 3, 3, 64, 32)
+    assert torch.equal(layout.decode(layout.encode(rows).view(2, 3, -1), torch.float32), rows)
+
+
 @pytest.mark.parametrize("ffn, experts, top_k, ffn_size", [("moe", 4, 2, 32), ("dense", 1, 1, 64)])
 def test_baselines_are_mixtral_folders_the_expert_runtime_serves_identically(tmp_path, ffn, experts, top_k, ffn_size):
     cfg = tiny_config(ffn=ffn, num_local_experts=experts, num_experts_per_tok=top_k, intermediate_size=ffn_size)

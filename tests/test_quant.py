@@ -7,6 +7,7 @@ scale and zero rounded to float16 as stored (see tests/hqq_ref.py, which benchma
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +94,14 @@ def test_constant_and_zero_groups_are_exact():
         assert torch.equal(quant.dequantize(quant.quantize(w, bits, 32)), w)
 
 
+@pytest.mark.parametrize("bits, size", [(4, 1e6), (2, 1e5)])
+def test_values_too_large_for_float16_scales_are_refused_not_stored_as_garbage(bits, size):
+    w = matrix("gaussian", 4, 64) / 0.02 * size  # groups span ~5 x size: a scale beyond float16's 65504
+    with pytest.raises(UserError, match="values too large for float16 scales"):
+        quant.quantize(w, bits, 64)
+    assert relative_error(w, quant.dequantize(quant.quantize(w, 8, 64))) < 0.01  # 255 steps: the scale fits
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "student_t3"])
 @pytest.mark.parametrize("bits,group_size", SETTINGS)
 def test_error_is_no_worse_than_hqq_at_no_more_bits(kind, bits, group_size):
@@ -167,6 +176,23 @@ def test_corrupt_or_unknown_version_blob_is_refused(weights):
         BlobLayout.parse(good[:16] + b"{garbage" + good[24:], source="expert")
     with pytest.raises(UserError, match="truncated"):
         BlobLayout.parse(good[:10], source="expert")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("nbytes", float("inf")), ("bits", "4"), ("kind", 5), ("offset", "256"), ("extra", []),
+])
+def test_blob_header_fields_of_the_wrong_type_are_corrupt(weights, field, value):
+    good = quant.pack_expert(*weights, 4, 64).numpy().tobytes()
+    n = int.from_bytes(good[12:16], "little")
+    body = json.loads(good[16:16 + n])
+    if field == "offset":
+        body["tensors"][0][3] = value
+    else:
+        body[field] = value
+    raw = json.dumps(body).encode()
+    header = b"MOEBLOB\x00" + (1).to_bytes(4, "little") + len(raw).to_bytes(4, "little") + raw
+    with pytest.raises(UserError, match="corrupt blob header"):
+        BlobLayout.parse(header, source="expert")
 
 
 # ---- fused GPU kernel ----
