@@ -17,6 +17,7 @@ are written as plain Mixtral folders (model_type "mixtral"), so the expert runti
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,17 +56,31 @@ class MoLEConfig:
             if not ok:
                 raise UserError(f"{self.source}: field '{name}' {why}")
 
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a size
+
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "intermediate_size", "num_local_experts",
                      "num_experts_per_tok", "max_position_embeddings"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+            need(is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                 and value > 0, name, f"must be a positive finite number, got {value!r}")
+        # A string "false" would be truthy and silently tie lm_head to the embedding.
+        need(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings",
+             f"must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            need(value is None or (is_int(value) and value >= 0), name,
+                 f"must be a token id (a non-negative integer) or null, got {value!r}")
         need(self.ffn in FFN_KINDS, "ffn", f"must be one of {FFN_KINDS}, got {self.ffn!r}")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})")
         need(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
         if self.ffn == "mole":
-            need(isinstance(self.shared_intermediate_size, int) and self.shared_intermediate_size > 0,
+            need(is_int(self.shared_intermediate_size) and self.shared_intermediate_size > 0,
                  "shared_intermediate_size", f"must be a positive integer, got {self.shared_intermediate_size!r}")
             need(self.num_experts_per_tok == self.num_local_experts, "num_experts_per_tok",
                  f"must equal num_local_experts ({self.num_local_experts}): MoLE's router uses every expert")

@@ -274,6 +274,26 @@ def test_src_that_is_not_a_mole_checkpoint_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("field, value", [
+    ("rms_norm_eps", "1e-5"), ("rms_norm_eps", 0), ("rope_theta", float("inf")), ("rope_theta", True),
+    ("tie_word_embeddings", "false"), ("tie_word_embeddings", 0), ("hidden_size", True), ("eos_token_id", "2"),
+])
+def test_config_fields_of_the_wrong_type_are_refused_naming_the_field(field, value):
+    with pytest.raises(UserError, match=f"field '{field}'"):
+        tiny_config(**{field: value})
+
+
+def test_a_string_tie_word_embeddings_is_one_line_not_a_silently_tied_model(mole, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(mole[0], src)
+    raw = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**raw, "tie_word_embeddings": "false"}))  # "false" is truthy
+    result = run_cli("lut", "build", src, tmp_path / "out")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "field 'tie_word_embeddings' must be true or false" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_table_that_does_not_match_vocab_layers_experts_d_is_one_line_exit_2(mole, tables32, tmp_path):
     bad = tmp_path / "truncated"
     shutil.copytree(tables32, bad)
