@@ -130,8 +130,9 @@ class Profiler:
         self.token_begin = self.mark()
         self.t_token = time.perf_counter()
 
-    def end_token(self, token: int) -> None:
-        """Close the current token: wait for the device, turn its timing points into times and spans."""
+    def end_token(self, token: int | None) -> None:
+        """Close the current token: wait for the device, turn its timing points into times and spans.
+        `token` None: the step sampled end-of-sequence (a forward pass whose token is not part of the text)."""
         token_end = self.mark()
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -290,6 +291,8 @@ def profile_runtime(rt, prompt_ids: list[int], max_new_tokens: int, sampling: Sa
         prof.begin()
         for token in rt.generate_ids(prompt_ids, max_new_tokens, sampling):
             prof.end_token(token)
+        if len(prof.tokens) < max_new_tokens:
+            prof.end_token(None)  # it stopped at end-of-sequence: that step's forward pass is a row too
     finally:
         rt.store.profiler = None
     return Profile(build_record(rt, prof, prompt, prompt_ids, probe), prof.spans)
@@ -323,7 +326,8 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
                                              if extra["prefetch_issued"] else None)})
     time_s = {p: sum(r[p] for r in decode) for p in TIME_PARTS}
     totals = {
-        "prompt_tokens": len(prompt_ids), "new_tokens": len(rows), "decode_tokens": len(decode),
+        "prompt_tokens": len(prompt_ids), "new_tokens": sum(r["token"] is not None for r in rows),
+        "decode_tokens": len(decode),
         "time_to_first_token_s": rows[0]["latency_s"] if rows else 0.0,
         "decode_s": decode_s,
         "tokens_per_s": len(decode) / decode_s if decode_s > 0 else None,
@@ -348,7 +352,7 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
     }
     record = {
         "schema": SCHEMA_ID,
-        "model": str(rt.ckpt.path), "prompt": prompt, "tokens": [r["token"] for r in rows],
+        "model": str(rt.ckpt.path), "prompt": prompt, "tokens": [r["token"] for r in rows if r["token"] is not None],
         "device": {"type": store.device.type, "name": device_name(store.device),
                    "dtype": str(store.dtype).removeprefix("torch."), "torch": torch.__version__},
         "settings": {"vram_budget": plan.vram_budget, "ram_budget": plan.ram_budget, "prefetch": store.prefetch,
@@ -374,15 +378,15 @@ BOUNDS = {"transfer": ("copy_wait_s",), "compute": ("dense_s", "expert_s"), "CPU
 def verdict(record: dict) -> dict:
     """What bounds this run: the largest of transfer, compute, CPU experts and disk in decode time."""
     t = record["totals"]
-    parts = t["decode_time_s"]
+    parts, of = t["decode_time_s"], "decode time"
     if not t["decode_tokens"]:  # one token: only prefill ran
-        parts = {p: record["per_token"][0][p] for p in TIME_PARTS}
+        parts, of = {p: record["per_token"][0][p] for p in TIME_PARTS}, "prefill time"
     total = sum(parts.values()) or 1.0
     shares = {name: sum(parts[p] for p in keys) / total for name, keys in BOUNDS.items()}
     bound = max(shares, key=shares.get)
     where = "GPU" if record["device"]["type"] == "cuda" else "CPU slot pool"
     detail = ", ".join(f"{name} {share:.0%}" for name, share in sorted(shares.items(), key=lambda kv: -kv[1]))
-    text = f"{bound}-bound ({where}): {detail} of decode time"
+    text = f"{bound}-bound ({where}): {detail} of {of}"
     if t["time_per_token_vs_transfer_bound"]:
         text += (f"; {t['decode_s'] / t['decode_tokens'] * 1e3:.2f} ms/token is "
                  f"{t['time_per_token_vs_transfer_bound']:.1f}x the transfer bound "
@@ -516,11 +520,20 @@ def profile(model: str | None, prompt: str = DEFAULT_PROMPT, out: str | Path = "
     """Load MODEL, generate from PROMPT with timing on, and write the artifacts into OUT."""
     from .runtime import load
 
-    make_out_dir(Path(out))  # before the run: a bad --out must not cost a generation
-    rt = load(model, device=device, dtype=dtype, context=context, **store_options)
+    if max_new_tokens < 1:  # before loading, which can read every expert
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    out = Path(out)
+    made = not out.exists()
+    make_out_dir(out)  # before the run: a bad --out must not cost a generation
     try:
-        result = profile_runtime(rt, rt.encode(prompt, chat), max_new_tokens, sampling, prompt=prompt)
-    finally:
-        rt.close()
-    write(result, Path(out))
+        rt = load(model, device=device, dtype=dtype, context=context, **store_options)
+        try:
+            result = profile_runtime(rt, rt.encode(prompt, chat), max_new_tokens, sampling, prompt=prompt)
+        finally:
+            rt.close()
+        write(result, out)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed leaves no empty folder it made behind
+        raise
     return result

@@ -250,12 +250,15 @@ class ExpertStore:
                     return None
                 waiting = list(self.host_reads.values())
                 events = list(self.host_busy.items())
+            t0 = time.perf_counter() if self.profiler else 0.0
             if waiting:
                 waiting[0].exception()  # wait for it; its own user re-raises any error
             for slot, event in events:
                 event.synchronize()
                 with self.lock:
                     self.host_busy.pop(slot, None)
+            if self.profiler:  # every host slot was busy: time spent waiting for the host tier
+                self.profiler.host_wait(key, t0, time.perf_counter())
 
     def _read(self, key: Key, slot: int) -> int:
         """Reader thread: wait until no copy reads this host slot any more, then pread the expert into it."""
@@ -280,17 +283,20 @@ class ExpertStore:
         return slot
 
     def _host_slot(self, key: Key) -> int:
-        prof = self.profiler
-        t0 = time.perf_counter() if prof else 0.0
+        """The host slot holding `key`, waiting for its disk read if one is under way (profiled as a wait;
+        an expert already in RAM costs no wait)."""
         try:
-            slot = self._start_host(key).result()
+            read = self._start_host(key)
+            if read.done() or not self.profiler:
+                return read.result()
+            t0 = time.perf_counter()
+            slot = read.result()
+            self.profiler.host_wait(key, t0, time.perf_counter())
+            return slot
         except UserError:
             raise
         except OSError as exc:
             raise UserError(f"reading expert {key}: {exc}") from None
-        if prof:
-            prof.host_wait(key, t0, time.perf_counter())
-        return slot
 
     def _to_device(self, key: Key, protected: set, prefetch: bool) -> int | None:
         """Copy `key` from its host slot into a device slot (evicting LRU); None if nothing may be evicted."""
@@ -396,11 +402,12 @@ class ExpertStore:
         return self.measured["cpu_expert_s"] < self.measured["h2d_blob_s"]
 
     def _cpu_should_run(self, key: Key) -> bool:
-        """Batch-1 decode only (prefill reuses each expert across many tokens, so copying wins there)."""
-        if not self.cpu_wins:
-            return False
-        with self.lock:
-            return self.cpu_experts == "always" or (key in self.host_table and key not in self.host_reads)
+        """Batch-1 decode only (prefill reuses each expert across many tokens, so copying wins there).
+
+        Every decode miss once the CPU is chosen (measured cheaper, or `always`): a miss still on its way
+        from disk needs that read either way. The choice must not depend on whether a read has finished:
+        a CPU expert rounds differently from the GPU one, and timing would then change the tokens."""
+        return self.cpu_wins
 
     def _run_on_cpu(self, key: Key, x: torch.Tensor) -> torch.Tensor:
         host = self._host_slot(key)
@@ -422,6 +429,9 @@ class ExpertStore:
             read.exception()
         with self.lock:  # the reader thread adds to the counters
             self.stats_.reset()
+        # The experts an earlier run prefetched and never used stay in their slots, but a hit on one now is
+        # not this run's prefetch hit: it issued none of them.
+        self.prefetched.clear()
         self.peak_before = 0
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -180,3 +180,75 @@ def test_gpu_profile_tokens_budget_and_copy_stream(tiny_checkpoint, tmp_path):
     # (prefill, the first token, is its largest step), not just the last token.
     again = profile_runtime(rt, rt.encode(PROMPT), NEW)
     assert rt.stats()["peak_vram_bytes"] >= again.record["totals"]["peak_vram_allocated_bytes"]
+
+
+def with_eos(folder, tmp_path, nth: int):
+    """A copy of `folder` whose end-of-sequence id is its `nth` greedy token after PROMPT."""
+    import shutil
+
+    rt = offload.load(folder, device="cpu", context=256)
+    eos = list(rt.generate_ids(rt.encode(PROMPT), nth + 1))[nth]
+    copy = tmp_path / "eos"
+    shutil.copytree(folder, copy)
+    for name in ("config.json", "generation_config.json"):
+        if (copy / name).is_file():
+            cfg = json.loads((copy / name).read_text())
+            cfg["eos_token_id"] = eos
+            (copy / name).write_text(json.dumps(cfg))
+    return copy, eos
+
+
+@pytest.mark.parametrize("nth", [0, 3])
+def test_a_run_that_ends_at_end_of_sequence_is_profiled_whole(folder, budgets, tmp_path, nth):
+    """The step that samples end-of-sequence ran a forward pass: it is a row (token null), so the rows add
+    up to the totals; when it is the first step, the artifacts are still written."""
+    copy, eos = with_eos(folder, tmp_path, nth)
+    out = tmp_path / "p"
+    result = profile(copy, PROMPT, out, max_new_tokens=NEW, device="cpu", context=256, prefetch=1, **budgets)
+    record = json.loads((out / "profile.json").read_text())
+    assert schema_errors(record, load_schema()) == []
+    rows, t = record["per_token"], record["totals"]
+    assert len(rows) == nth + 1 and rows[-1]["token"] is None and eos not in record["tokens"]
+    assert len(record["tokens"]) == t["new_tokens"] == nth
+    rt = offload.load(copy, device="cpu", context=256, prefetch=1, **budgets)
+    assert record["tokens"] == list(rt.generate_ids(rt.encode(PROMPT), NEW))
+    for key in ("expert_hits", "expert_misses", "bytes_h2d", "bytes_disk"):
+        assert sum(r[key] for r in rows) == t[key], key
+    assert t["expert_misses"] > 0 and t["bytes_disk"] > 0
+    assert {p.name for p in out.iterdir()} == {"profile.json", "trace.json", *PNGS}
+    assert ("prefill time" if nth == 0 else "decode time") in result.record["verdict"]["text"]
+
+
+def test_a_warm_runtime_reports_only_the_prefetches_of_its_own_run():
+    """Experts an earlier run prefetched and never used are not this run's prefetch hits."""
+    plan = offload.load("demo", device="cpu", context=256).store.plan
+    for slots, prefetch in ((12, 2), (16, 1), (16, 3), (20, 2)):
+        vram = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
+        rt = offload.load("demo", device="cpu", context=256, prefetch=prefetch, vram=vram)
+        for prompt in ("The for statement", "Exceptions are raised", "A class definition", "import sys"):
+            list(rt.generate_ids(rt.encode(prompt), 16))
+            record = profile_runtime(rt, rt.encode("The while statement"), 3).record
+            assert schema_errors(record, load_schema()) == []
+            for layer in record["per_layer"]:
+                assert layer["prefetch_hits"] <= layer["prefetch_issued"], (slots, prefetch, prompt, layer)
+
+
+def test_no_disk_wait_is_reported_when_every_expert_is_in_ram(folder, budgets):
+    rt = offload.load(folder, device="cpu", context=256, prefetch=1, vram=budgets["vram"])  # RAM holds them all
+    record = profile_runtime(rt, rt.encode(PROMPT), NEW).record
+    t = record["totals"]
+    assert t["bytes_disk"] == 0 and t["expert_misses"] > 0
+    assert all(r["disk_wait_s"] == 0 for r in record["per_token"])
+
+
+def test_a_bad_max_new_tokens_is_refused_before_loading_and_leaves_no_folder(tmp_path, monkeypatch):
+    import offload.runtime
+
+    monkeypatch.setattr(offload.runtime, "load", lambda *a, **k: pytest.fail("loaded before checking -n"))
+    with pytest.raises(offload.UserError, match="--max-new-tokens must be at least 1"):
+        profile("demo", PROMPT, tmp_path / "p", max_new_tokens=0)
+    assert not (tmp_path / "p").exists()
+    monkeypatch.undo()
+    with pytest.raises(offload.UserError, match="no such model folder"):
+        profile(tmp_path / "missing", PROMPT, tmp_path / "q")
+    assert not (tmp_path / "q").exists()  # a failed run removes the empty folder it made
