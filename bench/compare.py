@@ -18,7 +18,7 @@ offload.profile). Every figure is a ratio against a baseline measured in the sam
 something only on a GPU, with the device named.
 
     python bench/compare.py                                      # CPU: the demo model, 1/4 of experts fit
-    python bench/compare.py --slice-layers 8 --vram 12GiB        # GPU: a Mixtral-shaped slice
+    python bench/compare.py --slice-layers 4 --vram 6GiB         # GPU: a Mixtral-shaped slice
 
 Writes bench/results/compare-<device>.json. Not a test: nothing is asserted.
 """
@@ -70,14 +70,18 @@ def ours(folder, device: str, tokens: int, repeats: int, context: int, **options
         speeds.append(rt.last["tokens_per_s"])
     s = rt.stats()
     uses = s["expert_hits"] + s["expert_misses"]
+    dtype = str(rt.model.dtype).removeprefix("torch.")
     rt.close()
     del rt
     release(device)
+    # The counters cover the last measured generation, prefill included (its copies too).
     return {"options": {k: v for k, v in options.items() if k not in ("vram", "ram", "dtype")},
+            "cpu_experts_decided": s["cpu_experts"], "cpu_expert_costs": s["cpu_expert_costs"], "dtype": dtype,
             "tokens_per_s": max(speeds),
             "runs_tokens_per_s": speeds, "tokens": out, "device_slots": s["device_slots"],
-            "hit_rate": round(s["expert_hits"] / uses, 4) if uses else None,
-            "cpu_expert_calls": s["cpu_expert_calls"], "bytes_h2d_per_token": s["bytes_h2d"] // max(1, len(out))}
+            "hit_rate_with_prefill": round(s["expert_hits"] / uses, 4) if uses else None,
+            "cpu_expert_calls": s["cpu_expert_calls"],
+            "bytes_h2d_per_new_token_with_prefill": s["bytes_h2d"] // max(1, len(out))}
 
 
 def transfer_bound(folder, device: str, tokens: int, context: int, **options) -> dict:
@@ -160,7 +164,10 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
 # ---- the comparison ----------------------------------------------------------------------------------------
 
 def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int, repeats: int, context: int,
-            dtype: str, skip_hf: bool = False) -> dict:
+            dtype: str, skip_hf: bool = False, record: dict | None = None, save=lambda: None) -> dict:
+    """Run every contender; each result goes into `record` and `save()` is called after it, so a run cut
+    short (a time limit on a lent GPU, a failing transformers) keeps what it measured."""
+    record = {} if record is None else record
     plan = memory_plan(folder, device=device, dtype=dtype, context=context, ram=ram, vram=vram or 10**15)["plan"]
     fixed = plan["dense_bytes"] + plan["kv_bytes"] + plan["margin_bytes"]
     if vram is None:  # default: a quarter of the experts fit
@@ -173,11 +180,21 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
         for cpu in (("never", "auto") if gpu else ("never", "always")):
             row = ours(folder, device, tokens, repeats, context, prefetch=prefetch, cpu_experts=cpu, **common)
             sweep.append(row)
-            print(f"  (a) prefetch {prefetch} cpu-experts {cpu:6}: {row['tokens_per_s']:8.2f} tok/s, "
-                  f"hit rate {row['hit_rate']}, {row['device_slots']} slots", flush=True)
+            print(f"  (a) prefetch {prefetch} cpu-experts {cpu:6} ({row['cpu_experts_decided']}): "
+                  f"{row['tokens_per_s']:8.2f} tok/s, hit rate {row['hit_rate_with_prefill']}, "
+                  f"{row['device_slots']} slots", flush=True)
+    record.update({"vram_budget": vram, "ram_budget": plan["ram_budget"], "dtype": sweep[0]["dtype"],
+                   "blob_bytes": plan["blob_bytes"], "experts_total": plan["experts_total"], "tokens": tokens,
+                   "repeats": repeats,
+                   "a_sweep": [{k: r[k] for k in ("options", "cpu_experts_decided", "tokens_per_s",
+                                                  "hit_rate_with_prefill")} for r in sweep]})
+    save()
     # The sweep picks the settings; the best one is then measured afresh, so that picking the fastest of
-    # six noisy measurements does not flatter (a) against (b) and (c), which are measured once each.
-    chosen = max(sweep, key=lambda r: r["tokens_per_s"])["options"]
+    # six noisy measurements does not flatter (a) against (b) and (c), which are measured once each. `auto`
+    # is decided from timings at each load: the re-measure and the bound run take what it decided.
+    fastest = max(sweep, key=lambda r: r["tokens_per_s"])
+    chosen = dict(fastest["options"], cpu_experts="always" if fastest["cpu_experts_decided"] in ("on", "always")
+                  else "never")
     best = ours(folder, device, tokens, repeats, context, **chosen, **common)
     print(f"  (a) best settings {chosen}, measured again: {best['tokens_per_s']:8.2f} tok/s", flush=True)
     bound = transfer_bound(folder, device, tokens, context, **best["options"], **common)
@@ -185,50 +202,70 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
     bound["time_per_token_s"] = per_token
     bound["time_per_token_vs_transfer_bound"] = (per_token / bound["transfer_bound_s_per_token"]
                                                  if per_token and bound["transfer_bound_s_per_token"] > 0 else None)
+    record.update({"device_slots": best["device_slots"], "a_moe_offload_best": best, "a_transfer_bound": bound})
+    save()
     free = torch.cuda.mem_get_info()[0] if gpu else None
     resident = None
     if free is None or all_in <= free:
         resident = ours(folder, device, tokens, repeats, context, prefetch=0, cpu_experts="never", vram=all_in,
                         ram=ram, dtype=dtype)
         print(f"  (c) every expert resident: {resident['tokens_per_s']:8.2f} tok/s", flush=True)
+    record["c_all_resident"] = resident
+    save()
     hf = hf_all = None
     if not skip_hf:
-        hf_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-            dtype if dtype != "auto" else ("bfloat16" if gpu else "float32")]
-        hf = accelerate_offload(folder, device, vram, ram, tokens, repeats, hf_dtype)
-        print(f"  (b) transformers + accelerate: {hf['tokens_per_s']:8.2f} tok/s ({hf['what']})", flush=True)
-        if resident is not None:  # how fast transformers itself is, to tell its overhead from offloading's
-            hf_all = accelerate_offload(folder, device, None, ram, tokens, repeats, hf_dtype)
-            print(f"  (b') transformers, no offloading: {hf_all['tokens_per_s']:8.2f} tok/s", flush=True)
+        hf_dtype = getattr(torch, best["dtype"])  # the dtype (a) ran in
+        hf = hf_run(folder, device, vram, ram, tokens, repeats, hf_dtype)
+        record["b_accelerate"] = hf
+        save()
+        if resident is not None and "error" not in hf:  # transformers' own speed: its overhead vs offloading's
+            hf_all = hf_run(folder, device, None, ram, tokens, repeats, hf_dtype)
 
     def ratio(x, y):
         return round(x / y, 3) if x and y else None
 
-    return {
-        "vram_budget": vram, "ram_budget": plan["ram_budget"], "dtype": dtype, "blob_bytes": plan["blob_bytes"],
-        "experts_total": plan["experts_total"], "device_slots": best["device_slots"], "tokens": tokens,
-        "repeats": repeats,
-        "a_moe_offload_best": best, "a_sweep": [{k: r[k] for k in ("options", "tokens_per_s", "hit_rate")} for r in sweep],
-        "b_accelerate": hf, "b_reference_transformers_no_offload": hf_all, "c_all_resident": resident,
-        "a_vs_b": ratio(best["tokens_per_s"], hf and hf["tokens_per_s"]),
-        "c_vs_b_no_offload": ratio(resident and resident["tokens_per_s"], hf_all and hf_all["tokens_per_s"]),
-        "a_vs_c": ratio(best["tokens_per_s"], resident and resident["tokens_per_s"]),
-        "a_transfer_bound": bound,
-        "same_tokens": {"a_c": resident is None or best["tokens"] == resident["tokens"],
-                        # (b) is held to exactly --tokens; (a) stops early at an end-of-sequence token.
-                        "a_b": None if hf is None else best["tokens"] == hf["tokens"][:len(best["tokens"])]},
-    }
+    def speed(r):
+        return r and r.get("tokens_per_s")
+
+    def same(x, y):  # (b) is held to exactly --tokens; (a) and (c) stop early at an end-of-sequence token
+        return None if not (x and y and "tokens" in x and "tokens" in y) else x["tokens"] == y["tokens"][:len(x["tokens"])]
+
+    record.update({
+        "b_accelerate": hf, "b_reference_transformers_no_offload": hf_all,
+        "a_vs_b": ratio(best["tokens_per_s"], speed(hf)),
+        "c_vs_b_no_offload": ratio(speed(resident), speed(hf_all)),
+        "a_vs_c": ratio(best["tokens_per_s"], speed(resident)),
+        "same_tokens": {"a_c": same(best, resident), "a_b": same(best, hf)},
+    })
+    save()
+    return record
+
+
+def hf_run(folder, device: str, vram: int | None, ram: int | None, tokens: int, repeats: int, dtype) -> dict:
+    """`accelerate_offload`, printed; a failure (a transformers version that loads this folder differently,
+    running out of memory) is recorded and reported instead of ending the comparison."""
+    label = "(b) transformers + accelerate" if vram else "(b') transformers, no offloading"
+    try:
+        result = accelerate_offload(folder, device, vram, ram, tokens, repeats, dtype)
+    except Exception as exc:  # noqa: BLE001 - a peer's failure is a result to report, whatever its type
+        release(device)
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        print(f"  {label}: failed ({message})", flush=True)
+        return {"error": message}
+    print(f"  {label}: {result['tokens_per_s']:8.2f} tok/s ({result['what']})", flush=True)
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model", default=None, help="model folder (default: the demo model on CPU, a slice on GPU)")
-    ap.add_argument("--slice-layers", type=int, default=8, help="GPU: layers of the Mixtral-shaped slice")
+    ap.add_argument("--slice-layers", type=int, default=4, help="GPU: layers of the Mixtral-shaped slice")
     ap.add_argument("--vram", default=None, help="device budget (default: dense part + a quarter of the experts)")
     ap.add_argument("--ram", default=None, help="host RAM budget (default: 80%% of available)")
-    ap.add_argument("--tokens", type=int, default=None, help="decode steps per run (default 32 on CPU, 16 on GPU)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens", type=at_least(2), default=None,
+                    help="new tokens per run, at least 2 (default 32 on CPU, 16 on GPU)")
+    ap.add_argument("--repeats", type=at_least(1), default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every contender (default: torch's)")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--dtype", default="auto")
@@ -243,6 +280,13 @@ def main() -> None:
     name = device_name(device)
     record = {"benchmark": "compare", "device": name, "torch": torch.__version__, "prompt": PROMPT}
     vram, ram = parse_bytes(args.vram, "--vram"), parse_bytes(args.ram, "--ram")
+    slug = re.sub(r"[^a-z0-9]+", "-", ("gpu " if gpu else "") + name.lower()).strip("-")
+    out = args.out or RESULTS / f"compare-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(record, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             folder, label = args.model, args.model
@@ -256,32 +300,40 @@ def main() -> None:
             folder, label = "demo", "demo model (offload/demo_model)"
         print(f"{label} on {name}", flush=True)
         record["model"] = label
-        record.update(compare(folder if folder == "demo" else Path(folder), device, vram, ram, tokens, args.repeats,
-                              args.context, args.dtype, skip_hf=args.no_hf))
-    slug = re.sub(r"[^a-z0-9]+", "-", ("gpu " if gpu else "") + name.lower()).strip("-")
-    out = args.out or RESULTS / f"compare-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
+        compare(folder if folder == "demo" else Path(folder), device, vram, ram, tokens, args.repeats, args.context,
+                args.dtype, skip_hf=args.no_hf, record=record, save=save)
     a, b, c = record["a_moe_offload_best"], record["b_accelerate"], record["c_all_resident"]
     print(f"\n{'':34}{'tok/s':>10}")
     print(f"{'(a) moe-offload, best settings':34}{a['tokens_per_s']:10.2f}   {a['options']}")
-    if b:
+    if b and "error" not in b:
         print(f"{'(b) transformers + accelerate':34}{b['tokens_per_s']:10.2f}   a/b = {record['a_vs_b']}")
     if c:
         print(f"{'(c) moe-offload, all resident':34}{c['tokens_per_s']:10.2f}   a/c = {record['a_vs_c']}")
-    if record["b_reference_transformers_no_offload"]:
+    b_all = record["b_reference_transformers_no_offload"]
+    if b_all and "error" not in b_all:
         label = "(b') transformers, no offloading"
-        print(f"{label:34}{record['b_reference_transformers_no_offload']['tokens_per_s']:10.2f}   "
-              f"c/b' = {record['c_vs_b_no_offload']}")
+        print(f"{label:34}{b_all['tokens_per_s']:10.2f}   c/b' = {record['c_vs_b_no_offload']}")
     tb = record["a_transfer_bound"]
     if tb["time_per_token_vs_transfer_bound"]:
         print(f"(a) time per token {tb['time_per_token_s'] * 1e3:.2f} ms vs transfer bound "
               f"{tb['transfer_bound_s_per_token'] * 1e3:.3f} ms: {tb['time_per_token_vs_transfer_bound']:.1f}x")
-    else:
+    elif tb["time_per_token_s"]:
         print(f"(a) time per token {tb['time_per_token_s'] * 1e3:.2f} ms; it copied nothing host->device while "
               f"decoding (hits and CPU experts only), so there is no transfer bound")
     print(f"wrote {out}")
 
 
+def at_least(least: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return parse
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except offload.UserError as exc:  # a bad --vram, --ram or model folder: one line
+        sys.exit(f"compare: error: {exc}")

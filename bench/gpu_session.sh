@@ -2,27 +2,43 @@
 # Everything that only a GPU can show, in two runs that each fit one 10-minute call on a lent H100.
 # From the repository root, with the repository's own packages (no install needed):
 #
-#   OUT=/some/folder bash bench/gpu_session.sh checks    # gpu tests, fused kernels, offload sweep, a profile trace
-#   OUT=/some/folder bash bench/gpu_session.sh compare   # bench/compare on an 8-layer Mixtral-shaped slice, 12 GiB
+#   OUT=/some/folder bash bench/gpu_session.sh checks    # a profile trace, gpu tests, offload sweep, fused kernels
+#   OUT=/some/folder bash bench/gpu_session.sh compare   # bench/compare on a 4-layer Mixtral-shaped slice, 6 GiB
 #
 # Records, logs and the profile land in $OUT (default bench/results/gpu-session, which git ignores); the
 # records to keep are then copied into bench/results/ by hand. bench_quant's HQQ columns need the hqq
 # package: without it that benchmark is skipped and says so.
+#
+# Every step runs under one deadline, DEADLINE seconds from the start (default 540: a 10-minute call, less
+# time to pack the results), so a slow step cannot take the whole call's output with it: what is most
+# wanted runs first, a step that reaches the deadline is stopped, and later ones are skipped. With
+# PACK=file.tgz, $OUT is packed into that file on exit (the device tool brings back only a few files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
 OUT=${OUT:-bench/results/gpu-session}
+DEADLINE=${DEADLINE:-540}
 mkdir -p "$OUT"
+if [ -n "${PACK:-}" ]; then
+    trap 'tar czf "$PACK" -C "$(dirname "$OUT")" "$(basename "$OUT")"' EXIT
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 status=0
-step() {  # step NAME COMMAND...: run it, log it to $OUT/NAME.log, remember a failure and go on
+step() {  # step NAME COMMAND...: run it (until the deadline), log it to $OUT/NAME.log, note a failure, go on
     local name=$1
     shift
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 15 ]; then
+        echo "=== $name: skipped, the session deadline ($DEADLINE s) has come" | tee "$OUT/$name.log"
+        status=1
+        return
+    fi
     echo "=== $name: $*"
     local t0=$SECONDS
-    "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout --kill-after=10 "$left" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 124 ] || echo "=== $name: stopped at the session deadline" | tee -a "$OUT/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
     [ "$rc" -eq 0 ] || status=1
 }
@@ -45,16 +61,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.l
 
 case "$what" in
 checks)
-    step pytest-gpu $py -m pytest -m gpu -q -p no:cacheprovider tests
-    if $py -c "import hqq" 2>/dev/null; then
-        step bench-quant $py bench/bench_quant.py
-        cp bench/results/quant-cuda.json "$OUT/"
-    else
-        echo "=== bench-quant: skipped, hqq is not installed (carry its wheel: /work/.library/device/README.md)"
-    fi
-    step bench-offload $py bench/bench_offload.py --slice-layers 4 --out "$OUT/offload-gpu.json"
-    # A profile where copies must overlap compute: 2 Mixtral-shaped layers (16 experts of 352 MB), room for
-    # 6 of them next to the dense part, router-ahead prefetch one layer ahead.
+    # First what only a GPU shows: a profile where copies must overlap compute. 2 Mixtral-shaped layers (16
+    # experts of 352 MB), room for 6 of them next to the dense part, router-ahead prefetch one layer ahead.
     slice=$(mktemp -d)/mixtral-slice
     step write-slice $py -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
 from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv[1]), 2)" "$slice"
@@ -66,9 +74,18 @@ from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv
     step profile-auto $py -m cli.main profile "$slice" --vram 3GiB --prefetch 1 --context 512 -n 24 \
         --out "$OUT/profile-auto"
     rm -rf "$(dirname "$slice")"
+    step pytest-gpu $py -m pytest -m gpu -q -p no:cacheprovider tests
+    step bench-offload $py bench/bench_offload.py --slice-layers 4 --out "$OUT/offload-gpu.json"
+    if $py -c "import hqq" 2>/dev/null; then
+        step bench-quant $py bench/bench_quant.py
+        cp bench/results/quant-cuda.json "$OUT/" 2>/dev/null
+    else
+        echo "=== bench-quant: skipped, hqq is not installed (carry its wheel: /work/.library/device/README.md)"
+    fi
     ;;
 compare)
-    step compare $py bench/compare.py --slice-layers 8 --vram 12GiB --repeats 2 --tokens 16 \
+    # compare.py saves its record after each contender: a run stopped at the deadline keeps what it measured.
+    step compare $py bench/compare.py --slice-layers 4 --vram 6GiB --repeats 2 --tokens 16 \
         --out "$OUT/compare-gpu.json"
     ;;
 *)
