@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import sys
 import tempfile
@@ -176,19 +177,20 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
     gpu = device.startswith("cuda")
     common = dict(vram=vram, ram=ram, dtype=dtype)
     sweep = []
+    record.update({"vram_budget": vram, "ram_budget": plan["ram_budget"], "dtype": None,
+                   "blob_bytes": plan["blob_bytes"], "experts_total": plan["experts_total"], "tokens": tokens,
+                   "repeats": repeats})
     for prefetch in (0, 1, 2):
         for cpu in (("never", "auto") if gpu else ("never", "always")):
             row = ours(folder, device, tokens, repeats, context, prefetch=prefetch, cpu_experts=cpu, **common)
             sweep.append(row)
+            record["dtype"] = row["dtype"]  # what --dtype auto resolved to
+            record["a_sweep"] = [{k: r[k] for k in ("options", "cpu_experts_decided", "tokens_per_s",
+                                                    "hit_rate_with_prefill")} for r in sweep]
+            save()
             print(f"  (a) prefetch {prefetch} cpu-experts {cpu:6} ({row['cpu_experts_decided']}): "
                   f"{row['tokens_per_s']:8.2f} tok/s, hit rate {row['hit_rate_with_prefill']}, "
                   f"{row['device_slots']} slots", flush=True)
-    record.update({"vram_budget": vram, "ram_budget": plan["ram_budget"], "dtype": sweep[0]["dtype"],
-                   "blob_bytes": plan["blob_bytes"], "experts_total": plan["experts_total"], "tokens": tokens,
-                   "repeats": repeats,
-                   "a_sweep": [{k: r[k] for k in ("options", "cpu_experts_decided", "tokens_per_s",
-                                                  "hit_rate_with_prefill")} for r in sweep]})
-    save()
     # The sweep picks the settings; the best one is then measured afresh, so that picking the fastest of
     # six noisy measurements does not flatter (a) against (b) and (c), which are measured once each. `auto`
     # is decided from timings at each load: the re-measure and the bound run take what it decided.
@@ -284,8 +286,10 @@ def main() -> None:
     out = args.out or RESULTS / f"compare-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():
-        out.write_text(json.dumps(record, indent=1))
+    def save():  # whole or not at all: a run stopped mid-write keeps the last complete record
+        part = out.with_name(out.name + ".part")
+        part.write_text(json.dumps(record, indent=1))
+        os.replace(part, out)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:

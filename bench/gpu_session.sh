@@ -38,7 +38,7 @@ step() {  # step NAME COMMAND...: run it (until the deadline), log it to $OUT/NA
     local t0=$SECONDS
     timeout --kill-after=10 "$left" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
-    [ "$rc" -ne 124 ] || echo "=== $name: stopped at the session deadline" | tee -a "$OUT/$name.log"
+    case $rc in 124 | 137) echo "=== $name: stopped at the session deadline" | tee -a "$OUT/$name.log" ;; esac
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
     [ "$rc" -eq 0 ] || status=1
 }

@@ -62,6 +62,8 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
     """Yield generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens."""
     if not prompt_ids:
         raise UserError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     # The last new token is sampled, never fed back: the cache holds prompt + max_new_tokens - 1 positions.
     if len(prompt_ids) + max_new_tokens - 1 > model.max_seq:
         raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_new_tokens}) needs "

@@ -311,7 +311,9 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
     rows = prof.tokens
     for r in rows:
         r["transfer_bound_s"] = r["bytes_h2d"] / bandwidth
-    decode = rows[1:]
+    # Decode speed counts the tokens the run produced, as Runtime.stats() does: a last step that only
+    # sampled end-of-sequence is a row (its work is in the counts) but not a token.
+    decode = [r for r in rows[1:] if r["token"] is not None]
     decode_s = sum(r["latency_s"] for r in decode)
     bound_s = sum(r["transfer_bound_s"] for r in decode)
     uses = counts["expert_hits"] + counts["expert_misses"]

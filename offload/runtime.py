@@ -88,6 +88,7 @@ class Runtime:
         self.ckpt, self.model, self.tokenizer, self.store = ckpt, model, tokenizer, store
         self.last: dict = {}
         self.active: object | None = None  # the generation that owns the KV cache now
+        self.closed = False
 
     @property
     def config(self):
@@ -98,6 +99,8 @@ class Runtime:
 
         One generation at a time: they share the KV cache, so starting another ends this one (its next
         step raises UserError) rather than letting both continue on each other's keys and values."""
+        if self.closed:
+            raise UserError("this runtime was closed; load the model again to generate")
         me = self.active = object()
         self.store.reset_stats()
         t0 = time.perf_counter()
@@ -156,6 +159,7 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the store's reader and close every file the runtime holds open (also on `with ... as rt`)."""
+        self.closed = True
         self.store.close()
         self.ckpt.close()
 

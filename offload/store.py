@@ -183,7 +183,9 @@ class ExpertStore:
                     continue
                 with self.lock:
                     in_ram = key in self.host_table and key not in self.host_reads
-                if not in_ram:
+                # With the CPU chosen for misses, a guess is only read into RAM: copying it only when its read
+                # happened to finish would make timing decide which experts run on the GPU (another rounding).
+                if not in_ram or self.cpu_wins:
                     self._start_host(key, protected=needed)
                 elif self._to_device(key, protected=needed, prefetch=True) is not None:
                     self.stats_.prefetch_issued += 1
@@ -406,7 +408,8 @@ class ExpertStore:
 
         Every decode miss once the CPU is chosen (measured cheaper, or `always`): a miss still on its way
         from disk needs that read either way. The choice must not depend on whether a read has finished:
-        a CPU expert rounds differently from the GPU one, and timing would then change the tokens."""
+        a CPU expert rounds differently from the GPU one, and timing would then change the tokens (for
+        the same reason prefetch then only reads ahead into RAM)."""
         return self.cpu_wins
 
     def _run_on_cpu(self, key: Key, x: torch.Tensor) -> torch.Tensor:

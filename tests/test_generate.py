@@ -30,6 +30,15 @@ def test_the_context_holds_prompt_plus_new_tokens_minus_one(rt, tiny_checkpoint)
         list(small.generate_ids(ids, 5))
 
 
+def test_zero_new_tokens_and_a_closed_runtime_are_one_line_errors(tiny_checkpoint):
+    rt = offload.load(tiny_checkpoint, device="cpu", context=64)
+    with pytest.raises(UserError, match="--max-new-tokens must be at least 1, got 0"):
+        list(rt.generate_ids(rt.encode(PROMPT), 0))
+    rt.close()
+    with pytest.raises(UserError, match="this runtime was closed"):
+        list(rt.generate_ids(rt.encode(PROMPT), 2))
+
+
 @pytest.mark.parametrize("options", [dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_k=-2)])
 def test_bad_sampling_values_are_refused(options):
     with pytest.raises(UserError, match="--t"):

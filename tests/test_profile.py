@@ -210,6 +210,7 @@ def test_a_run_that_ends_at_end_of_sequence_is_profiled_whole(folder, budgets, t
     rows, t = record["per_token"], record["totals"]
     assert len(rows) == nth + 1 and rows[-1]["token"] is None and eos not in record["tokens"]
     assert len(record["tokens"]) == t["new_tokens"] == nth
+    assert t["decode_tokens"] == max(0, nth - 1)  # tokens/s counts produced tokens, as Runtime.stats() does
     rt = offload.load(copy, device="cpu", context=256, prefetch=1, **budgets)
     assert record["tokens"] == list(rt.generate_ids(rt.encode(PROMPT), NEW))
     for key in ("expert_hits", "expert_misses", "bytes_h2d", "bytes_disk"):

@@ -122,6 +122,31 @@ def test_cpu_experts_are_bit_identical_and_counted(tiny_checkpoint, reference):
     assert tokens == reference[0] and torch.equal(logits, reference[1])
 
 
+def test_with_cpu_experts_the_reader_speed_does_not_decide_where_an_expert_runs(monkeypatch):
+    """On a GPU a CPU expert rounds differently from the device's: which experts run where must follow from
+    the settings alone, not from whether a disk read happened to be done (the same split, so the same
+    tokens, with a fast and a slow disk)."""
+    import time
+
+    from offload.sources import CheckpointExperts
+
+    real = CheckpointExperts.read_into
+    plan = _plan("demo")
+    splits = {}
+    for delay in (0.0, 0.01):
+        monkeypatch.setattr(CheckpointExperts, "read_into",
+                            lambda self, key, blob, d=delay: (time.sleep(d), real(self, key, blob))[1])
+        for slots, host, prefetch in ((10, 4, 3), (10, 16, 3), (16, 4, 3)):
+            vram = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
+            with offload.load("demo", device="cpu", context=256, vram=vram, ram=host * plan.blob_bytes,
+                              prefetch=prefetch, cpu_experts="always") as rt:
+                tokens = list(rt.generate_ids(rt.encode("Exceptions are raised"), 16))
+                s = rt.stats()
+            splits.setdefault((slots, host, prefetch), []).append((s["expert_hits"], s["cpu_expert_calls"], tokens))
+    for setting, (fast, slow) in splits.items():
+        assert fast == slow, setting
+
+
 @pytest.mark.parametrize("options", [dict(slots=2, prefetch=0), dict(slots=4, prefetch=2), dict(slots=7, prefetch=1),
                                      dict(slots=3, prefetch=0, cpu_experts="always")])
 def test_stats_add_up(tiny_checkpoint, options):
