@@ -253,3 +253,16 @@ def test_a_bad_max_new_tokens_is_refused_before_loading_and_leaves_no_folder(tmp
     with pytest.raises(offload.UserError, match="no such model folder"):
         profile(tmp_path / "missing", PROMPT, tmp_path / "q")
     assert not (tmp_path / "q").exists()  # a failed run removes the empty folder it made
+
+
+def test_the_verdict_says_when_its_shares_are_of_overlapping_parts():
+    """On a GPU a host-side wait (a CPU expert) can run while the device computes: the parts then add up to
+    more than the wall time, and the verdict's shares must not read as shares of decode time."""
+    from offload.profile import verdict
+
+    parts = {"dense_s": 0.0, "expert_s": 1.0, "copy_wait_s": 0.5, "disk_wait_s": 0.0, "cpu_expert_s": 0.8}
+    record = {"device": {"type": "cuda"}, "totals": {"decode_time_s": parts, "decode_s": 1.6, "decode_tokens": 4,
+                                                      "time_per_token_vs_transfer_bound": None, "cpu_expert_calls": 3}}
+    assert "which overlap: 1.44x the wall time" in verdict(record)["text"]
+    record["totals"]["decode_s"] = 2.3
+    assert "overlap" not in verdict(record)["text"]
