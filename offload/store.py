@@ -21,10 +21,13 @@ Dimension legend: T tokens, D hidden, F expert ffn, N blob bytes.
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import resource
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -42,6 +45,66 @@ from .profile import median_time
 from .sources import open_source
 
 Key = tuple[int, int]  # (layer, expert)
+
+
+class Reader:
+    """The disk reader: one thread running reads in priority order, so a read the model waits for now
+    (priority 0) goes before reads ahead for later layers (priority = how many layers ahead), and a
+    queued read-ahead that becomes wanted now moves up (`promote`). The thread starts with the first read
+    and ends at `shutdown`, or when the reader is collected (it holds only the queue, not the reader)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.PriorityQueue = queue.PriorityQueue()
+        self.order = itertools.count()  # equal priorities run in submission order
+        self.waiting: dict[Future, tuple[int, Callable, tuple]] = {}  # queued, not started: priority, call
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, priority: int, fn: Callable, *args) -> Future:
+        fut: Future = Future()
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=_read_in_order, args=(self.queue, self.waiting, self.lock),
+                                               name="expert-reader", daemon=True)
+                self.thread.start()
+                weakref.finalize(self, self.queue.put, (float("inf"), -1, None))
+            self.waiting[fut] = (priority, fn, args)
+            self.queue.put((priority, next(self.order), fut))
+        return fut
+
+    def promote(self, fut: Future, priority: int) -> None:
+        """Queue `fut`'s read again at `priority` if that is sooner; whichever entry comes up first runs it."""
+        with self.lock:
+            queued = self.waiting.get(fut)
+            if queued is None or queued[0] <= priority:
+                return
+            self.waiting[fut] = (priority, *queued[1:])
+            self.queue.put((priority, next(self.order), fut))
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop the thread."""
+        if self.thread is not None:
+            self.queue.put((float("inf"), next(self.order), None))
+            self.thread.join()
+
+
+def _read_in_order(jobs: queue.PriorityQueue, waiting: dict, lock: threading.Lock) -> None:
+    """The reader thread's loop: the next read by priority, until a None job. It keeps nothing of a read
+    once it is done, so an unclosed store can still be collected (and this thread ended with it)."""
+    while True:
+        fut = jobs.get()[2]
+        if fut is None:
+            return
+        with lock:
+            queued = waiting.pop(fut, None)
+        # None: an earlier entry of this read (it was promoted) ran it already.
+        if queued is not None and fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(queued[1](*queued[2]))
+            except BaseException as exc:  # the thread that waits for it re-raises it
+                fut.set_exception(exc)
+                del exc
+        del fut, queued
 
 
 class Stats:
@@ -112,7 +175,7 @@ class ExpertStore:
         self.host_table = SlotTable(self.plan.host_slots, POLICIES[policy]())
         self.host_reads: dict[Key, Future] = {}      # disk reads in flight, by key
         self.host_busy: dict[int, object] = {}       # host slot -> event of an H2D copy still reading it
-        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-reader")
+        self.reader = Reader()
         self.lock = threading.Lock()                 # guards host_table/host_reads against the reader thread
 
         # Device tier: one allocation for every slot, made here and never again.
@@ -186,7 +249,7 @@ class ExpertStore:
                 # With the CPU chosen for misses, a guess is only read into RAM: copying it only when its read
                 # happened to finish would make timing decide which experts run on the GPU (another rounding).
                 if not in_ram or self.cpu_wins:
-                    self._start_host(key, protected=needed)
+                    self._start_host(key, protected=needed, ahead=nxt - layer)
                 elif self._to_device(key, protected=needed, prefetch=True) is not None:
                     self.stats_.prefetch_issued += 1
 
@@ -223,15 +286,17 @@ class ExpertStore:
 
     # ---- tiers ---------------------------------------------------------------------------------------
 
-    def _start_host(self, key: Key, protected: set = frozenset()) -> Future | None:
+    def _start_host(self, key: Key, protected: set = frozenset(), ahead: int = 0) -> Future | None:
         """Make sure `key` is in (or on its way to) a host slot; a future of its host slot.
 
-        A prefetch passes `protected` and gets None when no host slot may be evicted now; a demand
-        read instead waits for an in-flight read or copy to release a slot (they always finish)."""
+        A caller that passes `protected` gets None when no host slot may be evicted now; otherwise it waits
+        for an in-flight read or copy to release a slot (they always finish). `ahead`: how many layers
+        ahead the expert is wanted (0: now), the disk read's priority."""
         while True:
             with self.lock:
                 fut = self.host_reads.get(key)
                 if fut is not None:
+                    self.reader.promote(fut, ahead)
                     return fut
                 slot = self.host_table.lookup(key)
                 if slot is not None:
@@ -245,7 +310,7 @@ class ExpertStore:
                 busy = set(self.host_reads) | {self.host_table.key_of[s] for s in self.host_busy} | set(protected)
                 got = self.host_table.assign(key, busy)
                 if got is not None:
-                    fut = self.reader.submit(self._read, key, got[0])
+                    fut = self.reader.submit(ahead, self._read, key, got[0])
                     self.host_reads[key] = fut
                     return fut
                 if protected:
@@ -466,5 +531,5 @@ class ExpertStore:
         return out
 
     def close(self) -> None:
-        self.reader.shutdown(wait=True)
+        self.reader.shutdown()
 

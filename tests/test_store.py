@@ -252,6 +252,27 @@ def test_a_prefill_reads_each_expert_once_through_a_host_tier_smaller_than_a_lay
     assert s["bytes_disk"] == s["expert_misses"] * sum(r.nbytes for r in rt.store.layout.records)
 
 
+def test_the_reader_runs_reads_wanted_now_before_reads_ahead():
+    """A read the model waits for goes before reads ahead for later layers, also when it was first queued
+    as a read-ahead (promoted); each read runs once."""
+    import threading
+
+    from offload.store import Reader
+
+    gate, order = threading.Event(), []
+    reader = Reader()
+    reader.submit(0, gate.wait)  # keeps the thread busy while the rest queue up
+    ahead = [reader.submit(2, order.append, f"ahead {i}") for i in range(3)]
+    wanted = reader.submit(3, order.append, "read ahead, then wanted now")
+    now = reader.submit(0, order.append, "wanted now")
+    reader.promote(wanted, 0)
+    reader.promote(ahead[0], 5)  # later is not sooner: no change
+    gate.set()
+    reader.shutdown()
+    assert order == ["wanted now", "read ahead, then wanted now", "ahead 0", "ahead 1", "ahead 2"]
+    assert all(f.done() for f in (*ahead, wanted, now))
+
+
 class FakeCudart:
     """Records cudaHostRegister / cudaHostUnregister calls; `fail` makes registering return that error."""
 
