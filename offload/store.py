@@ -220,7 +220,11 @@ class ExpertStore:
             # expert of this layer (a prefill may need more experts than the host tier has slots: reading
             # one over another not yet copied would read that one twice). The rest are read as they are copied.
             self._start_host(key, protected=set(needed))
-            if decode and self._cpu_should_run(key):
+            # A decode miss runs on the CPU once the CPU is chosen (measured cheaper, or `always`; prefill
+            # reuses each expert across many tokens, so copying wins there), whether or not its read has
+            # finished: a CPU expert rounds differently from the GPU one, and timing must not change the
+            # tokens (for the same reason prefetch then only reads ahead into RAM).
+            if decode and self.cpu_wins:
                 self.plan_of[key] = ("cpu", None)
         for key in needed:
             if key not in self.plan_of:
@@ -467,15 +471,6 @@ class ExpertStore:
         sync = lambda: torch.cuda.synchronize(self.device)  # noqa: E731
         self.measured = {"cpu_expert_s": median_time(on_cpu, sync), "h2d_blob_s": median_time(copy, sync)}
         return self.measured["cpu_expert_s"] < self.measured["h2d_blob_s"]
-
-    def _cpu_should_run(self, key: Key) -> bool:
-        """Batch-1 decode only (prefill reuses each expert across many tokens, so copying wins there).
-
-        Every decode miss once the CPU is chosen (measured cheaper, or `always`): a miss still on its way
-        from disk needs that read either way. The choice must not depend on whether a read has finished:
-        a CPU expert rounds differently from the GPU one, and timing would then change the tokens (for
-        the same reason prefetch then only reads ahead into RAM)."""
-        return self.cpu_wins
 
     def _run_on_cpu(self, key: Key, x: torch.Tensor) -> torch.Tensor:
         host = self._host_slot(key)
