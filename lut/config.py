@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from quant.blob import is_count
 from quant.errors import UserError
 
 MOLE_MODEL_TYPE = "mole"
@@ -56,14 +57,11 @@ class MoLEConfig:
             if not ok:
                 raise UserError(f"{self.source}: field '{name}' {why}")
 
-        def is_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a size
-
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "intermediate_size", "num_local_experts",
                      "num_experts_per_tok", "max_position_embeddings"):
             value = getattr(self, name)
-            need(is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+            need(is_count(value) and value > 0, name, f"must be a positive integer, got {value!r}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -73,14 +71,14 @@ class MoLEConfig:
              f"must be true or false, got {self.tie_word_embeddings!r}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            need(value is None or (is_int(value) and value >= 0), name,
+            need(value is None or is_count(value), name,
                  f"must be a token id (a non-negative integer) or null, got {value!r}")
         need(self.ffn in FFN_KINDS, "ffn", f"must be one of {FFN_KINDS}, got {self.ffn!r}")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})")
         need(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
         if self.ffn == "mole":
-            need(is_int(self.shared_intermediate_size) and self.shared_intermediate_size > 0,
+            need(is_count(self.shared_intermediate_size) and self.shared_intermediate_size > 0,
                  "shared_intermediate_size", f"must be a positive integer, got {self.shared_intermediate_size!r}")
             need(self.num_experts_per_tok == self.num_local_experts, "num_experts_per_tok",
                  f"must equal num_local_experts ({self.num_local_experts}): MoLE's router uses every expert")

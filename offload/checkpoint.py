@@ -9,6 +9,7 @@ expert store), without ever loading the whole model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from quant.blob import is_count
 
 from .config import MIXTRAL_MODEL_TYPES, ModelConfig
 from .errors import UserError
@@ -73,23 +76,16 @@ def _location(path: Path, name: str, info, base: int, size: int) -> TensorLocati
     if dtype is None:
         raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not (isinstance(shape, list) and all(_count(d) for d in shape)
-            and isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)):
+    if not (isinstance(shape, list) and all(map(is_count, shape))
+            and isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))):
         raise UserError(f"{path}: corrupt safetensors header (tensor {name}: shape {shape!r}, data_offsets {offsets!r})")
     begin, end = offsets
-    numel = 1
-    for d in shape:
-        numel *= d
-    if end - begin != numel * dtype.itemsize:
+    if end - begin != math.prod(shape) * dtype.itemsize:
         raise UserError(f"{path}: corrupt safetensors header (tensor {name}: bytes {begin}..{end} do not hold "
                         f"{shape} {info['dtype']} values)")
     if base + end > size:
         raise UserError(f"{path}: truncated (tensor {name} ends at byte {base + end}, file has {size})")
     return TensorLocation(path, dtype, tuple(shape), base + begin, end - begin)
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def expert_names(layer: int, expert: int) -> tuple[str, str, str]:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from quant.blob import is_count
 from quant.errors import writing
 
 from .checkpoint import Checkpoint, attention_shapes, dense_shapes, expert_names
@@ -135,7 +136,7 @@ def read_experts_header(path: Path) -> dict:
         raise UserError(f"{path}: corrupt experts header ({exc})") from None
     for key in ("layers", "experts", "stride", "blob_bytes"):
         value = index.get(key) if isinstance(index, dict) else None
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not is_count(value):
             raise UserError(f"{path}: corrupt experts header ('{key}' must be a non-negative integer, got {value!r})")
     need = FILE_HEADER + index["layers"] * index["experts"] * index["stride"]
     if size != need:

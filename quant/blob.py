@@ -41,8 +41,9 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def _count(x) -> bool:
-    """A header's size or offset: a non-negative JSON integer (not a bool, a float or a string)."""
+def is_count(x) -> bool:
+    """A size, offset or count read from a JSON header: a non-negative integer (not a bool, a float or a
+    string). The one check for every header the project reads (blobs, experts.bin, safetensors, configs)."""
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
@@ -135,12 +136,12 @@ class BlobLayout:
             records = []
             for name, dt, shape, off, nb in body["tensors"]:
                 if not (isinstance(name, str) and isinstance(dt, str) and isinstance(shape, list)
-                        and all(map(_count, shape)) and _count(off) and _count(nb)):
+                        and all(map(is_count, shape)) and is_count(off) and is_count(nb)):
                     raise ValueError(f"tensor record {[name, dt, shape, off, nb]!r} has fields of the wrong type")
                 records.append(TensorRecord(name, dt, tuple(shape), off, nb))
             nbytes, kind, bits, group_size = body["nbytes"], body["kind"], body["bits"], body["group_size"]
             extra = body.get("extra", {})
-            if not (_count(nbytes) and isinstance(kind, str) and _count(bits) and _count(group_size)
+            if not (is_count(nbytes) and isinstance(kind, str) and is_count(bits) and is_count(group_size)
                     and isinstance(extra, dict)):
                 raise ValueError("nbytes, bits and group_size must be non-negative integers, kind a string, "
                                  "extra an object")
