@@ -188,6 +188,7 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
         raise UserError(f"--context must be positive, got {context}")
     context = min(context, cfg.max_position_embeddings)
     tokenizer = Tokenizer(ckpt.path, cfg.bos_token_id, cfg.eos_token_id)
+    store = None
     try:
         if ckpt.raw_config.get("model_type") in TABLE_MODEL_TYPES:
             from lut.serve import TableStore  # Mixture-of-Lookup-Experts tables instead of routed experts
@@ -195,17 +196,14 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
             store = TableStore(ckpt, dev, dt, **store_options)
         else:
             store = ExpertStore(ckpt, dev, dt, context=context, **store_options)
-    except BaseException:
-        ckpt.close()
-        raise
-    try:
         fmt = dense_format(read_info(ckpt.path))
         ckpt.validate({**stored_dense_shapes(cfg, fmt), **store.expected_shapes()})
         model = build_model(ckpt, store, dev, dt, context, fmt)
         if isinstance(store, ExpertStore):
             store.fill_host(progress)
-    except BaseException:  # a bad folder, a failed read, Ctrl-C: nothing stays open
-        store.close()
+    except BaseException:  # a bad folder or budget, a failed read, Ctrl-C: nothing stays open
+        if store is not None:
+            store.close()
         ckpt.close()
         raise
     return Runtime(ckpt, model, tokenizer, store)

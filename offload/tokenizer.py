@@ -22,7 +22,7 @@ class Tokenizer:
             raise UserError(f"{path}: unreadable tokenizer ({str(exc).splitlines()[0]})") from None
         self.folder = Path(folder)
         self.config = _read_json(self.folder / "tokenizer_config.json")
-        gen = _read_json(Path(folder) / "generation_config.json")
+        gen = _read_json(self.folder / "generation_config.json")
         self.bos_id = self._special("bos_token", gen.get("bos_token_id", bos_id))
         eos = gen.get("eos_token_id", list(eos_ids) or None)
         eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])

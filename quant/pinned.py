@@ -30,15 +30,16 @@ def _cudart():
 
 def empty(shape, pin: bool) -> torch.Tensor:
     """An uninitialized uint8 tensor of `shape` in host memory, page-locked when `pin` (needs CUDA)."""
-    how = os.environ.get("MOE_OFFLOAD_PINNED", "register") if pin else "unpinned"
-    if how not in ("register", "torch", "unpinned"):
-        raise UserError(f"MOE_OFFLOAD_PINNED must be 'register' (the default) or 'torch', got {how!r}")
-    if how == "torch":
-        try:
-            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError as exc:
-            raise UserError(f"could not pin host RAM through torch's allocator, which rounds each block up to a "
-                            f"power of two ({str(exc).splitlines()[0]}); lower --ram") from None
+    if pin:  # the setting matters only when pinning: a CPU run never reads it
+        how = os.environ.get("MOE_OFFLOAD_PINNED", "register")
+        if how not in ("register", "torch"):
+            raise UserError(f"MOE_OFFLOAD_PINNED must be 'register' (the default) or 'torch', got {how!r}")
+        if how == "torch":
+            try:
+                return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as exc:
+                raise UserError(f"could not pin host RAM through torch's allocator, which rounds each block up to "
+                                f"a power of two ({str(exc).splitlines()[0]}); lower --ram") from None
     t = torch.empty(shape, dtype=torch.uint8)
     if not pin or t.numel() == 0:
         return t
