@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.errors import UserError
+from quant.errors import UserError, pread_exactly
 
 from .config import TABLE_MODEL_TYPE, MoLEConfig
 from .model import checkpoint_shapes, is_table_expert, mix, router_weights, swiglu
@@ -143,25 +143,19 @@ class TableStore:
         # Ordinary (pageable) memory: _fetch gathers each step's records from it into a pinned staging buffer,
         # and only that buffer is DMA'd; page-locking the whole table would take RAM from the OS for nothing.
         host = torch.empty((V, R), dtype=torch.uint8)
+        fd = self._open_fd(random_access=False)
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.layout.data_offset)
-                view, got = memoryview(host.numpy()).cast("B"), 0
-                while got < V * R:
-                    n = f.readinto(view[got:got + (64 << 20)])
-                    if not n:
-                        raise UserError(f"{self.path}: truncated while loading the tables into RAM")
-                    got += n
-        except OSError as exc:
-            raise UserError(f"{self.path}: cannot read ({exc.strerror})") from None
+            pread_exactly(fd, memoryview(host.numpy()).cast("B"), self.layout.data_offset, self.path, "the tables")
+        finally:
+            os.close(fd)
         return host
 
-    def _open_fd(self) -> int:
+    def _open_fd(self, random_access: bool = True) -> int:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:
             raise UserError(f"{self.path}: cannot open ({exc.strerror})") from None
-        if hasattr(os, "posix_fadvise"):
+        if random_access and hasattr(os, "posix_fadvise"):
             # Rows are read by token id: read-ahead would fetch neighbours no step asked for.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return fd
@@ -264,12 +258,7 @@ class TableStore:
         R, base, n = self.layout.record_nbytes, self.layout.data_offset, span[1] - span[0]
         view = memoryview(staging.numpy()).cast("B")
         for k, i in enumerate(uniq.tolist()):
-            try:
-                got = os.preadv(self.fd, [view[k * n:(k + 1) * n]], base + i * R + span[0])
-            except OSError as exc:
-                raise UserError(f"{self.path}: read failed for token id {i} ({exc.strerror})") from None
-            if got != n:
-                raise UserError(f"{self.path}: truncated since it was opened (token id {i}: read {got} of {n} bytes)")
+            pread_exactly(self.fd, view[k * n:(k + 1) * n], base + i * R + span[0], self.path, f"token id {i}")
 
     def _wait(self, event) -> None:
         if event is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from quant.blob import is_count
+from quant.errors import pread_exactly
 
 from .config import MIXTRAL_MODEL_TYPES, ModelConfig
 from .errors import UserError
@@ -204,17 +205,7 @@ class Checkpoint:
         """Read tensor `name`'s raw bytes into the CPU uint8 buffer `out` (e.g. a slice of a pinned blob)."""
         loc = self.locations[name]
         assert out.dtype == torch.uint8 and out.numel() == loc.nbytes and out.device.type == "cpu"
-        fd = self.fileno(loc.file)
-        view, got = memoryview(out.numpy()), 0
-        while got < loc.nbytes:  # one read returns at most ~2 GiB on Linux: a big tensor takes several
-            try:
-                n = os.preadv(fd, [view[got:]], loc.start + got)
-            except OSError as exc:
-                raise UserError(f"{loc.file}: read failed for {name} ({exc.strerror})") from None
-            if n == 0:
-                raise UserError(f"{loc.file}: truncated since it was opened (tensor {name}: read {got} of "
-                                f"{loc.nbytes} bytes)")
-            got += n
+        pread_exactly(self.fileno(loc.file), memoryview(out.numpy()), loc.start, loc.file, f"tensor {name}")
         return out
 
     def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:

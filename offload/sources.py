@@ -8,11 +8,10 @@ whole quantized blobs written by `moe-offload convert`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from quant.blob import BlobLayout
+from quant.errors import pread_exactly
 
 from .checkpoint import Checkpoint, expert_names, moe_shapes
 from .errors import UserError
@@ -91,17 +90,12 @@ class BlobFileExperts:
     def read_into(self, key: Key, blob: torch.Tensor) -> int:
         layer, e = key
         offset = self.base + (layer * self.experts + e) * self.stride
-        try:
-            got = os.preadv(self.ckpt.fileno(self.path), [memoryview(blob.numpy())], offset)  # closed with ckpt
-        except OSError as exc:
-            raise UserError(f"{self.path}: read failed for expert {key} ({exc.strerror})") from None
-        if got != self.layout.nbytes:
-            raise UserError(f"{self.path}: truncated since it was opened (expert {key}: read {got} of "
-                            f"{self.layout.nbytes} bytes)")
+        pread_exactly(self.ckpt.fileno(self.path), memoryview(blob.numpy()), offset, self.path,  # closed with ckpt
+                      f"expert {key}")
         # Every blob carries the same header; a mismatch means the file is corrupt at this expert.
         if bytes(blob[: len(self.header)].numpy()) != self.header:
             raise UserError(f"{self.path}: corrupt blob header at expert {key}")
-        return got
+        return blob.numel()
 
     def compute(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return self.quant.expert_forward(self.layout, views, x)

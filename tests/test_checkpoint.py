@@ -160,6 +160,24 @@ def test_a_tensor_that_takes_several_reads_is_read_whole(tiny_checkpoint, monkey
     assert torch.equal(ckpt.read(name), load_file(tiny_checkpoint / "model.safetensors")[name])
 
 
+def test_a_converted_expert_that_takes_several_reads_runs_the_same(tiny_checkpoint, tmp_path, monkeypatch):
+    import os
+
+    import offload
+    from offload.convert import convert
+
+    q4 = convert(tiny_checkpoint, tmp_path / "q4", bits=4, group_size=32)
+
+    def tokens():
+        with offload.load(q4, device="cpu", context=64, ram="30KiB") as rt:  # experts streamed from experts.bin
+            return list(rt.generate_ids(rt.encode("hello"), 6)), rt.stats()["bytes_disk"]
+
+    want, read = tokens()
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: real(fd, [bufs[0][:1000]], offset))
+    assert tokens() == (want, read) and read > 0
+
+
 def test_load_and_close_leave_no_file_open(tiny_checkpoint, tmp_path):
     import os
 

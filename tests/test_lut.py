@@ -75,6 +75,19 @@ def test_table_model_logits_match_the_mole_model(mole, tables32, tables):
     assert (got - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("tables", ["disk", "ram"])
+def test_reads_that_arrive_in_pieces_give_the_same_logits(mole, tables32, tables, monkeypatch):
+    """One read returns at most ~2 GiB on Linux, so loading a big table into RAM takes several: a short read
+    is not truncation. Every read here returns at most 100 bytes."""
+    import os
+
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: real(fd, [bufs[0][:100]], offset))
+    rt = offload.load(tables32, device="cpu", dtype="float32", tables=tables)
+    seq, got = greedy_logits(rt, PROMPT, 4)
+    assert (got - reference_logits(mole[1], seq, len(PROMPT))).abs().max().item() <= 1e-5
+
+
 def test_a_step_too_big_for_one_read_gathers_layer_by_layer_with_the_same_logits(mole, tables32):
     rt = offload.load(tables32, device="cpu", dtype="float32", step_bytes=1)  # every step per layer
     seq, got = greedy_logits(rt, PROMPT, 4)
