@@ -40,6 +40,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import replaceable  # noqa: E402
 from offload.demo import DEMO_DIR, HELDOUT_EVERY, corpus, documents  # noqa: E402
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -375,7 +376,7 @@ def main() -> None:
     from transformers import GenerationConfig, MixtralForCausalLM
 
     t_start = time.time()
-    out: Path = args.out.resolve()
+    out = replaceable(args.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

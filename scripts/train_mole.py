@@ -38,6 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import replaceable  # noqa: E402
 from lut.config import MoLEConfig  # noqa: E402
 from lut.model import MoLEForCausalLM, load_model, save_model, windowed_nll  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
@@ -106,7 +107,6 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # cosine down to 10%
 
 
-@torch.no_grad()
 def train(model: MoLEForCausalLM, stream: torch.Tensor, args, name: str) -> dict:
     gen = torch.Generator().manual_seed(args.seed)  # same batches for every model
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -215,6 +215,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     kinds = args.only or list(KINDS)
+    outs = {kind: replaceable(args.mole_out if kind == "mole" else args.runs / kind) for kind in kinds}
     tok = load_tokenizer(args.tokenizer_dir)
     train_stream, heldout_stream = pack(tok, documents("train")), pack(tok, documents("heldout"))
     print(f"train {len(train_stream):,} tokens, held-out {len(heldout_stream):,} tokens", flush=True)
@@ -226,7 +227,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model = MoLEForCausalLM(make_config(kind, tok.get_vocab_size())).init_weights(args.seed)
         result = train(model, train_stream, args, kind)
-        out = args.mole_out if kind == "mole" else args.runs / kind
+        out = outs[kind]
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(model, tmp, torch.bfloat16)
