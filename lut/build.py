@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from quant.errors import UserError, writing
+from quant.errors import UserError, copy_input, writing
 
 from .config import MOLE_MODEL_TYPE, TABLE_MODEL_TYPE, MoLEConfig
 from .model import checkpoint_shapes, expert_outputs, is_table_expert
@@ -114,7 +114,7 @@ def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16,
             _write_config(tmp, src, cfg, layout)
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
-                    shutil.copy2(src / name, tmp / name)
+                    copy_input(src / name, tmp / name)
             fsync_dir(tmp)
             _swap_in(tmp, dst)
         except BaseException:

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from quant.blob import is_count
-from quant.errors import writing
+from quant.errors import copy_input, writing
 
 from .checkpoint import Checkpoint, attention_shapes, dense_shapes, expert_names
 from .errors import UserError
@@ -181,7 +181,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
         _start_partial(partial, ckpt.path)
         for name in COPIED:
             if (ckpt.path / name).is_file():
-                shutil.copy2(ckpt.path / name, partial / name)
+                copy_input(ckpt.path / name, partial / name)
         _write_output(ckpt, partial, bits, group_size, dense_fmt, settings, workers, progress)
         (partial / PARTIAL_MARKER).unlink()  # DST is a finished conversion, not a partial one
         os.rename(partial, dst)

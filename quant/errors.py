@@ -31,6 +31,19 @@ def writing(path):
         raise UserError(f"{path}: cannot write ({exc})") from None
 
 
+def copy_input(src, dst) -> None:
+    """`shutil.copy2` of an input file (a tokenizer file into the output folder): failing to read it is
+    "cannot read" here; failing to write goes on to `writing`, which words it."""
+    import shutil
+
+    try:
+        shutil.copy2(src, dst)
+    except OSError as exc:
+        if exc.filename is not None and os.path.abspath(exc.filename) == os.path.abspath(src):
+            raise UserError(f"{src}: cannot read ({exc.strerror})") from None
+        raise
+
+
 def pread_exactly(fd: int, view: memoryview, offset: int, path, what: str) -> None:
     """Fill `view` with the bytes of `fd` from `offset`, or raise one UserError naming `path` and `what`
     (e.g. "expert (3, 1)"). Loops, since one read returns at most ~2 GiB on Linux; a read that ends early

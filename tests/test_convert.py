@@ -211,6 +211,23 @@ def test_an_unwritable_destination_is_one_line_naming_it(tiny_checkpoint, tmp_pa
     assert "afile/x.partial: cannot write" in result.stderr
 
 
+def test_an_unreadable_source_file_is_cannot_read_naming_it_and_leaves_no_output(tiny_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    import errno
+
+    real = shutil.copy2
+
+    def copy2(src, dst, **kw):  # what a tokenizer file the user cannot read does (root reads anything)
+        if str(src).endswith("tokenizer.json"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(src))
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    with pytest.raises(UserError, match=r"tokenizer\.json: cannot read \(Permission denied\)$"):
+        convert(tiny_checkpoint, tmp_path / "out", bits=4, group_size=32)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("body", [
     b'{"layers":3,"experts":6,"stride":8192}',                        # no blob_bytes
     b'{"layers":3,"experts":6,"stride":8192,"blob_bytes":9e999}',     # JSON infinity
