@@ -156,6 +156,7 @@ class Checkpoint:
         self.locations = self._index()
         self._files: dict[Path, object] = {}
         self._lock = threading.Lock()
+        self.closed = False
 
     def _index(self) -> dict[str, TensorLocation]:
         index = self.path / "model.safetensors.index.json"
@@ -193,6 +194,8 @@ class Checkpoint:
     def fileno(self, path: Path) -> int:
         """A descriptor of one of the folder's files for `os.preadv`, opened once and closed by `close()`."""
         with self._lock:
+            if self.closed:  # reopening would leak the file; a caller still reading after close is a bug
+                raise UserError(f"{self.path}: read after the model was closed")
             f = self._files.get(path)
             if f is None:
                 try:
@@ -219,9 +222,12 @@ class Checkpoint:
         return t.to(device=device, dtype=dtype or loc.dtype)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        """Close the folder's files; reading afterwards is an error. Callers stop their readers first."""
+        with self._lock:
+            self.closed = True
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
 
     def file_bytes(self) -> int:
         return sum(loc.nbytes for loc in self.locations.values())

@@ -178,6 +178,18 @@ def test_a_converted_expert_that_takes_several_reads_runs_the_same(tiny_checkpoi
     assert tokens() == (want, read) and read > 0
 
 
+def test_a_closed_checkpoint_refuses_reads_instead_of_reopening_its_files(tiny_checkpoint):
+    import os
+
+    ckpt = Checkpoint(tiny_checkpoint)
+    ckpt.read("model.norm.weight")
+    before = len(os.listdir("/proc/self/fd"))
+    ckpt.close()
+    with pytest.raises(UserError, match="read after the model was closed"):
+        ckpt.read("model.norm.weight")
+    assert len(os.listdir("/proc/self/fd")) == before - 1
+
+
 def test_load_and_close_leave_no_file_open(tiny_checkpoint, tmp_path):
     import os
 
