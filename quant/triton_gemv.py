@@ -90,7 +90,7 @@ def dequant_gemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     k = n_groups * group_size
     y = torch.empty(n, dtype=torch.float32, device=x.device)
     with _on(x.device):
-            _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](packed, scale, zero, x.contiguous(), y, n, k, packed.shape[1],
+        _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](packed, scale, zero, x.contiguous(), y, n, k, packed.shape[1],
                                                  n_groups, BITS=bits, GROUP=group_size, BLOCK_N=BLOCK_N,
                                                  BLOCK_K=BLOCK_K)
     return y
