@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import offload
-from common import PROMPT, RESULTS, device_name, sync
+from common import PROMPT, RESULTS, device_name, save_record, sync
 from offload.checkpoint import Checkpoint
 from offload.inspect import memory_plan
 from offload.memory import human
@@ -84,11 +84,15 @@ def decode(folder, device: str, tokens: int, context: int, **options) -> dict:
 
 
 def sweep(folder, device: str, slot_counts: list[int], prefetches: list[int], tokens: int, context: int,
-          bandwidth: float | None, label: str, dtype: str = "auto") -> dict:
+          bandwidth: float | None, label: str, dtype: str = "auto", into: dict | None = None, save=lambda: None) -> dict:
+    """The all-resident baseline, then every (slots, prefetch) row, filled into `into` (returned) with
+    `save()` after each row."""
     total = slot_counts[-1]
     base = decode(folder, device, tokens, context, vram=vram_for(folder, device, total, context, dtype), prefetch=0,
                   dtype=dtype)
-    rows = []
+    rows: list[dict] = []
+    result = into if into is not None else {}
+    result.update(baseline_all_resident=base, sweep=rows)
     for slots in slot_counts:
         for p in prefetches:
             row = decode(folder, device, tokens, context, vram=vram_for(folder, device, slots, context, dtype),
@@ -103,7 +107,8 @@ def sweep(folder, device: str, slot_counts: list[int], prefetches: list[int], to
             print(f"{label:>8} slots {slots:>4}/{total} prefetch {p}: hit {row['hit_rate']:.3f}  "
                   f"h2d/token {human(row['bytes_h2d_per_token']):>11}  {row['tokens_per_s']:8.2f} tok/s  "
                   f"({row['speed_vs_all_resident']}x of all-resident)", flush=True)
-    return {"baseline_all_resident": base, "sweep": rows}
+            save()
+    return result
 
 
 def policy_comparison(folder, device: str, slot_counts: list[int], tokens: int, context: int) -> list[dict]:
@@ -188,11 +193,18 @@ def main() -> None:
     if bandwidth:
         print(f"pinned host->device bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
+    out = args.out or RESULTS / f"offload-{'gpu' if gpu else 'cpu'}.json"
+
+    def save():  # after each measured row: a run stopped part-way (gpu_session.sh's deadline) keeps those
+        save_record(record, out)
+
     cfg = config_of("demo")
     total = cfg.num_hidden_layers * cfg.num_local_experts
     slots = sorted({2, total // 8, total // 4, total // 2, 3 * total // 4, total})
-    record["demo"] = sweep("demo", device, slots, [0, 1, 2], args.tokens, 256, bandwidth, "demo")
+    record["demo"] = {}
+    sweep("demo", device, slots, [0, 1, 2], args.tokens, 256, bandwidth, "demo", into=record["demo"], save=save)
     record["demo"]["policy"] = policy_comparison("demo", device, slots, args.tokens, 256)
+    save()
 
     if not args.no_slice:
         layers = args.slice_layers or (4 if gpu else 1)
@@ -204,12 +216,10 @@ def main() -> None:
             total = layers * 8
             slice_slots = sorted({2, 4, total // 2, total})
             # bfloat16 everywhere (as on a GPU); float32 on CPU would double every pool for no insight.
-            record["mixtral_slice"] = {"layers": layers, "dtype": "bfloat16",
-                                       **sweep(folder, device, slice_slots, [0, 1], tokens, 64, bandwidth, "slice",
-                                               dtype="bfloat16")}
-    out = args.out or RESULTS / f"offload-{'gpu' if gpu else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
+            record["mixtral_slice"] = {"layers": layers, "dtype": "bfloat16"}
+            sweep(folder, device, slice_slots, [0, 1], tokens, 64, bandwidth, "slice", dtype="bfloat16",
+                  into=record["mixtral_slice"], save=save)
+    save()
     print(f"wrote {out}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 from pathlib import Path
 
@@ -22,3 +24,12 @@ def sync(device: str) -> None:
     """Wait for queued GPU work, so a timer around it measures the work and not its launch."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def save_record(record: dict, out: Path) -> None:
+    """Write the record whole or not at all (a temporary file, then a rename): a benchmark saves after each
+    part it measures, so one stopped part-way (a deadline, Ctrl-C) keeps the last complete record."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")
+    part.write_text(json.dumps(record, indent=1))
+    os.replace(part, out)

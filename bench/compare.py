@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import re
 import sys
 import tempfile
@@ -40,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, bench_offload, when run as a program
 
 import offload  # noqa: E402
-from common import PROMPT, RESULTS, device_name, sync  # noqa: E402
+from common import PROMPT, RESULTS, device_name, save_record, sync  # noqa: E402
 from offload.checkpoint import Checkpoint  # noqa: E402
 from offload.inspect import memory_plan  # noqa: E402
 from offload.memory import default_ram_budget, human, parse_bytes  # noqa: E402
@@ -284,12 +282,9 @@ def main() -> None:
     vram, ram = parse_bytes(args.vram, "--vram"), parse_bytes(args.ram, "--ram")
     slug = re.sub(r"[^a-z0-9]+", "-", ("gpu " if gpu else "") + name.lower()).strip("-")
     out = args.out or RESULTS / f"compare-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():  # whole or not at all: a run stopped mid-write keeps the last complete record
-        part = out.with_name(out.name + ".part")
-        part.write_text(json.dumps(record, indent=1))
-        os.replace(part, out)
+    def save():
+        save_record(record, out)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:

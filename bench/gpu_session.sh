@@ -2,43 +2,44 @@
 # Everything that only a GPU can show, in two runs that each fit one 10-minute call on a lent H100.
 # From the repository root, with the repository's own packages (no install needed):
 #
-#   OUT=/some/folder bash bench/gpu_session.sh checks    # a profile trace, gpu tests, offload sweep, fused kernels
-#   OUT=/some/folder bash bench/gpu_session.sh compare   # bench/compare on a 4-layer Mixtral-shaped slice, 6 GiB
+#   bash bench/gpu_session.sh checks    # a profile trace, gpu tests, offload sweep, fused kernels
+#   bash bench/gpu_session.sh compare   # bench/compare on a 4-layer Mixtral-shaped slice, 6 GiB
 #
-# Records, logs and the profile land in $OUT (default bench/results/gpu-session, which git ignores); the
-# records to keep are then copied into bench/results/ by hand. bench_quant's HQQ columns need the hqq
-# package: without it that benchmark is skipped and says so.
+# Records, logs and the profile land in $RESULTS (default bench/results/gpu-session, which git ignores); the
+# records to keep are then copied into bench/results/ by hand. Through the device tool, which brings back
+# only a few files of its $OUT, pack them into one: `PACK=$OUT/checks.tgz bash bench/gpu_session.sh checks`.
+# bench_quant's HQQ columns need the hqq package: without it that benchmark is skipped and says so.
 #
 # Every step runs under one deadline, DEADLINE seconds from the start (default 540: a 10-minute call, less
 # time to pack the results), so a slow step cannot take the whole call's output with it: what is most
 # wanted runs first, a step that reaches the deadline is stopped, and later ones are skipped. With
-# PACK=file.tgz, $OUT is packed into that file on exit (the device tool brings back only a few files).
+# PACK=file.tgz, $RESULTS is packed into that file on exit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
-OUT=${OUT:-bench/results/gpu-session}
+RESULTS=${RESULTS:-bench/results/gpu-session}
 DEADLINE=${DEADLINE:-540}
-mkdir -p "$OUT"
+mkdir -p "$RESULTS"
 if [ -n "${PACK:-}" ]; then
-    trap 'tar czf "$PACK" -C "$(dirname "$OUT")" "$(basename "$OUT")"' EXIT
+    trap 'tar czf "$PACK" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"' EXIT
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 status=0
-step() {  # step NAME COMMAND...: run it (until the deadline), log it to $OUT/NAME.log, note a failure, go on
+step() {  # step NAME COMMAND...: run it (until the deadline), log it to $RESULTS/NAME.log, note a failure, go on
     local name=$1
     shift
     local left=$((DEADLINE - SECONDS))
     if [ "$left" -lt 15 ]; then
-        echo "=== $name: skipped, the session deadline ($DEADLINE s) has come" | tee "$OUT/$name.log"
+        echo "=== $name: skipped, the session deadline ($DEADLINE s) has come" | tee "$RESULTS/$name.log"
         status=1
         return
     fi
     echo "=== $name: $*"
     local t0=$SECONDS
-    timeout --kill-after=10 "$left" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout --kill-after=10 "$left" "$@" 2>&1 | tee "$RESULTS/$name.log"
     local rc=${PIPESTATUS[0]}
-    case $rc in 124 | 137) echo "=== $name: stopped at the session deadline" | tee -a "$OUT/$name.log" ;; esac
+    case $rc in 124 | 137) echo "=== $name: stopped at the session deadline" | tee -a "$RESULTS/$name.log" ;; esac
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
     [ "$rc" -eq 0 ] || status=1
 }
@@ -53,11 +54,11 @@ sys.exit(3 if int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 
 probe=$?
 if [ "$probe" -eq 3 ]; then
     echo "cudaHostRegister is refused here: pinning through torch's allocator (MOE_OFFLOAD_PINNED=torch)" \
-        | tee "$OUT/pinning.txt"
+        | tee "$RESULTS/pinning.txt"
     export MOE_OFFLOAD_PINNED=torch
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv \
-    | tee "$OUT/device.csv"
+    | tee "$RESULTS/device.csv"
 
 case "$what" in
 checks)
@@ -70,15 +71,15 @@ from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv
     # Misses copied (not computed on the CPU), so the trace shows the copy stream; then the same run with
     # --cpu-experts auto, to see what the measured costs choose (settings.cpu_expert_costs in profile.json).
     step profile $py -m cli.main profile "$slice" --vram 3GiB --prefetch 1 --context 512 -n 24 --cpu-experts never \
-        --out "$OUT/profile"
+        --out "$RESULTS/profile"
     step profile-auto $py -m cli.main profile "$slice" --vram 3GiB --prefetch 1 --context 512 -n 24 \
-        --out "$OUT/profile-auto"
+        --out "$RESULTS/profile-auto"
     rm -rf "$(dirname "$slice")"
     step pytest-gpu $py -m pytest -m gpu -q -p no:cacheprovider tests
-    step bench-offload $py bench/bench_offload.py --slice-layers 4 --out "$OUT/offload-gpu.json"
+    step bench-offload $py bench/bench_offload.py --slice-layers 4 --out "$RESULTS/offload-gpu.json"
     if $py -c "import hqq" 2>/dev/null; then
         step bench-quant $py bench/bench_quant.py
-        cp bench/results/quant-cuda.json "$OUT/" 2>/dev/null
+        cp bench/results/quant-cuda.json "$RESULTS/" 2>/dev/null
     else
         echo "=== bench-quant: skipped, hqq is not installed (carry its wheel: /work/.library/device/README.md)"
     fi
@@ -86,10 +87,10 @@ from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv
 compare)
     # compare.py saves its record after each contender: a run stopped at the deadline keeps what it measured.
     step compare $py bench/compare.py --slice-layers 4 --vram 6GiB --repeats 2 --tokens 16 \
-        --out "$OUT/compare-gpu.json"
+        --out "$RESULTS/compare-gpu.json"
     ;;
 *)
-    echo "usage: OUT=folder bash bench/gpu_session.sh checks|compare" >&2
+    echo "usage: [RESULTS=folder] [PACK=file.tgz] [DEADLINE=seconds] bash bench/gpu_session.sh checks|compare" >&2
     exit 2
     ;;
 esac

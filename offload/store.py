@@ -192,6 +192,11 @@ class ExpertStore:
             # it, not on the whole stream), its `free` event marks the last kernel that read it (the copy
             # stream waits on it before overwriting the slot).
             self.copy_stream = torch.cuda.Stream(device)
+            # The slot pool was allocated on the compute stream: copies start after the work queued there
+            # (the block may have just been freed by it), and the pool's memory is not handed out again,
+            # when the store is freed, before the copy stream's writes into it are done.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(device))
+            self.dev.record_stream(self.copy_stream)
             self.ready = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
             self.free = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
         self.cpu_wins = self._decide_cpu_experts()
@@ -527,4 +532,6 @@ class ExpertStore:
 
     def close(self) -> None:
         self.reader.shutdown()
+        if self.cuda:
+            self.copy_stream.synchronize()  # prefetch copies nobody waited for (wrong guesses) end here
 

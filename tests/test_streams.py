@@ -69,6 +69,8 @@ class SimStream:
     def wait_event(self, event: "SimEvent") -> None:
         event.synchronize()  # the compute stream is eager: it may only go on once the event is done
 
+    synchronize = flush
+
 
 class Marker:
     t: float | None = None
@@ -177,6 +179,22 @@ def test_the_simulation_catches_a_missing_fence(tiny_checkpoint, reference, monk
     # 4 device slots, 3 host slots: host slots are reused while copies out of them are still queued.
     logits, _ = simulated(tiny_checkpoint, monkeypatch, prefetch, 4, 3, break_fence)
     assert not torch.equal(logits, reference)
+
+
+def test_close_waits_for_prefetch_copies_nobody_waited_for(tmp_path, monkeypatch):
+    """A wrong router-ahead guess is copied but never waited on: at the end of a generation such copies may
+    still be queued, writing into the slot pool. close() must let them finish before the pool can be freed."""
+    from conftest import make_checkpoint
+
+    make_checkpoint(tmp_path)  # 2 layers of 4 experts, where these budgets leave the last guesses unused
+    rt = offload.load(tmp_path, device="cpu", context=256, prefetch=1, cpu_experts="never",
+                      **budgets(tmp_path, 6, 8))
+    simulate_cuda(rt.store, monkeypatch)
+    decode(rt, steps=4)
+    copy = rt.store.copy_stream
+    assert any(not isinstance(op, Marker) for op in copy.queue)  # guesses still being copied
+    rt.store.close()
+    assert copy.queue == []
 
 
 def test_the_profilers_cuda_timing_under_simulated_streams(tiny_checkpoint, reference, monkeypatch):
