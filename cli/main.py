@@ -59,9 +59,10 @@ def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, 
                           cpu_experts=cpu_experts, progress=progress)
     pieces = []
     out = sys.stderr if as_json else sys.stdout
+    stream = rt.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)  # checks the request
     if not as_json:
         out.write(prompt)
-    for piece in rt.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat):
+    for piece in stream:
         pieces.append(piece)
         if not as_json:
             out.write(piece)

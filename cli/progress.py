@@ -19,7 +19,10 @@ def progress_bar(label: str, unit: str = "", transient: bool = False, disable: b
                TimeRemainingColumn()]
     if unit:
         columns.insert(3, TextColumn(unit))
-    bar = Progress(*columns, console=Console(stderr=True), transient=transient, disable=disable)
+    console = Console(stderr=True)
+    # Off a terminal a bar draws once, when it stops; a transient one would leave just an empty line.
+    disable = disable or (transient and not console.is_terminal)
+    bar = Progress(*columns, console=console, transient=transient, disable=disable)
     task, running = None, False
 
     def progress(done: int, total: int) -> None:

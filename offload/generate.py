@@ -57,18 +57,27 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sampling,
-                 stop_ids: set[int] = frozenset()) -> Iterator[int]:
-    """Yield generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens."""
+def check_request(model: Transformer, prompt_ids: list[int], max_new_tokens: int) -> None:
+    """Raise UserError for a generation that cannot run: an empty prompt, no new tokens, or more positions
+    than the KV cache holds (saying whether --context can grow or the model's own limit is reached)."""
     if not prompt_ids:
         raise UserError("the prompt is empty")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     # The last new token is sampled, never fed back: the cache holds prompt + max_new_tokens - 1 positions.
-    if len(prompt_ids) + max_new_tokens - 1 > model.max_seq:
-        raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_new_tokens}) needs "
-                        f"{len(prompt_ids) + max_new_tokens - 1} positions, more than the context holds "
-                        f"({model.max_seq}); raise --context or lower --max-new-tokens")
+    need = len(prompt_ids) + max_new_tokens - 1
+    if need > model.max_seq:
+        limit = model.cfg.max_position_embeddings
+        fix = (f"the model's limit (max_position_embeddings in config.json); lower --max-new-tokens or shorten "
+               f"the prompt" if model.max_seq >= limit else f"raise --context (up to {limit}) or lower --max-new-tokens")
+        raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_new_tokens}) needs {need} "
+                        f"positions, more than the context holds ({model.max_seq}): {fix}")
+
+
+def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sampling,
+                 stop_ids: set[int] = frozenset()) -> Iterator[int]:
+    """Yield generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens."""
+    check_request(model, prompt_ids, max_new_tokens)
     generator = None
     if s.seed is not None:
         generator = torch.Generator().manual_seed(s.seed)

@@ -12,7 +12,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import MIXTRAL_MODEL_TYPES
 from .errors import UserError
-from .generate import Sampling, generate_ids
+from .generate import Sampling, check_request, generate_ids
 from .model import Attention, Block, Transformer
 from .store import ExpertStore
 from .tokenizer import StreamDecoder, Tokenizer
@@ -95,12 +95,17 @@ class Runtime:
         return self.ckpt.config
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, sampling: Sampling = Sampling()) -> Iterator[int]:
-        """Yield generated ids; timing lands in `stats()` (also when the caller stops early).
+        """Yield generated ids; timing lands in `stats()` (also when the caller stops early). A request that
+        cannot run (closed runtime, empty prompt, beyond the context) raises here, before the first token.
 
         One generation at a time: they share the KV cache, so starting another ends this one (its next
         step raises UserError) rather than letting both continue on each other's keys and values."""
         if self.closed:
             raise UserError("this runtime was closed; load the model again to generate")
+        check_request(self.model, prompt_ids, max_new_tokens)
+        return self._generate_ids(prompt_ids, max_new_tokens, sampling)
+
+    def _generate_ids(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         me = self.active = object()
         self.store.reset_stats()
         t0 = time.perf_counter()
@@ -132,10 +137,13 @@ class Runtime:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                  chat: bool = False) -> Iterator[str]:
-        """Yield text pieces as tokens are generated."""
+        """Yield text pieces as tokens are generated; a request that cannot run raises here, as in generate_ids."""
         ids = self.encode(prompt, chat)
+        return self._pieces(ids, self.generate_ids(ids, max_new_tokens, sampling))
+
+    def _pieces(self, ids: list[int], tokens: Iterator[int]) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer, ids)
-        for token in self.generate_ids(ids, max_new_tokens, sampling):
+        for token in tokens:
             piece = decoder.push(token)
             if piece:
                 yield piece

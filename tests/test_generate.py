@@ -30,6 +30,26 @@ def test_the_context_holds_prompt_plus_new_tokens_minus_one(rt, tiny_checkpoint)
         list(small.generate_ids(ids, 5))
 
 
+def test_beyond_the_context_is_refused_before_any_token_with_the_fix_that_works(rt, tiny_checkpoint):
+    ids = rt.encode(PROMPT)
+    limit = rt.config.max_position_embeddings
+    with pytest.raises(UserError, match=f"raise --context \\(up to {limit}\\) or lower --max-new-tokens"):
+        rt.generate_ids(ids, 64)  # raised on the call, not at the first next(): the CLI has printed nothing yet
+    capped = offload.load(tiny_checkpoint, device="cpu", context=10 * limit)  # --context above the model's limit
+    assert capped.model.max_seq == limit
+    with pytest.raises(UserError, match="the model's limit \\(max_position_embeddings in config.json\\); lower "
+                                        "--max-new-tokens or shorten the prompt"):
+        capped.generate(PROMPT, limit)
+
+
+def test_the_cli_says_so_before_echoing_the_prompt():
+    from conftest import run_cli
+
+    result = run_cli("demo", "-n", "600")  # the demo model holds 512 positions
+    assert result.returncode == 2 and result.stdout == ""
+    assert "the model's limit" in result.stderr and len(result.stderr.splitlines()) == 1  # no blank line first
+
+
 def test_zero_new_tokens_and_a_closed_runtime_are_one_line_errors(tiny_checkpoint):
     rt = offload.load(tiny_checkpoint, device="cpu", context=64)
     with pytest.raises(UserError, match="--max-new-tokens must be at least 1, got 0"):
