@@ -23,13 +23,14 @@ What it measures, and against what (every figure also as a ratio against the fp3
     of one 4096 x 4096 attention projection through `quant.linear` both ways, each against an fp16 GEMV
     of the same shape (F.linear); on the CPU this part is skipped with a note.
 
-    python bench/bench_quant.py            # writes bench/results/quant-<cpu|cuda>.json
+    python bench/bench_quant.py            # writes bench/results/quant-<cpu|cuda>.json (or --out FILE)
 
 Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -204,6 +205,10 @@ def dense_rows(src: Path, tmp: Path, baseline_ppl: float) -> dict:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where the record goes (default: bench/results/quant-<cpu|cuda>.json)")
+    args = ap.parse_args()
     torch.manual_seed(0)
     src = resolve_model_path("demo")
     cfg = Checkpoint(src).config
@@ -259,8 +264,8 @@ def main() -> None:
         result["dense_bits"] = dense_rows(src, tmp, base["ppl"])
     result["gpu_expert_timing"] = gpu_timing()
     result["seconds"] = round(time.perf_counter() - start, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"quant-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    out = args.out or RESULTS / f"quant-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 

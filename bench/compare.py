@@ -20,7 +20,8 @@ something only on a GPU, with the device named.
     python bench/compare.py                                      # CPU: the demo model, 1/4 of experts fit
     python bench/compare.py --slice-layers 4 --vram 6GiB         # GPU: a Mixtral-shaped slice
 
-Writes bench/results/compare-<device>.json. Not a test: nothing is asserted.
+Writes bench/results/compare-<device slug>.json (e.g. compare-cpu-x86-64-1-threads.json; --out FILE to choose).
+Not a test: nothing is asserted.
 """
 
 from __future__ import annotations

@@ -78,8 +78,7 @@ from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv
     step pytest-gpu $py -m pytest -m gpu -q -p no:cacheprovider tests
     step bench-offload $py bench/bench_offload.py --slice-layers 4 --out "$RESULTS/offload-gpu.json"
     if $py -c "import hqq" 2>/dev/null; then
-        step bench-quant $py bench/bench_quant.py
-        cp bench/results/quant-cuda.json "$RESULTS/" 2>/dev/null
+        step bench-quant $py bench/bench_quant.py --out "$RESULTS/quant-cuda.json"
     else
         echo "=== bench-quant: skipped, hqq is not installed (carry its wheel: /work/.library/device/README.md)"
     fi

@@ -147,22 +147,24 @@ def inspect(
     vram: Optional[str] = typer.Option(None, "--vram", help="Plan memory for this device budget (e.g. 12GiB): "
                                                              "what lives where, how many expert slots fit."),
     ram: Optional[str] = typer.Option(None, "--ram", help="Plan memory for this pinned host RAM budget."),
-    hit_rate: float = typer.Option(0.5, "--hit-rate", help="Device-slot hit rate for the expected bytes per token."),
-    bandwidth: str = typer.Option("25GB", "--bandwidth", help="Host->device bandwidth for the transfer bound "
-                                                              "(default 25GB: PCIe 4.0 x16 in practice)."),
+    hit_rate: Optional[float] = typer.Option(None, "--hit-rate", help="Device-slot hit rate for the expected bytes "
+                                                                      "per token (default 0.5)."),
+    bandwidth: Optional[str] = typer.Option(None, "--bandwidth", help="Host->device bandwidth for the transfer bound "
+                                                                      "(default 25GB: PCIe 4.0 x16 in practice)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (cuda plans for a GPU even without one)."),
     dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
 ) -> None:
     """Describe a model: layers, experts, parameters dense vs experts, bytes per expert, dense bytes on the GPU;
-    with --vram/--ram, the memory plan under those budgets."""
+    with --vram/--ram (or --hit-rate/--bandwidth), the memory plan under those budgets."""
     from offload.inspect import describe, memory_plan
     from offload.memory import parse_bytes
 
     info = describe(model)
     plan = None
-    if vram is not None or ram is not None:
-        plan = memory_plan(model, vram=vram, ram=ram, device=device, dtype=dtype, context=context, hit_rate=hit_rate,
-                           bandwidth=parse_bytes(bandwidth, "--bandwidth"))
+    if any(option is not None for option in (vram, ram, hit_rate, bandwidth)):
+        plan = memory_plan(model, vram=vram, ram=ram, device=device, dtype=dtype, context=context,
+                           hit_rate=0.5 if hit_rate is None else hit_rate,
+                           bandwidth=parse_bytes(bandwidth or "25GB", "--bandwidth"))
     if as_json:
         typer.echo(json.dumps(info | ({"memory_plan": plan} if plan else {}), indent=2))
         return

@@ -527,6 +527,8 @@ def profile(model: str | None, prompt: str = DEFAULT_PROMPT, out: str | Path = "
 
     if max_new_tokens < 1:  # before loading, which can read every expert
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not str(out).strip():  # Path("") is the current folder: the files would land there unasked
+        raise UserError("--out is empty; name the folder for the profile (e.g. --out prof)")
     out = Path(out)
     made = not out.exists()
     make_out_dir(out)  # before the run: a bad --out must not cost a generation
