@@ -29,7 +29,8 @@ from typing import Callable
 
 import torch
 
-from quant.errors import UserError, copy_input, writing
+from quant.errors import UserError, writing
+from quant.files import copy_input, save_tensors
 
 from .config import MOLE_MODEL_TYPE, TABLE_MODEL_TYPE, MoLEConfig
 from .model import checkpoint_shapes, expert_outputs, is_table_expert
@@ -153,10 +154,8 @@ def _write_tables(path: Path, cfg: MoLEConfig, layout: TableLayout, source: _Sou
 
 def _write_dense(folder: Path, source: _Source) -> None:
     """Everything but the table experts, in SRC's dtype (attention, norms, embeddings, shared FFN, router)."""
-    from safetensors.torch import save_file
-
     tensors = {n: source.f.get_tensor(n) for n in source.names if not is_table_expert(n)}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, folder / "model.safetensors")
 
 
 def _write_config(folder: Path, src: Path, cfg: MoLEConfig, layout: TableLayout) -> None:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant.errors import UserError
+from quant.files import save_tensors
 
 from .config import MOLE_MODEL_TYPE, MoLEConfig
 
@@ -355,13 +356,11 @@ def _need(tensors: dict[str, torch.Tensor], name: str, shape: tuple, source: str
 
 def save_model(model: MoLEForCausalLM, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     """Write config.json + model.safetensors (a MoLE checkpoint, or a Mixtral folder for the baselines)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = {v: k for k, v in DTYPES.items()}[dtype]
     tensors = {k: v.detach().to(dtype).cpu() for k, v in model.hub_state_dict().items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, folder / "model.safetensors")
     cfg = model.cfg.to_dict()
     cfg["torch_dtype"] = name
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

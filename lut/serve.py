@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.errors import UserError, pread_exactly
+from quant.errors import UserError
+from quant.files import pread_exactly
 
 from .config import TABLE_MODEL_TYPE, MoLEConfig
 from .model import checkpoint_shapes, is_table_expert, mix, router_weights, swiglu

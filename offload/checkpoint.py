@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from quant.blob import is_count
-from quant.errors import pread_exactly
+from quant.files import pread_exactly
 
 from .config import MIXTRAL_MODEL_TYPES, ModelConfig
 from .errors import UserError

@@ -31,10 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from quant.blob import is_count
-from quant.errors import copy_input, writing
+from quant.errors import writing
+from quant.files import copy_input, save_tensors
 
 from .checkpoint import Checkpoint, attention_shapes, dense_shapes, expert_names
 from .errors import UserError
@@ -219,7 +219,7 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
     for i in range(cfg.num_hidden_layers):
         name = f"model.layers.{i}.block_sparse_moe.gate.weight"
         dense[name] = ckpt.read(name, dtype=torch.float16)
-    save_file(dense, partial / "model.safetensors", metadata={"format": "pt"})
+    save_tensors(dense, partial / "model.safetensors")
     del dense
 
     layout = quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, bits, group_size)

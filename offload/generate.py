@@ -68,8 +68,8 @@ def check_request(model: Transformer, prompt_ids: list[int], max_new_tokens: int
     need = len(prompt_ids) + max_new_tokens - 1
     if need > model.max_seq:
         limit = model.cfg.max_position_embeddings
-        fix = (f"the model's limit (max_position_embeddings in config.json); lower --max-new-tokens or shorten "
-               f"the prompt" if model.max_seq >= limit else f"raise --context (up to {limit}) or lower --max-new-tokens")
+        fix = ("the model's limit (max_position_embeddings in config.json); lower --max-new-tokens or shorten "
+               "the prompt" if model.max_seq >= limit else f"raise --context (up to {limit}) or lower --max-new-tokens")
         raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_new_tokens}) needs {need} "
                         f"positions, more than the context holds ({model.max_seq}): {fix}")
 

@@ -26,7 +26,13 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
         from .demo import DEMO_DIR
 
         return DEMO_DIR
-    return Path(model).expanduser()
+    from .convert import PARTIAL_MARKER
+
+    path = Path(model).expanduser()
+    if (path / PARTIAL_MARKER).is_file():
+        raise UserError(f"{path}: an unfinished conversion (moe-offload convert stopped before it was done); "
+                        f"run the conversion again")
+    return path
 
 
 def resolve_device(device: str) -> torch.device:

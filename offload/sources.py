@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from quant.blob import BlobLayout
-from quant.errors import pread_exactly
+from quant.files import pread_exactly
 
 from .checkpoint import Checkpoint, expert_names, moe_shapes
 from .errors import UserError

@@ -62,6 +62,12 @@ def test_converted_folder_generates_and_moves_quantized_blobs(quantized, tiny_ch
     assert stats["bytes_h2d"] == (stats["expert_misses"] - stats["cpu_expert_calls"] + stats["prefetch_issued"]) * stats["blob_bytes"]
 
 
+def test_every_output_file_gets_the_same_permissions(quantized):
+    """safetensors writes its file owner-only (0600); a model folder others share must be readable as a whole."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in quantized.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
 def test_the_same_vram_holds_more_quantized_experts(quantized, tiny_checkpoint):
     plain = offload.load(tiny_checkpoint, device="cpu", context=128).store.plan
     vram = plain.dense_bytes + plain.kv_bytes + plain.margin_bytes + 2 * plain.blob_bytes
@@ -132,7 +138,8 @@ def test_interrupted_conversion_leaves_nothing_generate_accepts_and_a_rerun_succ
     partial = tmp_path / "out.partial"
     assert (partial / PARTIAL_MARKER).is_file()  # what lets the rerun remove it
     result = run_cli("generate", partial, "hello", "-n", "2")
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "an unfinished conversion (moe-offload convert stopped before it was done)" in result.stderr
     assert convert(tiny_checkpoint, dst, bits=4, group_size=32) == dst
     assert not partial.exists() and not (dst / PARTIAL_MARKER).exists()
     # Rerunning on a finished conversion with the same settings is a no-op.

@@ -1,0 +1,47 @@
+"""File I/O that every layer shares, each failure one UserError naming the file: exact positioned reads,
+copies of input files, and safetensors output with ordinary permissions."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import UserError
+
+
+def copy_input(src, dst) -> None:
+    """`shutil.copy2` of an input file (a tokenizer file into the output folder): failing to read it is
+    "cannot read" here; failing to write goes on to `writing`, which words it."""
+    import shutil
+
+    try:
+        shutil.copy2(src, dst)
+    except OSError as exc:
+        if exc.filename is not None and os.path.abspath(exc.filename) == os.path.abspath(src):
+            raise UserError(f"{src}: cannot read ({exc.strerror})") from None
+        raise
+
+
+def pread_exactly(fd: int, view: memoryview, offset: int, path, what: str) -> None:
+    """Fill `view` with the bytes of `fd` from `offset`, or raise one UserError naming `path` and `what`
+    (e.g. "expert (3, 1)"). Loops, since one read returns at most ~2 GiB on Linux; a read that ends early
+    means the file shrank after it was opened and checked."""
+    got, want = 0, len(view)
+    while got < want:
+        try:
+            n = os.preadv(fd, [view[got:]], offset + got)
+        except OSError as exc:
+            raise UserError(f"{path}: read failed for {what} ({exc.strerror})") from None
+        if n == 0:
+            raise UserError(f"{path}: truncated since it was opened ({what}: read {got} of {want} bytes)")
+        got += n
+
+
+def save_tensors(tensors: dict, path) -> None:
+    """safetensors' `save_file`, leaving the file readable as any file this process creates (the library
+    writes it owner-only, 0600, which a model folder shared with others cannot be)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
