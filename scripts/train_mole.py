@@ -130,9 +130,9 @@ def train(model: MoLEForCausalLM, stream: torch.Tensor, args, name: str) -> dict
         lm = lm_loss.item()
         smooth = lm if smooth is None else 0.95 * smooth + 0.05 * lm
         if (step + 1) % args.log_every == 0 or step == 0:
-            elapsed = time.time() - t0
+            elapsed, aux_now = time.time() - t0, float(torch.as_tensor(aux).detach())  # detached: no warning
             print(f"{name:5s} step {step + 1:4d}/{args.steps}  lr {lr_at(step, args):.2e}  loss {lm:.3f} "
-                  f"(avg {smooth:.3f})  aux {float(aux):.3f}  {(step + 1) * args.batch * args.seq / elapsed:,.0f} tok/s"
+                  f"(avg {smooth:.3f})  aux {aux_now:.3f}  {(step + 1) * args.batch * args.seq / elapsed:,.0f} tok/s"
                   f"  {elapsed:4.0f}s", flush=True)
     return {"train_seconds": time.time() - t0, "last_train_loss_avg": smooth}
 
