@@ -62,6 +62,47 @@ def parse_budget(value, flag: str) -> int | None:
         raise UserError(f"{flag} {value!r} is not a size (use e.g. 12GiB, 512MiB, 1.5GB or a number of bytes)") from None
 
 
+def open_tables(ckpt) -> tuple[MoLEConfig, Path, TableLayout]:
+    """A table folder's config, table file and its layout (header only), checked against each other."""
+    cfg = MoLEConfig.from_dict(ckpt.raw_config, source=str(Path(ckpt.path) / "config.json"),
+                               model_types=(TABLE_MODEL_TYPE,))
+    name = cfg.tables["file"]
+    if Path(name).name != name:
+        raise UserError(f"{ckpt.path}/config.json: field 'tables.file' must be a file name in the folder, got {name!r}")
+    path = Path(ckpt.path) / name
+    layout = TableLayout.open(path)
+    layout.check_dims(cfg.vocab_size, cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, str(path))
+    if cfg.tables.get("bits") not in (None, layout.bits):
+        raise UserError(f"{ckpt.path}/config.json: field 'tables.bits' is {cfg.tables.get('bits')} but "
+                        f"{path.name} holds {layout.bits}-bit rows")
+    return cfg, path, layout
+
+
+def describe_tables(ckpt) -> dict:
+    """What `moe-offload inspect` shows for a table folder: shapes, the table's size and where its bytes go."""
+    cfg, path, layout = open_tables(ckpt)
+    data = layout.vocab * layout.record_nbytes
+    return {
+        "path": str(ckpt.path),
+        "kind": "Mixture of Lookup Experts tables (moe-offload lut build)",
+        "layers": cfg.num_hidden_layers,
+        "table_experts_per_layer": cfg.num_local_experts,
+        "hidden_size": cfg.hidden_size,
+        "shared_intermediate_size": cfg.shared_intermediate_size,
+        "attention_heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "vocab_size": cfg.vocab_size,
+        "row_format": f"{layout.bits}-bit" + (f" (group {layout.group_size})" if layout.bits < 16 else ""),
+        "table_file": path.name,
+        "bytes_tables": data,
+        "bytes_per_token_record": layout.record_nbytes,
+        # Everything in model.safetensors lives on the device: attention, norms, embeddings, shared FFN, routers.
+        "bytes_dense_gpu": ckpt.file_bytes(),
+        "bytes_tables_on_gpu": 0,  # a step's rows only, dropped after its last layer
+        "bytes_h2d_per_decode_token": layout.record_nbytes,
+    }
+
+
 class TableFFN:
     """One layer's feed-forward part: the shared FFN and the router on the device, the experts as rows."""
 
@@ -103,19 +144,7 @@ class TableStore:
         (prefetch, cpu_experts, ...) have nothing to act on here and are ignored."""
         self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
         self.cuda = self.device.type == "cuda"
-        self.cfg = MoLEConfig.from_dict(ckpt.raw_config, source=str(Path(ckpt.path) / "config.json"),
-                                        model_types=(TABLE_MODEL_TYPE,))
-        cfg = self.cfg
-        name = cfg.tables["file"]
-        if Path(name).name != name:
-            raise UserError(f"{ckpt.path}/config.json: field 'tables.file' must be a file name in the folder, got {name!r}")
-        self.path = Path(ckpt.path) / name
-        self.layout = TableLayout.open(self.path)
-        self.layout.check_dims(cfg.vocab_size, cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size,
-                               str(self.path))
-        if cfg.tables.get("bits") not in (None, self.layout.bits):
-            raise UserError(f"{ckpt.path}/config.json: field 'tables.bits' is {cfg.tables.get('bits')} but "
-                            f"{self.path.name} holds {self.layout.bits}-bit rows")
+        self.cfg, self.path, self.layout = open_tables(ckpt)
         self.ram_budget, self.vram_budget = parse_budget(ram, "--ram"), parse_budget(vram, "--vram")
         self.step_bytes = step_bytes
         data = self.layout.vocab * self.layout.record_nbytes

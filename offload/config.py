@@ -63,8 +63,10 @@ class ModelConfig:
         """Read the shape fields; `model_types` lists the families the caller can run."""
         model_type = raw.get("model_type")
         if model_type not in model_types:
+            hint = "; `moe-offload lut build` turns a MoLE checkpoint into tables that generate runs" \
+                if model_type == "mole" else ""
             raise UserError(f"{source}: model_type is {model_type!r}, not a Mixtral-family config "
-                            f"(expected one of {', '.join(model_types)})")
+                            f"(expected one of {', '.join(model_types)}){hint}")
 
         def get(name: str, default=None, required: bool = True):
             if name in raw and raw[name] is not None:

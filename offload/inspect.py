@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from .checkpoint import Checkpoint
@@ -30,6 +31,11 @@ def describe(path: str | os.PathLike | None) -> dict:
     from .convert import dense_format
     from .memory import dense_bytes
 
+    tables = _table_folder(path)
+    if tables is not None:
+        from lut.serve import describe_tables
+
+        return describe_tables(tables)
     ckpt, source, info = open_checked(path)
     fmt = dense_format(info)
     cfg = ckpt.config
@@ -65,6 +71,23 @@ def describe(path: str | os.PathLike | None) -> dict:
     return out
 
 
+def _table_folder(path) -> Checkpoint | None:
+    """The folder as a checkpoint if it is a `lut build` table folder, else None (a Mixtral folder or an error
+    later, from the Mixtral reader, naming what is wrong)."""
+    from lut import TABLE_MODEL_TYPES
+
+    from .config import MIXTRAL_MODEL_TYPES
+
+    folder = resolve_model_path(path)
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get("model_type") not in TABLE_MODEL_TYPES:
+        return None
+    return Checkpoint(folder, model_types=MIXTRAL_MODEL_TYPES + TABLE_MODEL_TYPES)
+
+
 def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str = "auto", dtype: str = "auto",
                 context: int = 2048, hit_rate: float = 0.5, bandwidth: float = 25e9) -> dict:
     """What lives where under --vram/--ram (the expert store's own MemoryPlan, built without reading any
@@ -77,6 +100,9 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     from .runtime import resolve_device, resolve_dtype
     from .sources import open_source
 
+    if _table_folder(path) is not None:
+        raise UserError(f"{path}: a table folder has no expert slots to plan: its dense part lives on the device and "
+                        f"its tables in RAM (when --ram holds them) or on disk; `moe-offload inspect {path}` shows both")
     if not 0 <= hit_rate <= 1:
         raise UserError(f"--hit-rate must be between 0 and 1, got {hit_rate}")
     if bandwidth <= 0:

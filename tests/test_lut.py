@@ -18,6 +18,7 @@ from lut.build import TABLE_FILE, build_tables
 from lut.config import MoLEConfig
 from lut.model import MoLEForCausalLM, load_model, save_model
 from lut.tables import TableLayout
+from offload.checkpoint import Checkpoint
 from offload.generate import decode_one, prefill
 from quant.errors import UserError
 
@@ -236,6 +237,23 @@ def test_cli_build_writes_a_servable_folder_atomically(mole, tmp_path):
     result = run_cli("generate", dst, "The quick brown fox", "-n", "5", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["stats"]["table_bytes_device"] == 0
+
+
+def test_inspect_describes_a_table_folder_and_a_mole_checkpoint_points_to_lut_build(mole, tables32):
+    result = run_cli("inspect", tables32, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    layout = TableLayout.open(tables32 / TABLE_FILE)
+    assert info["bytes_tables"] == layout.vocab * layout.record_nbytes
+    assert info["bytes_h2d_per_decode_token"] == info["bytes_per_token_record"] == layout.record_nbytes
+    assert info["bytes_dense_gpu"] == Checkpoint(tables32, model_types=("mole_tables",)).file_bytes()
+    assert info["layers"] == layout.layers and info["table_experts_per_layer"] == layout.experts
+    plan = run_cli("inspect", tables32, "--vram", "1GiB")
+    assert plan.returncode == 2 and "a table folder has no expert slots to plan" in plan.stderr
+    for command in (("inspect", mole[0]), ("generate", mole[0], "hi")):
+        result = run_cli(*command)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+        assert "`moe-offload lut build` turns a MoLE checkpoint into tables" in result.stderr
 
 
 def test_an_interrupted_build_leaves_nothing(mole, tmp_path):
