@@ -164,7 +164,7 @@ def inspect(
     if any(option is not None for option in (vram, ram, hit_rate, bandwidth)):
         plan = memory_plan(model, vram=vram, ram=ram, device=device, dtype=dtype, context=context,
                            hit_rate=0.5 if hit_rate is None else hit_rate,
-                           bandwidth=parse_bytes(bandwidth or "25GB", "--bandwidth"))
+                           bandwidth=parse_bytes("25GB" if bandwidth is None else bandwidth, "--bandwidth"))
     if as_json:
         typer.echo(json.dumps(info | ({"memory_plan": plan} if plan else {}), indent=2))
         return

@@ -29,7 +29,7 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     from .convert import PARTIAL_MARKER
 
     path = Path(model).expanduser()
-    if (path / PARTIAL_MARKER).is_file():
+    if os.path.isfile(path / PARTIAL_MARKER):  # False, not an error, where the folder cannot be read
         raise UserError(f"{path}: an unfinished conversion (moe-offload convert stopped before it was done); "
                         f"run the conversion again")
     return path
@@ -112,6 +112,8 @@ class Runtime:
         return self._generate_ids(prompt_ids, max_new_tokens, sampling)
 
     def _generate_ids(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+        if self.closed:  # closed between the call and the first next()
+            raise UserError("this runtime was closed; load the model again to generate")
         me = self.active = object()
         self.store.reset_stats()
         t0 = time.perf_counter()

@@ -29,4 +29,3 @@ def writing(path):
         raise UserError(f"{where}: cannot write ({why or exc})") from None
     except SafetensorError as exc:  # safetensors' save_file reports its I/O errors this way
         raise UserError(f"{path}: cannot write ({exc})") from None
-

@@ -16,7 +16,8 @@ def copy_input(src, dst) -> None:
     try:
         shutil.copy2(src, dst)
     except OSError as exc:
-        if exc.filename is not None and os.path.abspath(exc.filename) == os.path.abspath(src):
+        # Opening SRC failed (filename SRC, no filename2); a failed sendfile names both, whichever side failed.
+        if exc.filename2 is None and exc.filename is not None and os.path.abspath(exc.filename) == os.path.abspath(src):
             raise UserError(f"{src}: cannot read ({exc.strerror})") from None
         raise
 
@@ -25,6 +26,7 @@ def pread_exactly(fd: int, view: memoryview, offset: int, path, what: str) -> No
     """Fill `view` with the bytes of `fd` from `offset`, or raise one UserError naming `path` and `what`
     (e.g. "expert (3, 1)"). Loops, since one read returns at most ~2 GiB on Linux; a read that ends early
     means the file shrank after it was opened and checked."""
+    view = view.cast("B")
     got, want = 0, len(view)
     while got < want:
         try:
@@ -38,10 +40,27 @@ def pread_exactly(fd: int, view: memoryview, offset: int, path, what: str) -> No
 
 def save_tensors(tensors: dict, path) -> None:
     """safetensors' `save_file`, leaving the file readable as any file this process creates (the library
-    writes it owner-only, 0600, which a model folder shared with others cannot be)."""
+    writes it owner-only, 0600, which a model folder shared with others cannot be). Best effort: a
+    filesystem that refuses chmod keeps the library's mode."""
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    try:
+        os.chmod(path, 0o666 & ~current_umask())
+    except OSError:
+        pass
+
+
+def current_umask() -> int:
+    """The process's umask, read without setting it where Linux reports it (os.umask sets it to read it,
+    process-wide, for an instant)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import replaceable  # noqa: E402
+from outfolder import mark, replaceable  # noqa: E402
 from offload.demo import DEMO_DIR, HELDOUT_EVERY, corpus, documents  # noqa: E402
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -376,7 +376,7 @@ def main() -> None:
     from transformers import GenerationConfig, MixtralForCausalLM
 
     t_start = time.time()
-    out = replaceable(args.out)
+    out = replaceable(args.out, DEMO_DIR)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -427,6 +427,7 @@ def main() -> None:
     write_readme(tmp, args, report)
     report["files"] = folder_bytes(tmp)
 
+    mark(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import replaceable  # noqa: E402
+from outfolder import mark, replaceable  # noqa: E402
 from lut.config import MoLEConfig  # noqa: E402
 from lut.model import MoLEForCausalLM, load_model, save_model, windowed_nll  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
@@ -215,7 +215,9 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     kinds = args.only or list(KINDS)
-    outs = {kind: replaceable(args.mole_out if kind == "mole" else args.runs / kind) for kind in kinds}
+    defaults = {"mole": (args.mole_out, MOLE_DIR), "dense": (args.runs / "dense", RUNS / "dense"),
+                "moe": (args.runs / "moe", RUNS / "moe")}
+    outs = {kind: replaceable(*defaults[kind]) for kind in kinds}
     tok = load_tokenizer(args.tokenizer_dir)
     train_stream, heldout_stream = pack(tok, documents("train")), pack(tok, documents("heldout"))
     print(f"train {len(train_stream):,} tokens, held-out {len(heldout_stream):,} tokens", flush=True)
@@ -249,6 +251,7 @@ def main() -> None:
               f"(ppl {math.exp(report[kind]['heldout_loss']):.2f}), {result['train_seconds']:.0f}s", flush=True)
         if kind == "mole":
             write_readme(tmp, report, args)
+        mark(tmp)
         swap_in(tmp, out)
         report_path.write_text(json.dumps(report, indent=2) + "\n")
     if "mole" in report:  # refresh the README's comparison table with whatever baselines exist now

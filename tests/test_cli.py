@@ -66,6 +66,7 @@ def test_inspect_counts_dense_and_expert_parameters(tiny_checkpoint):
     (("frobnicate",), "No such command 'frobnicate'"),
     (("inspect", "{ckpt}", "--bandwidth", "fast"), "--bandwidth 'fast' is not a size"),  # checked without --vram too
     (("inspect", "{ckpt}", "--hit-rate", "2"), "--hit-rate must be between 0 and 1"),
+    (("inspect", "{ckpt}", "--bandwidth", ""), "--bandwidth '' is not a size"),
     (("profile", "{ckpt}", "hi", "--out", ""), "--out is empty"),  # not the current folder
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, args, needle):

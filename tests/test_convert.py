@@ -64,8 +64,10 @@ def test_converted_folder_generates_and_moves_quantized_blobs(quantized, tiny_ch
 
 def test_every_output_file_gets_the_same_permissions(quantized):
     """safetensors writes its file owner-only (0600); a model folder others share must be readable as a whole."""
+    from quant.files import current_umask
+
     modes = {p.name: p.stat().st_mode & 0o777 for p in quantized.iterdir()}
-    assert len(set(modes.values())) == 1, modes
+    assert set(modes.values()) == {0o666 & ~current_umask()}, modes
 
 
 def test_the_same_vram_holds_more_quantized_experts(quantized, tiny_checkpoint):
@@ -232,7 +234,19 @@ def test_an_unreadable_source_file_is_cannot_read_naming_it_and_leaves_no_output
     monkeypatch.setattr(shutil, "copy2", copy2)
     with pytest.raises(UserError, match=r"tokenizer\.json: cannot read \(Permission denied\)$"):
         convert(tiny_checkpoint, tmp_path / "out", bits=4, group_size=32)
-    assert not (tmp_path / "out").exists()
+    # As after any interrupted conversion: no DST, only the marked DST.partial that a rerun replaces.
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / PARTIAL_MARKER).is_file()
+
+
+def test_a_full_disk_while_copying_an_input_file_is_cannot_write(tiny_checkpoint, tmp_path, monkeypatch):
+    import errno
+
+    def copy2(src, dst, **kw):  # sendfile's failure names both files, whichever side failed
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    with pytest.raises(UserError, match=r"cannot write \(No space left on device\)$"):
+        convert(tiny_checkpoint, tmp_path / "out", bits=4, group_size=32)
 
 
 @pytest.mark.parametrize("body", [

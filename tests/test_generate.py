@@ -35,11 +35,11 @@ def test_beyond_the_context_is_refused_before_any_token_with_the_fix_that_works(
     limit = rt.config.max_position_embeddings
     with pytest.raises(UserError, match=f"raise --context \\(up to {limit}\\) or lower --max-new-tokens"):
         rt.generate_ids(ids, 64)  # raised on the call, not at the first next(): the CLI has printed nothing yet
-    capped = offload.load(tiny_checkpoint, device="cpu", context=10 * limit)  # --context above the model's limit
-    assert capped.model.max_seq == limit
-    with pytest.raises(UserError, match="the model's limit \\(max_position_embeddings in config.json\\); lower "
-                                        "--max-new-tokens or shorten the prompt"):
-        capped.generate(PROMPT, limit)
+    with offload.load(tiny_checkpoint, device="cpu", context=10 * limit) as capped:  # above the model's limit
+        assert capped.model.max_seq == limit
+        with pytest.raises(UserError, match="the model's limit \\(max_position_embeddings in config.json\\); "
+                                            "lower --max-new-tokens or shorten the prompt"):
+            capped.generate(PROMPT, limit)
 
 
 def test_the_cli_says_so_before_echoing_the_prompt():
@@ -54,9 +54,12 @@ def test_zero_new_tokens_and_a_closed_runtime_are_one_line_errors(tiny_checkpoin
     rt = offload.load(tiny_checkpoint, device="cpu", context=64)
     with pytest.raises(UserError, match="--max-new-tokens must be at least 1, got 0"):
         list(rt.generate_ids(rt.encode(PROMPT), 0))
+    pending = rt.generate_ids(rt.encode(PROMPT), 2)  # asked for before close, run after
     rt.close()
     with pytest.raises(UserError, match="this runtime was closed"):
         list(rt.generate_ids(rt.encode(PROMPT), 2))
+    with pytest.raises(UserError, match="this runtime was closed"):
+        list(pending)
 
 
 @pytest.mark.parametrize("options", [dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_k=-2)])

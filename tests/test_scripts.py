@@ -41,12 +41,23 @@ def test_train_demo_writes_a_mixtral_folder_the_runtime_generates_with(tmp_path)
         assert len(list(rt.generate_ids(rt.encode("The for statement"), 4))) == 4
 
 
-def test_an_out_folder_that_is_not_a_model_is_refused_before_training_and_kept(tmp_path):
-    mine = tmp_path / "notes"
-    mine.mkdir()
-    (mine / "keep.txt").write_text("mine")
-    for name, flag in (("train_demo.py", "--out"), ("train_mole.py", "--mole-out")):
-        result = script(name, flag, mine, "--steps", "1")
-        assert result.returncode != 0 and "is not a model folder" in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-        assert (mine / "keep.txt").read_text() == "mine"
+def test_an_out_folder_no_training_run_wrote_is_refused_before_training_and_kept(tmp_path):
+    notes, model = tmp_path / "notes", tmp_path / "downloaded-model"
+    for folder, name in ((notes, "keep.txt"), (model, "config.json")):  # the user's files, a model from the Hub
+        folder.mkdir()
+        (folder / name).write_text("mine")
+    for folder in (notes, model):
+        for name, flag in (("train_demo.py", "--out"), ("train_mole.py", "--mole-out")):
+            result = script(name, flag, folder, "--steps", "1")
+            assert result.returncode != 0 and "was not written by a training script" in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+            assert [p.read_text() for p in folder.iterdir()] == ["mine"]
+
+
+def test_a_folder_a_run_wrote_is_marked_and_a_rerun_replaces_it(tmp_path):
+    args = ("--only", "mole", "--steps", "1", "--warmup", "1", "--batch", "1", "--seq", "16",
+            "--mole-out", tmp_path / "mole", "--runs", tmp_path / "runs")
+    assert script("train_mole.py", *args).returncode == 0
+    assert (tmp_path / "mole" / ".trained-by-moe-offload").is_file()
+    result = script("train_mole.py", *args)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,23 @@
+"""Where the training scripts write: a folder they may replace, and the mark that makes it theirs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+MARKER = ".trained-by-moe-offload"  # written into every folder a training script makes
+
+
+def replaceable(out: Path, default: Path) -> Path:
+    """`out`, resolved, if a training run may replace it: absent, the script's default folder, or one an
+    earlier run marked. Anything else (a downloaded model, the user's notes) is refused in one line before
+    minutes of training, since the run swaps its result in by deleting what is there."""
+    out = out.resolve()
+    if out.exists() and out != default.resolve() and not (out / MARKER).is_file():
+        sys.exit(f"error: {out} exists and was not written by a training script (no {MARKER} in it); "
+                 "pick a new folder or remove it yourself")
+    return out
+
+
+def mark(folder: Path) -> None:
+    (folder / MARKER).write_text("written by a moe-offload training script; a rerun may replace this folder\n")
