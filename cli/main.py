@@ -105,7 +105,7 @@ GEN_OPTIONS = dict(
 def generate(
     model: Optional[str] = typer.Argument(None, help="Model folder (Hugging Face Mixtral layout), or 'demo'. "
                                                      "With a single argument, it is the prompt and the demo model runs."),
-    prompt: Optional[str] = typer.Argument(None, help="The prompt text."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt text; '-' reads it from stdin."),
     max_new_tokens: int = GEN_OPTIONS["max_new_tokens"], temperature: float = GEN_OPTIONS["temperature"],
     top_k: int = GEN_OPTIONS["top_k"], top_p: float = GEN_OPTIONS["top_p"], seed: Optional[int] = GEN_OPTIONS["seed"],
     chat: bool = GEN_OPTIONS["chat"], device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"],
@@ -113,15 +113,28 @@ def generate(
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
     prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
 ) -> None:
-    """Generate text from PROMPT with MODEL, streaming it to the terminal."""
+    """Generate text from PROMPT with MODEL, streaming it to the terminal (PROMPT '-': read it from stdin)."""
     if prompt is None:
         model, prompt = "demo", model
+    prompt = _read_prompt(prompt)
     if prompt is None or not prompt.strip():
         from offload import UserError
 
         raise UserError("the prompt is empty (usage: moe-offload generate [MODEL] PROMPT)")
     _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, dtype, as_json, context,
               vram, ram, prefetch, cpu_experts)
+
+
+def _read_prompt(prompt: Optional[str]) -> Optional[str]:
+    """The prompt itself, or for '-' the text on stdin (a long prompt, a file: `... - < prompt.txt`)."""
+    if prompt != "-":
+        return prompt
+    try:
+        return sys.stdin.read().removesuffix("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        from offload import UserError
+
+        raise UserError(f"cannot read the prompt from stdin ({exc})") from None
 
 
 @app.command()
@@ -214,7 +227,7 @@ def _plan_table(plan: dict):
 @user_errors
 def profile(
     model: Optional[str] = typer.Argument(None, help="Model folder (Hugging Face Mixtral layout), or 'demo' (default)."),
-    prompt: Optional[str] = typer.Argument(None, help="The prompt text (default: 'The for statement')."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt text (default: 'The for statement'); '-' reads it from stdin."),
     out: str = typer.Option("profile", "--out", help="Folder for profile.json, trace.json and the PNG plots."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Stop after this many new tokens."),
     temperature: float = GEN_OPTIONS["temperature"], top_k: int = GEN_OPTIONS["top_k"],
@@ -230,10 +243,11 @@ def profile(
     from offload.profile import profile as run_profile
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    text = _read_prompt(prompt) if prompt is not None else DEFAULT_PROMPT
     with progress_bar("reading experts into RAM", transient=True) as progress:
-        result = run_profile(model, prompt if prompt is not None else DEFAULT_PROMPT, out, max_new_tokens, sampling,
-                             chat=chat, device=device, dtype=dtype, context=context, vram=vram, ram=ram,
-                             prefetch=prefetch, cpu_experts=cpu_experts, progress=progress)
+        result = run_profile(model, text, out, max_new_tokens, sampling, chat=chat, device=device, dtype=dtype,
+                             context=context, vram=vram, ram=ram, prefetch=prefetch, cpu_experts=cpu_experts,
+                             progress=progress)
     from rich.console import Console
     from rich.table import Table
 

@@ -65,7 +65,7 @@ def tiny_checkpoint(tmp_path_factory):
     return folder
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the command line as a user would, in a fresh interpreter."""
+def run_cli(*args: str, timeout: float = 300, stdin: str = "") -> subprocess.CompletedProcess:
+    """Run the command line as a user would, in a fresh interpreter (`stdin`: the text piped into it)."""
     return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, input=stdin)

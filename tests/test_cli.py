@@ -24,6 +24,16 @@ def test_generate_json_is_one_object_with_tokens_and_stats(tiny_checkpoint):
     assert rt.last["tokens"] == record["tokens"] and text == record["text"]
 
 
+def test_a_prompt_of_dash_is_read_from_stdin(tiny_checkpoint):
+    prompt = "The quick brown fox\njumps over the lazy dog"  # several lines, as from a file
+    piped = run_cli("generate", tiny_checkpoint, "-", "-n", "6", "--json", stdin=prompt + "\n")
+    given = run_cli("generate", tiny_checkpoint, prompt, "-n", "6", "--json")
+    assert piped.returncode == given.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["tokens"] == json.loads(given.stdout)["tokens"]
+    empty = run_cli("generate", tiny_checkpoint, "-", stdin="")
+    assert empty.returncode == 2 and "the prompt is empty" in empty.stderr
+
+
 def test_generate_streams_text(tiny_checkpoint):
     result = run_cli("generate", tiny_checkpoint, "Experts are", "-n", "8", "--temperature", "0.8", "--seed", "3")
     assert result.returncode == 0, result.stderr
