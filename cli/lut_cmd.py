@@ -42,11 +42,11 @@ def build(
     """Compute every expert's output for every token id and write the table model folder DST."""
     from cli.progress import progress_bar
     from lut.build import build_tables
-    from lut.serve import parse_budget
+    from quant.units import parse_bytes
 
     with progress_bar("tables", unit="token ids", transient=True, disable=as_json) as progress:
         summary = build_tables(src, dst, bits=bits, group_size=group_size or None,
-                               batch_bytes=parse_budget(batch_mem, "--batch-mem"), force=force, progress=progress)
+                               batch_bytes=parse_bytes(batch_mem, "--batch-mem"), force=force, progress=progress)
     if as_json:
         typer.echo(json.dumps(summary))
     else:

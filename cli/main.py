@@ -170,7 +170,7 @@ def inspect(
     """Describe a model: layers, experts, parameters dense vs experts, bytes per expert, dense bytes on the GPU;
     with --vram/--ram (or --hit-rate/--bandwidth), the memory plan under those budgets."""
     from offload.inspect import describe, memory_plan
-    from offload.memory import parse_bytes
+    from quant.units import parse_bytes
 
     info = describe(model)
     plan = None

@@ -39,27 +39,13 @@ import torch
 
 from quant.errors import UserError
 from quant.files import pread_exactly
+from quant.units import parse_bytes
 
 from .config import TABLE_MODEL_TYPE, MoLEConfig
 from .model import checkpoint_shapes, is_table_expert, mix, router_weights, swiglu
 from .tables import TableLayout
 
 TABLE_MODES = ("disk", "ram")
-
-
-def parse_budget(value, flag: str) -> int | None:
-    """A byte budget: None, an int, or a size string such as '2GiB' (the CLI passes strings through)."""
-    if value is None or isinstance(value, int):
-        return value
-    text = str(value).strip().replace(" ", "")
-    if text.isdigit():
-        return int(text)
-    from accelerate.utils import convert_file_size_to_int
-
-    try:
-        return int(convert_file_size_to_int(text))
-    except ValueError:
-        raise UserError(f"{flag} {value!r} is not a size (use e.g. 12GiB, 512MiB, 1.5GB or a number of bytes)") from None
 
 
 def open_tables(ckpt) -> tuple[MoLEConfig, Path, TableLayout]:
@@ -145,7 +131,7 @@ class TableStore:
         self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
         self.cuda = self.device.type == "cuda"
         self.cfg, self.path, self.layout = open_tables(ckpt)
-        self.ram_budget, self.vram_budget = parse_budget(ram, "--ram"), parse_budget(vram, "--vram")
+        self.ram_budget, self.vram_budget = parse_bytes(ram, "--ram"), parse_bytes(vram, "--vram")
         self.step_bytes = step_bytes
         data = self.layout.vocab * self.layout.record_nbytes
         if tables is None:

@@ -96,7 +96,9 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     `device` may be "cuda" on a machine without a GPU, to plan for one (then --vram is needed)."""
     import torch
 
-    from .memory import device_bytes_free, expected_traffic, parse_bytes, plan_memory
+    from quant.units import parse_bytes
+
+    from .memory import device_bytes_free, expected_traffic, plan_memory
     from .runtime import resolve_device, resolve_dtype
     from .sources import open_source
 

@@ -1,4 +1,4 @@
-"""Byte budgets: parsing human sizes at the edge, and the plan of what lives where under --vram/--ram."""
+"""Byte budgets: the plan of what lives where under --vram/--ram (sizes are parsed by quant.units)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,6 @@ import psutil
 
 from .config import ModelConfig
 from .errors import UserError
-
-
-def parse_bytes(value: str | int | float | None, flag: str) -> int | None:
-    """'12GiB', '512MiB', '1.5GB' or a plain number of bytes -> int bytes; None stays None (= default)."""
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value)
-    text = str(value).strip()
-    if text.isdigit():
-        return int(text)
-    from accelerate.utils import convert_file_size_to_int
-
-    try:
-        return int(convert_file_size_to_int(text.replace(" ", "")))
-    except ValueError:
-        raise UserError(f"{flag} {value!r} is not a size (use e.g. 12GiB, 512MiB, 1.5GB or a number of bytes)") from None
 
 
 def human(n: float) -> str:

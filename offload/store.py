@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from quant import pinned
+from quant.units import parse_bytes
 
 from .cache import POLICIES, SlotTable
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .memory import device_bytes_free, human, parse_bytes, plan_memory
+from .memory import device_bytes_free, human, plan_memory
 from .model import MoE
 from .profile import median_time
 from .sources import open_source
