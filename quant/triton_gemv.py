@@ -13,8 +13,9 @@ with the second byte needed only at 3 bits, where a code may straddle two bytes.
 
 Two kernels: `_gate_up_kernel` computes silu(w1 x) * w3 x for a block of F rows (one pass over x,
 two matrices), `_gemv_kernel` computes w2 h. Accumulation is float32 and h stays float32 between them.
-Validated against the torch path with Triton's CPU interpreter (TRITON_INTERPRET=1) in CI, and on CUDA by
-the `gpu`-marked tests in tests/test_quant.py.
+Validated against the torch path with Triton's CPU interpreter (TRITON_INTERPRET=1) in CI, compiled to
+machine code for sm_80 and sm_90 in CI too (no GPU needed), and run on CUDA by the `gpu`-marked tests in
+tests/test_quant.py.
 """
 
 from __future__ import annotations

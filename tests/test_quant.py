@@ -238,6 +238,40 @@ def test_triton_kernels_in_the_interpreter():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+def test_triton_kernels_compile_to_cubin_for_ampere_and_hopper():
+    """The interpreter runs what the GPU compiler may refuse (block shapes, dtypes, pointer arithmetic): compile
+    both kernels to machine code for sm_80 (A100, RTX 30xx) and sm_90 (H100) at every width and input dtype.
+    No GPU needed: Triton carries its own ptxas."""
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile
+    except ImportError:
+        pytest.skip("this Triton release has no ASTSource/GPUTarget compile API (added in Triton 3.x)")
+    from quant import triton_gemv as g
+
+    blob = {"s": "*fp16", "z": "*fp16"}  # scales and zeros are fp16 in every blob
+    sizes = {"N": "i32", "K": "i32", "row_bytes": "i32", "n_groups": "i32"}
+    meta = {"BITS": "constexpr", "GROUP": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    for arch in (80, 90):
+        for bits in (8, 4, 3, 2):
+            constexprs = {"BITS": bits, "GROUP": 64, "BLOCK_N": g.BLOCK_N, "BLOCK_K": g.BLOCK_K}
+            kernels = [(g._gemv_kernel, {"q_ptr": "*u8", "s_ptr": blob["s"], "z_ptr": blob["z"], "x_ptr": x,
+                                         "y_ptr": "*fp32", **sizes, **meta})
+                       for x in ("*fp16", "*bf16", "*fp32")]  # a token in the model's dtype; fp32 h (w2 x h)
+            kernels += [(g._gate_up_kernel, {"q1_ptr": "*u8", "s1_ptr": blob["s"], "z1_ptr": blob["z"], "q3_ptr": "*u8",
+                                             "s3_ptr": blob["s"], "z3_ptr": blob["z"], "x_ptr": x, "h_ptr": "*fp32",
+                                             **sizes, **meta})
+                        for x in ("*fp16", "*bf16")]
+            for kernel, signature in kernels:
+                try:
+                    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+                except TypeError:
+                    pytest.skip("this Triton release's ASTSource takes other arguments (the test follows Triton 3.3+)")
+                compiled = compile(source, target=GPUTarget("cuda", arch, 32))
+                assert compiled.asm.get("cubin"), (arch, bits, kernel.fn.__name__, signature["x_ptr"])
+
+
 # ---- the demo model's real expert matrices ----
 
 REAL_EXPERTS = [(0, 0), (2, 5), (3, 7)]  # (layer, expert): from three of the demo model's four layers
