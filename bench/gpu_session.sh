@@ -8,7 +8,8 @@
 # Records, logs and the profile land in $RESULTS (default bench/results/gpu-session, which git ignores); the
 # records to keep are then copied into bench/results/ by hand. Through the device tool, which brings back
 # only a few files of its $OUT, pack them into one: `PACK=$OUT/checks.tgz bash bench/gpu_session.sh checks`.
-# bench_quant's HQQ columns need the hqq package: without it that benchmark is skipped and says so.
+# bench_quant's HQQ columns need the hqq package (carried as wheels in .whl/, see below): without it that
+# benchmark is skipped and says so.
 #
 # Every step runs under one deadline, DEADLINE seconds from the start (default 540: a 10-minute call, less
 # time to pack the results), so a slow step cannot take the whole call's output with it: what is most
@@ -25,6 +26,12 @@ if [ -n "${PACK:-}" ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+# bench_quant compares with HQQ, a test-only package a bare GPU machine may lack: install wheels carried in
+# .whl/ (hqq and its small dependencies: pip download/wheel them where there is network) into a scratch site.
+if ! $py -c "import hqq" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    site=$(mktemp -d)
+    $py -m pip install -q --no-deps --no-index --target "$site" .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$site"
+fi
 status=0
 step() {  # step NAME COMMAND...: run it (until the deadline), log it to $RESULTS/NAME.log, note a failure, go on
     local name=$1
