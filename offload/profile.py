@@ -26,6 +26,7 @@ DIR/trace.json (offload/trace.py) and the PNG plots (offload/plots.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import resource
@@ -224,24 +225,37 @@ def device_tier_bytes(rt) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+COLD_BYTES = 128 << 20  # more than a CPU's last-level cache: CPU probes copy from this much, in turn
+
+
 def measure_h2d(store, min_s: float = 0.02) -> float:
     """Bytes/s of one expert blob copied host -> device slot, the copy the store makes on a miss.
 
     From a scratch blob (pinned on CUDA, as the host tier is; written first, so its pages are real) into
-    a free device slot when there is one (nothing reads it), else into a scratch blob on the device."""
-    src = pinned.empty(store.layout.nbytes, pin=store.cuda).fill_(1)
-    dst = store.dev[store.dev_table.free[-1]] if store.dev_table.free else torch.empty_like(src, device=store.device)
+    a free device slot when there is one (nothing reads it), else into a scratch blob on the device. On a
+    CPU the "device" is RAM too, and one blob copied again and again would be served from the cache
+    (~100 GB/s, where a miss reads cold RAM): there the copies take their turn from enough distinct blobs to
+    exceed the cache."""
+    n = store.layout.nbytes
+    sources = 1 if store.cuda else max(1, min(COLD_BYTES // n, 4096))
+    src = pinned.empty((sources, n), pin=store.cuda).fill_(1)
+    dst = store.dev[store.dev_table.free[-1]] if store.dev_table.free else torch.empty(n, dtype=torch.uint8,
+                                                                                       device=store.device)
     rate = copy_bandwidth(src, dst, min_s)
-    del dst
+    del dst, src
     if store.cuda:
         torch.cuda.empty_cache()  # hand a scratch blob back, so it does not count as reserved
     return rate
 
 
 def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor, min_s: float = 0.02) -> float:
-    """Bytes/s of `dst.copy_(src)`, from `median_time` of synchronized copies."""
+    """Bytes/s of `dst.copy_(src)`, from `median_time` of synchronized copies; a `src` of several times
+    dst's size gives its dst-sized pieces in turn (a source colder than the cache)."""
+    pieces = src.reshape(-1, dst.numel())
+    turn = itertools.count()
     sync = (lambda: torch.cuda.synchronize(dst.device)) if dst.device.type == "cuda" else (lambda: None)
-    return src.numel() * src.element_size() / median_time(lambda: dst.copy_(src, non_blocking=True), sync, min_s)
+    copy = lambda: dst.copy_(pieces[next(turn) % len(pieces)], non_blocking=True)  # noqa: E731
+    return dst.numel() * dst.element_size() / median_time(copy, sync, min_s)
 
 
 def median_time(fn, sync, min_s: float = 0.0, repeats: int = 5) -> float:

@@ -266,3 +266,18 @@ def test_the_verdict_says_when_its_shares_are_of_overlapping_parts():
     assert "which overlap: 1.44x the wall time" in verdict(record)["text"]
     record["totals"]["decode_s"] = 2.3
     assert "overlap" not in verdict(record)["text"]
+
+
+def test_the_cpu_bandwidth_probe_copies_from_more_than_a_cache_holds(folder, budgets, monkeypatch):
+    """One small blob copied again and again comes from the cache, far faster than the cold RAM a miss reads:
+    on a CPU the probe takes its copies in turn from COLD_BYTES of distinct blobs."""
+    from offload import profile as profile_module
+
+    seen = []
+    real = profile_module.copy_bandwidth
+    monkeypatch.setattr(profile_module, "copy_bandwidth",
+                        lambda src, dst, min_s=0.02: seen.append((src.numel(), dst.numel())) or real(src, dst, min_s))
+    with offload.load(folder, device="cpu", context=128, **budgets) as rt:
+        assert profile_module.measure_h2d(rt.store) > 0
+    (source, blob), = seen
+    assert blob == rt.store.layout.nbytes and source >= profile_module.COLD_BYTES - blob
