@@ -30,6 +30,9 @@ from .blob import BlobLayout
 
 BLOCK_N = 16    # output rows per program
 BLOCK_K = 128   # input features per step of a program's loop
+# Multiply-adds fused (FMA), as Triton has always compiled them; said explicitly, since Triton 3.9 warns that
+# its default will change.
+FP_FUSION = True
 
 
 @triton.jit
@@ -93,7 +96,7 @@ def dequant_gemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     with _on(x.device):
         _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](packed, scale, zero, x.contiguous(), y, n, k, packed.shape[1],
                                                  n_groups, BITS=bits, GROUP=group_size, BLOCK_N=BLOCK_N,
-                                                 BLOCK_K=BLOCK_K)
+                                                 BLOCK_K=BLOCK_K, enable_fp_fusion=FP_FUSION)
     return y
 
 
@@ -107,6 +110,7 @@ def expert_forward_fused(layout: BlobLayout, blob_views: dict[str, torch.Tensor]
     with _on(x.device):
         _gate_up_kernel[(triton.cdiv(ffn, BLOCK_N),)](
             v["w1.q"], v["w1.scale"], v["w1.zero"], v["w3.q"], v["w3.scale"], v["w3.zero"], xv, h,
-            ffn, hidden, v["w1.q"].shape[1], n_groups, BITS=bits, GROUP=group, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            ffn, hidden, v["w1.q"].shape[1], n_groups, BITS=bits, GROUP=group, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            enable_fp_fusion=FP_FUSION)
     y = dequant_gemv(v["w2.q"], v["w2.scale"], v["w2.zero"], h, bits, group)  # [D]
     return y.to(x.dtype).reshape(1, hidden)
