@@ -43,10 +43,10 @@ from common import PROMPT, RESULTS, device_name, save_record, sync  # noqa: E402
 from offload.checkpoint import Checkpoint  # noqa: E402
 from offload.inspect import memory_plan  # noqa: E402
 from offload.memory import default_ram_budget, human  # noqa: E402
-from quant.units import parse_bytes  # noqa: E402
 from offload.profile import profile_runtime  # noqa: E402
 from offload.runtime import resolve_model_path  # noqa: E402
 from offload.tokenizer import Tokenizer  # noqa: E402
+from quant.units import parse_bytes  # noqa: E402
 
 
 def release(device: str) -> None:

@@ -67,7 +67,6 @@ def open_tables(ckpt) -> tuple[MoLEConfig, Path, TableLayout]:
 def describe_tables(ckpt) -> dict:
     """What `moe-offload inspect` shows for a table folder: shapes, the table's size and where its bytes go."""
     cfg, path, layout = open_tables(ckpt)
-    data = layout.vocab * layout.record_nbytes
     return {
         "path": str(ckpt.path),
         "kind": "Mixture of Lookup Experts tables (moe-offload lut build)",
@@ -80,7 +79,7 @@ def describe_tables(ckpt) -> dict:
         "vocab_size": cfg.vocab_size,
         "row_format": f"{layout.bits}-bit" + (f" (group {layout.group_size})" if layout.bits < 16 else ""),
         "table_file": path.name,
-        "bytes_tables": data,
+        "bytes_tables": layout.data_nbytes,
         "bytes_per_token_record": layout.record_nbytes,
         # Everything in model.safetensors lives on the device: attention, norms, embeddings, shared FFN, routers.
         "bytes_dense_gpu": ckpt.file_bytes(),
@@ -133,7 +132,7 @@ class TableStore:
         self.cfg, self.path, self.layout = open_tables(ckpt)
         self.ram_budget, self.vram_budget = parse_bytes(ram, "--ram"), parse_bytes(vram, "--vram")
         self.step_bytes = step_bytes
-        data = self.layout.vocab * self.layout.record_nbytes
+        data = self.layout.data_nbytes
         if tables is None:
             tables = "ram" if self.ram_budget is not None and data <= self.ram_budget else "disk"
         if tables not in TABLE_MODES:

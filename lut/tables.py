@@ -72,8 +72,13 @@ class TableLayout:
         return self.layers * self.chunk_nbytes
 
     @property
+    def data_nbytes(self) -> int:
+        """Bytes of every token's record: the tables themselves, without the header."""
+        return self.vocab * self.record_nbytes
+
+    @property
     def file_nbytes(self) -> int:
-        return self.data_offset + self.vocab * self.record_nbytes
+        return self.data_offset + self.data_nbytes
 
     @classmethod
     def make(cls, vocab: int, layers: int, experts: int, hidden: int, bits: int = 16,

@@ -31,11 +31,14 @@ def describe(path: str | os.PathLike | None) -> dict:
     from .convert import dense_format
     from .memory import dense_bytes
 
-    tables = _table_folder(path)
-    if tables is not None:
+    if _is_table_folder(path):
+        from lut import TABLE_MODEL_TYPES
         from lut.serve import describe_tables
 
-        return describe_tables(tables)
+        from .config import MIXTRAL_MODEL_TYPES
+
+        folder = resolve_model_path(path)
+        return describe_tables(Checkpoint(folder, model_types=MIXTRAL_MODEL_TYPES + TABLE_MODEL_TYPES))
     ckpt, source, info = open_checked(path)
     fmt = dense_format(info)
     cfg = ckpt.config
@@ -71,21 +74,16 @@ def describe(path: str | os.PathLike | None) -> dict:
     return out
 
 
-def _table_folder(path) -> Checkpoint | None:
-    """The folder as a checkpoint if it is a `lut build` table folder, else None (a Mixtral folder or an error
-    later, from the Mixtral reader, naming what is wrong)."""
+def _is_table_folder(path) -> bool:
+    """Whether config.json says `lut build` made this folder (anything unreadable: no, and the Mixtral reader
+    then names what is wrong)."""
     from lut import TABLE_MODEL_TYPES
 
-    from .config import MIXTRAL_MODEL_TYPES
-
-    folder = resolve_model_path(path)
     try:
-        raw = json.loads((folder / "config.json").read_text())
+        raw = json.loads((resolve_model_path(path) / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    if not isinstance(raw, dict) or raw.get("model_type") not in TABLE_MODEL_TYPES:
-        return None
-    return Checkpoint(folder, model_types=MIXTRAL_MODEL_TYPES + TABLE_MODEL_TYPES)
+        return False
+    return isinstance(raw, dict) and raw.get("model_type") in TABLE_MODEL_TYPES
 
 
 def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str = "auto", dtype: str = "auto",
@@ -102,7 +100,7 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     from .runtime import resolve_device, resolve_dtype
     from .sources import open_source
 
-    if _table_folder(path) is not None:
+    if _is_table_folder(path):
         raise UserError(f"{path}: a table folder has no expert slots to plan: its dense part lives on the device and "
                         f"its tables in RAM (when --ram holds them) or on disk; `moe-offload inspect {path}` shows both")
     if not 0 <= hit_rate <= 1:

@@ -106,14 +106,16 @@ class Runtime:
 
         One generation at a time: they share the KV cache, so starting another ends this one (its next
         step raises UserError) rather than letting both continue on each other's keys and values."""
-        if self.closed:
-            raise UserError("this runtime was closed; load the model again to generate")
+        self._check_open()
         check_request(self.model, prompt_ids, max_new_tokens)
         return self._generate_ids(prompt_ids, max_new_tokens, sampling)
 
-    def _generate_ids(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
-        if self.closed:  # closed between the call and the first next()
+    def _check_open(self) -> None:
+        if self.closed:
             raise UserError("this runtime was closed; load the model again to generate")
+
+    def _generate_ids(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+        self._check_open()  # again: it may have closed between the call and the first next()
         me = self.active = object()
         self.store.reset_stats()
         t0 = time.perf_counter()
