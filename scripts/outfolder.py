@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,5 +20,13 @@ def replaceable(out: Path, default: Path) -> Path:
     return out
 
 
-def mark(folder: Path) -> None:
-    (folder / MARKER).write_text("written by a moe-offload training script; a rerun may replace this folder\n")
+def swap_in(tmp: Path, out: Path) -> None:
+    """Mark the finished folder `tmp` as a training script's and put it in place of `out` (moved aside first,
+    then removed, so `out` is never missing its old contents and its new ones at once)."""
+    (tmp / MARKER).write_text("written by a moe-offload training script; a rerun may replace this folder\n")
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

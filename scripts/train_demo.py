@@ -40,7 +40,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from outfolder import mark, replaceable  # noqa: E402
+from outfolder import replaceable, swap_in  # noqa: E402
 from offload.demo import DEMO_DIR, HELDOUT_EVERY, corpus, documents  # noqa: E402
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -427,9 +427,7 @@ def main() -> None:
     write_readme(tmp, args, report)
     report["files"] = folder_bytes(tmp)
 
-    mark(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    swap_in(tmp, out)
 
     print(f"\ntrain loss {train_loss:.3f} (ppl {math.exp(train_loss):.2f}); held-out loss {heldout_loss:.3f} "
           f"(ppl {math.exp(heldout_loss):.2f}, {report['heldout_bpb']:.3f} bits/byte)")

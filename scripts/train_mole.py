@@ -38,7 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from outfolder import mark, replaceable  # noqa: E402
+from outfolder import replaceable, swap_in  # noqa: E402
 from lut.config import MoLEConfig  # noqa: E402
 from lut.model import MoLEForCausalLM, load_model, save_model, windowed_nll  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
@@ -148,15 +148,6 @@ def greedy(model: MoLEForCausalLM, tok, prompt: str, n: int = 30) -> str:
     return tok.decode(ids[1:])
 
 
-def swap_in(tmp: Path, out: Path) -> None:
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_readme(folder: Path, report: dict, args) -> None:
     r = report["mole"]
     c = r["params"]
@@ -251,7 +242,6 @@ def main() -> None:
               f"(ppl {math.exp(report[kind]['heldout_loss']):.2f}), {result['train_seconds']:.0f}s", flush=True)
         if kind == "mole":
             write_readme(tmp, report, args)
-        mark(tmp)
         swap_in(tmp, out)
         report_path.write_text(json.dumps(report, indent=2) + "\n")
     if "mole" in report:  # refresh the README's comparison table with whatever baselines exist now
