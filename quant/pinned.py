@@ -14,8 +14,10 @@ Where cudaHostRegister is not supported (some sandboxed GPU runtimes), MOE_OFFLO
 
 from __future__ import annotations
 
+import ctypes
 import os
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -46,6 +48,7 @@ def empty(shape, pin: bool) -> torch.Tensor:
     cudart = _cudart()
     err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel(), PORTABLE))
     if err:
+        _clear_last_error()
         raise UserError(f"could not page-lock {t.numel() / 2**30:.2f} GiB of host RAM for the GPU to copy from "
                         f"(cudaHostRegister returned CUDA error {err}); lower --ram, or where registering host "
                         f"memory is unsupported, set MOE_OFFLOAD_PINNED=torch")
@@ -53,6 +56,22 @@ def empty(shape, pin: bool) -> torch.Tensor:
     # (not at interpreter exit: the process's memory goes back to the OS then anyway).
     weakref.finalize(t, _unlock, t.untyped_storage()).atexit = False
     return t
+
+
+def _clear_last_error() -> None:
+    """Torch's binding returns cudaHostRegister's error but leaves it recorded as this thread's last CUDA
+    error, which torch's check after its next kernel launch would raise as that kernel's own (a caller who
+    catches the UserError and goes on would meet it far from here). Read it off through the libcudart this
+    process has loaded (torch's CUDA wheels link it dynamically); best effort: none found, nothing done."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return
+    for path in sorted({line.split()[-1] for line in maps.splitlines() if "/libcudart.so" in line}):
+        try:
+            ctypes.CDLL(path).cudaGetLastError()  # the library already loaded: dlopen hands back the same one
+        except (OSError, AttributeError):
+            pass
 
 
 def _unlock(storage: torch.UntypedStorage) -> None:

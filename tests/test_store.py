@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,6 +314,36 @@ def test_a_host_tier_that_cannot_be_pinned_is_a_user_error(monkeypatch):
     monkeypatch.setattr(pinned, "_cudart", lambda: FakeCudart(fail=2))
     with pytest.raises(UserError, match="could not page-lock .* lower --ram"):
         pinned.empty(1 << 20, pin=True)
+
+
+FAKE_CUDART = """
+static int last_error = 0, cleared = 0;
+void fake_fail(int err) { last_error = err; }
+int cudaGetLastError(void) { int e = last_error; last_error = 0; cleared++; return e; }
+int fake_cleared(void) { return cleared; }
+"""
+
+
+@pytest.mark.skipif(not shutil.which("cc") or not Path("/proc/self/maps").exists(),
+                    reason="needs a C compiler and /proc/self/maps (Linux) to build and find a stand-in libcudart")
+def test_a_refused_page_lock_clears_the_last_cuda_error_it_left(monkeypatch, tmp_path):
+    """cudaHostRegister's error stays as the thread's last CUDA error, which torch's next kernel-launch check
+    would raise: the error path reads it off through the libcudart the process loaded. A stand-in library
+    (loaded as a CUDA torch would have loaded the real one) records the call."""
+    import ctypes
+
+    from quant import pinned
+
+    (tmp_path / "fake.c").write_text(FAKE_CUDART)
+    lib_path = tmp_path / "libcudart.so.99"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib_path), str(tmp_path / "fake.c")], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.fake_fail(1)  # what a failed cudaHostRegister leaves behind
+    monkeypatch.setattr(pinned, "_cudart", lambda: FakeCudart(fail=1))
+    with pytest.raises(UserError, match="could not page-lock"):
+        pinned.empty(1 << 10, pin=True)
+    assert lib.fake_cleared() == 1
+    assert lib.cudaGetLastError() == 0  # nothing left for torch's next check to find
 
 
 def test_a_vram_budget_above_what_the_gpu_has_free_is_refused_before_allocating(tiny_checkpoint, monkeypatch):
