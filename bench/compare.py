@@ -58,8 +58,10 @@ def release(device: str) -> None:
 
 # ---- (a) and (c): this runtime ---------------------------------------------------------------------------
 
-def ours(folder, device: str, tokens: int, repeats: int, context: int, **options) -> dict:
-    """Load, one warm-up generation (the cache warm, as in a running server), then `repeats` measured ones."""
+def ours(folder, device: str, tokens: int, repeats: int, context: int, logits: dict | None = None,
+         key: str = "", **options) -> dict:
+    """Load, one warm-up generation (the cache warm, as in a running server), then `repeats` measured ones.
+    With `logits`, the prompt's logits at every position (after the measured runs) land in logits[key]."""
     rt = offload.load(folder, device=device, context=context, **options)
     ids = rt.encode(PROMPT)
     list(rt.generate_ids(ids, 4))
@@ -72,6 +74,8 @@ def ours(folder, device: str, tokens: int, repeats: int, context: int, **options
     s = rt.stats()
     uses = s["expert_hits"] + s["expert_misses"]
     dtype = str(rt.model.dtype).removeprefix("torch.")
+    if logits is not None:
+        logits[key] = rt.model.forward(torch.tensor(ids, device=rt.model.device), 0, all_logits=True).cpu()
     rt.close()
     del rt
     release(device)
@@ -104,9 +108,10 @@ def transfer_bound(folder, device: str, tokens: int, context: int, **options) ->
 # ---- (b): transformers + accelerate --------------------------------------------------------------------
 
 def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, tokens: int, repeats: int,
-                       dtype) -> dict:
+                       dtype, logits: dict | None = None, key: str = "") -> dict:
     """Hugging Face's own offloading under the same budget; decode tokens/s from per-token timestamps.
-    vram=None: no budget, the whole model on the device (a reference for transformers' own speed)."""
+    vram=None: no budget, the whole model on the device (a reference for transformers' own speed).
+    With `logits`, the prompt's logits at every position land in logits[key], as in `ours`."""
     from transformers import MixtralForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
@@ -153,6 +158,8 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
                 out = result[0, ids.shape[1]:].tolist()
                 # stamps[0]: the prompt; [1]: the first token (prefill); decode speed counts the tokens after it.
                 speeds.append((len(stamps.t) - 2) / (stamps.t[-1] - stamps.t[1]))
+            if logits is not None:
+                logits[key] = model(ids, attention_mask=torch.ones_like(ids)).logits[0].float().cpu()
         placement = {}
         for name, where in getattr(model, "hf_device_map", {"": str(model.device)}).items():
             placement.setdefault(str(where), []).append(name)
@@ -197,7 +204,8 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
     fastest = max(sweep, key=lambda r: r["tokens_per_s"])
     chosen = dict(fastest["options"], cpu_experts="always" if fastest["cpu_experts_decided"] in ("on", "always")
                   else "never")
-    best = ours(folder, device, tokens, repeats, context, **chosen, **common)
+    logits = {}  # the prompt's logits at every position, from each contender: do they compute the same model?
+    best = ours(folder, device, tokens, repeats, context, logits, "a", **chosen, **common)
     print(f"  (a) best settings {chosen}, measured again: {best['tokens_per_s']:8.2f} tok/s", flush=True)
     bound = transfer_bound(folder, device, tokens, context, **best["options"], **common)
     per_token = 1 / best["tokens_per_s"] if best["tokens_per_s"] else None
@@ -209,19 +217,19 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
     free = torch.cuda.mem_get_info()[0] if gpu else None
     resident = None
     if free is None or all_in <= free:
-        resident = ours(folder, device, tokens, repeats, context, prefetch=0, cpu_experts="never", vram=all_in,
-                        ram=ram, dtype=dtype)
+        resident = ours(folder, device, tokens, repeats, context, logits, "c", prefetch=0, cpu_experts="never",
+                        vram=all_in, ram=ram, dtype=dtype)
         print(f"  (c) every expert resident: {resident['tokens_per_s']:8.2f} tok/s", flush=True)
     record["c_all_resident"] = resident
     save()
     hf = hf_all = None
     if not skip_hf:
         hf_dtype = getattr(torch, best["dtype"])  # the dtype (a) ran in
-        hf = hf_run(folder, device, vram, ram, tokens, repeats, hf_dtype)
+        hf = hf_run(folder, device, vram, ram, tokens, repeats, hf_dtype, logits, "b")
         record["b_accelerate"] = hf
         save()
         if resident is not None and "error" not in hf:  # transformers' own speed: its overhead vs offloading's
-            hf_all = hf_run(folder, device, None, ram, tokens, repeats, hf_dtype)
+            hf_all = hf_run(folder, device, None, ram, tokens, repeats, hf_dtype, logits, "b'")
 
     def ratio(x, y):
         return round(x / y, 3) if x and y else None
@@ -238,17 +246,38 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
         "c_vs_b_no_offload": ratio(speed(resident), speed(hf_all)),
         "a_vs_c": ratio(best["tokens_per_s"], speed(resident)),
         "same_tokens": {"a_c": same(best, resident), "a_b": same(best, hf)},
+        # Greedy tokens alone prove little where the output repeats one token (random weights): the logits
+        # over every prompt position compare the whole distributions.
+        "prompt_logits": {pair: agreement(logits, *pair.split("_")) for pair in ("a_c", "a_b", "c_b'")},
     })
+    for pair, agree in record["prompt_logits"].items():
+        if agree:
+            x, y = pair.split("_")
+            print(f"  prompt logits ({x}) vs ({y}): the same top token at {agree['top1_same']} of {agree['positions']} "
+                  f"positions; largest difference {agree['max_abs_diff']:.3g} ({agree['max_abs_diff_vs_std']:.2g} "
+                  f"of the logits' spread)", flush=True)
     save()
     return record
 
 
-def hf_run(folder, device: str, vram: int | None, ram: int | None, tokens: int, repeats: int, dtype) -> dict:
+def agreement(logits: dict, x: str, y: str) -> dict | None:
+    """How closely two contenders' prompt logits [T, V] agree: positions with the same top token, and the
+    largest difference, also against the spread (standard deviation) of y's logits; None if one is missing."""
+    if x not in logits or y not in logits:
+        return None
+    lx, ly = logits[x], logits[y]
+    diff = float((lx - ly).abs().max())
+    return {"positions": lx.shape[0], "top1_same": int((lx.argmax(-1) == ly.argmax(-1)).sum()),
+            "max_abs_diff": diff, "max_abs_diff_vs_std": diff / float(ly.std())}
+
+
+def hf_run(folder, device: str, vram: int | None, ram: int | None, tokens: int, repeats: int, dtype,
+           logits: dict | None = None, key: str = "") -> dict:
     """`accelerate_offload`, printed; a failure (a transformers version that loads this folder differently,
     running out of memory) is recorded and reported instead of ending the comparison."""
     label = "(b) transformers + accelerate" if vram else "(b') transformers, no offloading"
     try:
-        result = accelerate_offload(folder, device, vram, ram, tokens, repeats, dtype)
+        result = accelerate_offload(folder, device, vram, ram, tokens, repeats, dtype, logits, key)
     except Exception as exc:  # noqa: BLE001 - a peer's failure is a result to report, whatever its type
         release(device)
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
