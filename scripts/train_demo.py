@@ -328,7 +328,8 @@ max 512 positions, tied input/output embeddings (untied would not fit the 16 MB 
 | dense (embeddings, attention, norms, routers) | {c["dense"]:,} |
 | active per token (dense + 4 layers x 2 experts) | {c["active_per_token"]:,} |
 
-Weights are bfloat16: {report["files"]["model.safetensors"]:,} bytes.
+Weights are bfloat16: {2 * c["total"]:,} bytes ({report["files"]["model.safetensors"]:,} in model.safetensors with
+its header).
 
 ## Quality
 Loss in nats per token, {args.seq}-token windows; measured on this folder's bfloat16 weights run in float32.
