@@ -102,6 +102,7 @@ def transfer_bound(folder, device: str, tokens: int, context: int, **options) ->
     return {"transfer_bound_s_per_token": t["transfer_bound_s_per_token"],
             "h2d_bandwidth_bytes_per_s": t["h2d_bandwidth_bytes_per_s"],
             "bytes_h2d_per_decode_token": sum(r["bytes_h2d"] for r in decode) / max(1, len(decode)),
+            "decode_copy_hidden_fraction": t["decode_copy_hidden_fraction"],
             "profiled_verdict": record["verdict"]["text"]}
 
 
@@ -346,7 +347,9 @@ def main() -> None:
     tb = record["a_transfer_bound"]
     if tb["time_per_token_vs_transfer_bound"]:
         print(f"(a) time per token {tb['time_per_token_s'] * 1e3:.2f} ms vs transfer bound "
-              f"{tb['transfer_bound_s_per_token'] * 1e3:.3f} ms: {tb['time_per_token_vs_transfer_bound']:.1f}x")
+              f"{tb['transfer_bound_s_per_token'] * 1e3:.3f} ms: {tb['time_per_token_vs_transfer_bound']:.1f}x"
+              + (f"; {hidden:.0%} of its copying hidden under compute"
+                 if (hidden := tb["decode_copy_hidden_fraction"]) is not None else ""))
     elif tb["time_per_token_s"]:
         print(f"(a) time per token {tb['time_per_token_s'] * 1e3:.2f} ms; it copied nothing host->device while "
               f"decoding (hits and CPU experts only), so there is no transfer bound")

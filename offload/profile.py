@@ -20,6 +20,11 @@ profiler's own bookkeeping between tokens is left out. It splits into:
   dense_s       the rest: attention, norms, routers, lm_head, sampling, Python (latency minus the others)
 On CUDA the first two are GPU time and the next two CPU time; they can overlap, so dense_s is clamped at 0.
 
+Whether copies hide under compute, per token: copy_s is the time the copy stream was busy (the union of its
+copies), copy_hidden_s the part of it during which the compute stream was not stalled on a copy (it ran
+kernels, or waited for the host to launch them). On CPU the copies run on the compute thread itself, so
+none is hidden.
+
 `profile()` loads a model, runs it and writes DIR/profile.json (schema: offload/profile_schema.json),
 DIR/trace.json (offload/trace.py) and the PNG plots (offload/plots.py).
 """
@@ -145,6 +150,7 @@ class Profiler:
         self.spans.append(Span("host", f"token {i} ({row['phase']})", self.t_token - self.t_start,
                                t_end - self.t_start, {"token": token}))
         self.spans.append(Span("compute", f"token {i}", T(self.token_begin), T(token_end), {}))
+        copies, stalls = [], []  # (t0, t1) of this token: copy-stream work, compute stalled on a copy
         for point in self.pending:
             kind, key = point[0], point[1]
             name = f"L{key[0]}.E{key[1]}"
@@ -155,12 +161,15 @@ class Profiler:
                     row["copy_wait_s"] += stall
                     if stall > 0:
                         self.spans.append(Span("compute", f"wait copy {name}", T(waited), T(started), {}))
+                        stalls.append((T(waited), T(started)))
                 row["expert_s"] += T(ended) - T(started)
                 self.spans.append(Span("compute", f"expert {name} ({how})", T(started), T(ended), {"kind": how}))
             elif kind == "copy":
                 _, _, prefetch, started, ended, nbytes = point
+                copies.append((T(started), T(ended)))
                 if not self.cuda:  # synchronous on CPU: the compute thread waits for all of it
                     row["copy_wait_s"] += T(ended) - T(started)
+                    stalls.append(copies[-1])
                 self.copy_s += T(ended) - T(started)
                 self.copy_bytes += nbytes
                 self.spans.append(Span("copy", f"{'prefetch' if prefetch else 'copy'} {name}", T(started), T(ended),
@@ -174,6 +183,9 @@ class Profiler:
                 _, _, t0, t1 = point
                 row["cpu_expert_s"] += t1 - t0
                 self.spans.append(Span("cpu_experts", f"cpu expert {name}", T(t0), T(t1), {}))
+        busy = merged(copies)
+        row["copy_s"] = total_length(busy)
+        row["copy_hidden_s"] = max(0.0, row["copy_s"] - overlap_length(busy, merged(stalls)))
         n = len(self.disk_points)
         for key, t0, t1, nbytes in self.disk_points[self.disk_seen:n]:
             self._layer(key[0])["bytes_disk"] += nbytes
@@ -216,6 +228,34 @@ class Profiler:
             reserved = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.expert_pool_bytes
         return {"vram_allocated_bytes": alloc, "vram_reserved_bytes": reserved,
                 "rss_bytes": int(psutil.Process().memory_info().rss)}
+
+
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of (t0, t1) intervals as sorted, disjoint intervals."""
+    out: list[tuple[float, float]] = []
+    for t0, t1 in sorted(intervals):
+        if out and t0 <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], t1))
+        else:
+            out.append((t0, t1))
+    return out
+
+
+def total_length(intervals: list[tuple[float, float]]) -> float:
+    return sum(t1 - t0 for t0, t1 in intervals)
+
+
+def overlap_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of the intersection of two `merged` interval lists."""
+    i = j = 0
+    length = 0.0
+    while i < len(a) and j < len(b):
+        length += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return length
 
 
 def device_tier_bytes(rt) -> int:
@@ -341,6 +381,7 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
                        "prefetch_accuracy": (base["prefetch_hits"] / extra["prefetch_issued"]
                                              if extra["prefetch_issued"] else None)})
     time_s = {p: sum(r[p] for r in decode) for p in TIME_PARTS}
+    copy_s, hidden_s = sum(r["copy_s"] for r in decode), sum(r["copy_hidden_s"] for r in decode)
     totals = {
         "prompt_tokens": len(prompt_ids), "new_tokens": sum(r["token"] is not None for r in rows),
         "decode_tokens": len(decode),
@@ -358,6 +399,8 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
         "h2d_probe_bytes_per_s": probe, "h2d_achieved_bytes_per_s": achieved,
         "transfer_bound_s_per_token": bound_s / len(decode) if decode else 0.0,
         "time_per_token_vs_transfer_bound": decode_s / bound_s if bound_s > 0 else None,
+        "decode_copy_s": copy_s, "decode_copy_hidden_s": hidden_s,
+        "decode_copy_hidden_fraction": hidden_s / copy_s if copy_s > 0 else None,
         "peak_vram_allocated_bytes": max(m["vram_allocated_bytes"] for m in prof.memory),
         "peak_vram_reserved_bytes": max(m["vram_reserved_bytes"] for m in prof.memory),
         "vram_accounting": "torch.cuda allocator peaks" if prof.cuda else
@@ -440,6 +483,9 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
         ("moved", f"{human(t['bytes_h2d'])} host->device, {human(t['bytes_disk'])} from disk"),
         ("transfer bound", f"{ms(t['transfer_bound_s_per_token'])}/token at "
                            f"{t['h2d_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"),
+        ("copies under compute", "-" if t["decode_copy_hidden_fraction"] is None else
+         f"{t['decode_copy_hidden_fraction']:.0%} of {ms(t['decode_copy_s'])} of copying while decoding"
+         + ("" if record["device"]["type"] == "cuda" else " (on CPU the compute thread copies)")),
     ]
     if t["decode_tokens"]:
         parts = t["decode_time_s"]

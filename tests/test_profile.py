@@ -14,7 +14,8 @@ import offload
 from conftest import run_cli
 from offload.demo import DEMO_DIR
 from offload.inspect import memory_plan
-from offload.profile import TIME_PARTS, load_schema, profile, profile_runtime, schema_errors
+from offload.profile import (TIME_PARTS, load_schema, merged, overlap_length, profile, profile_runtime,
+                             schema_errors, total_length)
 
 PROMPT = "The for statement is used to iterate"
 NEW = 8
@@ -156,6 +157,27 @@ def test_cli_profile_and_inspect_plan(folder, budgets, tmp_path):
     assert json.loads(result.stdout)["memory_plan"]["device_tier"]["expert_slots"] == 3
     result = run_cli("inspect", folder, "--vram", "1KiB")
     assert result.returncode == 2 and "--vram" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_interval_union_and_intersection():
+    spans = [(5.0, 6.0), (0.0, 2.0), (1.0, 3.0), (3.0, 4.0), (7.0, 7.0)]
+    assert merged(spans) == [(0.0, 4.0), (5.0, 6.0), (7.0, 7.0)]  # touching intervals join
+    assert total_length(merged(spans)) == 5.0
+    stalls = merged([(1.5, 2.5), (3.5, 5.5), (6.5, 8.0)])
+    assert overlap_length(merged(spans), stalls) == pytest.approx(1.0 + 0.5 + 0.5)
+    assert overlap_length(stalls, merged(spans)) == overlap_length(merged(spans), stalls)
+    assert overlap_length([], stalls) == 0.0
+
+
+def test_copies_on_cpu_are_never_counted_as_hidden_under_compute(profiled):
+    """On CPU the compute thread makes the copies itself: copy_s is their union, and none of it is hidden."""
+    result = profiled[0]
+    rows, t = result.record["per_token"], result.record["totals"]
+    copies = [(s.t0, s.t1) for s in result.spans if s.track == "copy"]
+    assert sum(r["copy_s"] for r in rows) == pytest.approx(total_length(merged(copies)))
+    assert all(r["copy_hidden_s"] == 0 for r in rows)
+    assert t["decode_copy_s"] == pytest.approx(sum(r["copy_s"] for r in rows[1:]))
+    assert t["decode_copy_s"] > 0 and t["decode_copy_hidden_fraction"] == 0  # the budgets made decode copy
 
 
 @pytest.mark.gpu
