@@ -21,6 +21,7 @@ something only on a GPU, with the device named.
     python bench/compare.py --slice-layers 4 --vram 6GiB         # GPU: a Mixtral-shaped slice
 
 Writes bench/results/compare-<device slug>.json (e.g. compare-cpu-x86-64-1-threads.json; --out FILE to choose).
+`--table RECORD` prints a saved record as the README's Markdown table instead of running anything.
 Not a test: nothing is asserted.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import re
 import sys
 import tempfile
@@ -303,7 +305,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-hf", action="store_true", help="skip (b), transformers + accelerate")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--table", metavar="RECORD", default=None,
+                    help="print a saved record as the README's Markdown table, and run nothing")
     args = ap.parse_args()
+    if args.table:
+        try:
+            saved = json.loads(Path(args.table).read_text())
+        except (OSError, ValueError) as exc:
+            sys.exit(f"compare: error: cannot read {args.table}: {exc}")
+        if not isinstance(saved, dict) or saved.get("benchmark") != "compare":
+            sys.exit(f"compare: error: {args.table} is not a bench/compare.py record")
+        print(markdown_table(saved, args.table))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -354,6 +367,49 @@ def main() -> None:
         print(f"(a) time per token {tb['time_per_token_s'] * 1e3:.2f} ms; it copied nothing host->device while "
               f"decoding (hits and CPU experts only), so there is no transfer bound")
     print(f"wrote {out}")
+
+
+def markdown_table(record: dict, path: str) -> str:
+    """A saved record as the README's Performance table: the setting, then one row per contender."""
+    a, b, c = record.get("a_moe_offload_best"), record.get("b_accelerate"), record.get("c_all_resident")
+    b_all = record.get("b_reference_transformers_no_offload")
+    if not a:
+        raise SystemExit(f"compare: error: {path} has no (a) result (a run cut short before it)")
+
+    def num(r):
+        return f"{r['tokens_per_s']:.1f}" if r and "tokens_per_s" in r else ("failed" if r else "not run")
+
+    def ratios(*pairs):
+        return ", ".join(f"{name} = {record[key]:.2f}" for name, key in pairs if record.get(key) is not None)
+
+    cpu = "CPU experts " + {"on": "auto (on)", "off": "auto (off)"}.get(a["cpu_experts_decided"],
+                                                                        a["cpu_experts_decided"])
+    lines = [f"{record['model']}, {record['dtype']}, `--vram` {human(record['vram_budget'])} ("
+             f"{record.get('device_slots', '?')} of {record['experts_total']} expert slots), on {record['device']}, "
+             f"{record['tokens']} new tokens, best of {record['repeats']} (`{path}`):", "",
+             "| run | decode tok/s | ratio |", "| --- | ---: | --- |",
+             f"| (a) moe-offload, best settings (prefetch {a['options'].get('prefetch')}, {cpu}) | {num(a)} | "
+             f"{ratios(('a/b', 'a_vs_b'), ('a/c', 'a_vs_c'))} |",
+             f"| (b) transformers + accelerate: {b['what'] if b and 'what' in b else (b or {}).get('error', '')} | "
+             f"{num(b)} | |",
+             f"| (c) moe-offload, every expert resident | {num(c)} | |"]
+    if b_all:
+        c_b = ratios(("c/b'", "c_vs_b_no_offload"))
+        lines.append(f"| (b') transformers, no offloading | {num(b_all)} | {c_b} |")
+    tb = record.get("a_transfer_bound") or {}
+    if tb.get("time_per_token_vs_transfer_bound"):
+        hidden = tb.get("decode_copy_hidden_fraction")
+        lines += ["", f"(a) takes {tb['time_per_token_s'] * 1e3:.2f} ms per token, "
+                      f"{tb['time_per_token_vs_transfer_bound']:.1f}x its transfer bound "
+                      f"({tb['transfer_bound_s_per_token'] * 1e3:.3f} ms: "
+                      f"{tb['bytes_h2d_per_decode_token'] / 2**20:.1f} MiB per token at "
+                      f"{tb['h2d_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)"
+                      + (f"; {hidden:.0%} of its copying hid under compute." if hidden is not None else ".")]
+    agree = [f"({x}) vs ({y}) {v['top1_same']}/{v['positions']}, largest difference {v['max_abs_diff']:.2g}"
+             for pair, v in (record.get("prompt_logits") or {}).items() if v for x, y in [pair.split("_")]]
+    if agree:
+        lines += ["", "Prompt logits, same top token at how many positions: " + "; ".join(agree) + "."]
+    return "\n".join(lines)
 
 
 def at_least(least: int):
