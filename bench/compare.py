@@ -257,8 +257,9 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
         if agree:
             x, y = pair.split("_")
             print(f"  prompt logits ({x}) vs ({y}): the same top token at {agree['top1_same']} of {agree['positions']} "
-                  f"positions; largest difference {agree['max_abs_diff']:.3g} ({agree['max_abs_diff_vs_std']:.2g} "
-                  f"of the logits' spread)", flush=True)
+                  f"positions; largest difference {agree['max_abs_diff']:.3g}"
+                  + (f" ({share:.2g} of the logits' spread)" if (share := agree["max_abs_diff_vs_std"]) is not None
+                     else ""), flush=True)
     save()
     return record
 
@@ -271,7 +272,7 @@ def agreement(logits: dict, x: str, y: str) -> dict | None:
     lx, ly = logits[x], logits[y]
     diff = float((lx - ly).abs().max())
     return {"positions": lx.shape[0], "top1_same": int((lx.argmax(-1) == ly.argmax(-1)).sum()),
-            "max_abs_diff": diff, "max_abs_diff_vs_std": diff / float(ly.std())}
+            "max_abs_diff": diff, "max_abs_diff_vs_std": diff / spread if (spread := float(ly.std())) else None}
 
 
 def hf_run(folder, device: str, vram: int | None, ram: int | None, tokens: int, repeats: int, dtype,

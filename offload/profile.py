@@ -21,8 +21,10 @@ profiler's own bookkeeping between tokens is left out. It splits into:
 On CUDA the first two are GPU time and the next two CPU time; they can overlap, so dense_s is clamped at 0.
 
 Whether copies hide under compute, per token: copy_s is the time the copy stream was busy (the union of its
-copies), copy_hidden_s the part of it during which the compute stream was not stalled on a copy (it ran
-kernels, or waited for the host to launch them). On CPU the copies run on the compute thread itself, so
+copies), copy_hidden_s the part of it inside the compute stream's span of the token while neither the
+compute stream was stalled on a copy nor the host thread was blocked (on host RAM or a disk read, when the
+compute stream soon runs dry). Time the compute stream spent waiting for the host to launch kernels still
+counts as hidden: events cannot tell it from work. On CPU the copies run on the compute thread itself, so
 none is hidden.
 
 `profile()` loads a model, runs it and writes DIR/profile.json (schema: offload/profile_schema.json),
@@ -51,7 +53,7 @@ from .generate import Sampling
 from .memory import human
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "profile_schema.json"
-SCHEMA_ID = "moe-offload-profile/1"
+SCHEMA_ID = "moe-offload-profile/2"  # 2: copy_s, copy_hidden_s and the decode_copy totals
 DEFAULT_PROMPT = "The for statement"
 TIME_PARTS = ("dense_s", "expert_s", "copy_wait_s", "disk_wait_s", "cpu_expert_s")
 PART_LABELS = {"dense_s": "dense", "expert_s": "experts", "copy_wait_s": "copy wait", "disk_wait_s": "disk wait",
@@ -177,15 +179,14 @@ class Profiler:
             elif kind == "host_wait":
                 _, _, t0, t1 = point
                 row["disk_wait_s"] += t1 - t0
+                stalls.append((T(t0), T(t1)))
                 if t1 - t0 >= TRACE_MIN_S:
                     self.spans.append(Span("host", f"wait for RAM {name}", T(t0), T(t1), {}))
             else:
                 _, _, t0, t1 = point
                 row["cpu_expert_s"] += t1 - t0
                 self.spans.append(Span("cpu_experts", f"cpu expert {name}", T(t0), T(t1), {}))
-        busy = merged(copies)
-        row["copy_s"] = total_length(busy)
-        row["copy_hidden_s"] = max(0.0, row["copy_s"] - overlap_length(busy, merged(stalls)))
+        row["copy_s"], row["copy_hidden_s"] = copy_time_hidden(copies, stalls, T(self.token_begin), T(token_end))
         n = len(self.disk_points)
         for key, t0, t1, nbytes in self.disk_points[self.disk_seen:n]:
             self._layer(key[0])["bytes_disk"] += nbytes
@@ -256,6 +257,15 @@ def overlap_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -
         else:
             j += 1
     return length
+
+
+def copy_time_hidden(copies, stalls, t0: float, t1: float) -> tuple[float, float]:
+    """(busy, hidden): the length of the union of `copies`, and of its part inside [t0, t1] (the compute
+    stream's span of the token) and outside every interval of `stalls`."""
+    busy = merged(copies)
+    exposed = merged([*stalls, (-float("inf"), t0), (t1, float("inf"))])
+    length = total_length(busy)
+    return length, max(0.0, length - overlap_length(busy, exposed))
 
 
 def device_tier_bytes(rt) -> int:

@@ -67,7 +67,10 @@ def _clear_last_error() -> None:
         maps = Path("/proc/self/maps").read_text()
     except OSError:  # not Linux
         return
-    for path in sorted({line.split()[-1] for line in maps.splitlines() if "/libcudart.so" in line}):
+    # A maps line: address, perms, offset, dev, inode, then the path (which may hold spaces).
+    paths = {fields[5] for line in maps.splitlines() if "/libcudart.so" in line
+             and len(fields := line.split(None, 5)) == 6}
+    for path in sorted(paths):
         try:
             ctypes.CDLL(path).cudaGetLastError()  # the library already loaded: dlopen hands back the same one
         except (OSError, AttributeError):

@@ -14,8 +14,8 @@ import offload
 from conftest import run_cli
 from offload.demo import DEMO_DIR
 from offload.inspect import memory_plan
-from offload.profile import (TIME_PARTS, load_schema, merged, overlap_length, profile, profile_runtime,
-                             schema_errors, total_length)
+from offload.profile import (TIME_PARTS, copy_time_hidden, load_schema, merged, overlap_length, profile,
+                             profile_runtime, schema_errors, total_length)
 
 PROMPT = "The for statement is used to iterate"
 NEW = 8
@@ -167,6 +167,15 @@ def test_interval_union_and_intersection():
     assert overlap_length(merged(spans), stalls) == pytest.approx(1.0 + 0.5 + 0.5)
     assert overlap_length(stalls, merged(spans)) == overlap_length(merged(spans), stalls)
     assert overlap_length([], stalls) == 0.0
+
+
+def test_copy_time_is_hidden_only_inside_the_token_and_outside_stalls():
+    """A copy stream busy 0-4 and 5-9 (the two middle copies overlap), the token's compute span 1-8, the
+    compute stream stalled on a copy 2-3 and the host blocked 6-6.5: hidden is 1-2, 3-4, 5-6 and 6.5-8."""
+    busy, hidden = copy_time_hidden([(0, 2), (1, 4), (5, 9)], [(2, 3), (6, 6.5)], 1, 8)
+    assert busy == 8 and hidden == pytest.approx(1 + 1 + 1 + 1.5)
+    assert copy_time_hidden([], [(2, 3)], 1, 8) == (0, 0)
+    assert copy_time_hidden([(2, 3)], [(1, 8)], 1, 8) == (1, 0)  # all of it while compute stalled
 
 
 def test_copies_on_cpu_are_never_counted_as_hidden_under_compute(profiled):

@@ -217,3 +217,4 @@ def test_the_profilers_cuda_timing_under_simulated_streams(tiny_checkpoint, refe
     for row in result.record["per_token"]:
         assert row["copy_wait_s"] >= 0 and row["expert_s"] > 0
         assert row["copy_wait_s"] + row["expert_s"] <= row["latency_s"]
+        assert 0 <= row["copy_hidden_s"] <= row["copy_s"]
