@@ -207,6 +207,7 @@ def test_gpu_profile_tokens_budget_and_copy_stream(tiny_checkpoint, tmp_path):
     assert t["pinned_bytes"] > 0
     copies = [s for s in result.spans if s.track == "copy"]
     assert copies and all(s.t1 >= s.t0 for s in copies)
+    assert all(0 <= r["copy_hidden_s"] <= r["copy_s"] for r in result.record["per_token"])
     # The profiler samples the allocator's peak per token; the runtime's own peak still covers the whole run
     # (prefill, the first token, is its largest step), not just the last token.
     again = profile_runtime(rt, rt.encode(PROMPT), NEW)
