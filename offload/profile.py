@@ -463,6 +463,8 @@ def verdict(record: dict) -> dict:
         text += (f"; {t['decode_s'] / t['decode_tokens'] * 1e3:.2f} ms/token is "
                  f"{t['time_per_token_vs_transfer_bound']:.1f}x the transfer bound "
                  f"({t['transfer_bound_s_per_token'] * 1e3:.3f} ms at {t['h2d_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+        if record["device"]["type"] == "cuda" and t["decode_copy_hidden_fraction"] is not None:
+            text += f", with {t['decode_copy_hidden_fraction']:.0%} of the copying hidden under compute"
     elif t["decode_tokens"]:
         why = "misses ran on the CPU" if t["cpu_expert_calls"] else "every expert hit its device slot"
         text += f"; nothing was copied host->device while decoding ({why})"

@@ -300,6 +300,19 @@ def test_the_verdict_says_when_its_shares_are_of_overlapping_parts():
     assert "overlap" not in verdict(record)["text"]
 
 
+def test_the_gpu_verdict_says_how_much_copying_hid_under_compute():
+    from offload.profile import verdict
+
+    parts = {"dense_s": 0.2, "expert_s": 0.3, "copy_wait_s": 0.5, "disk_wait_s": 0.0, "cpu_expert_s": 0.0}
+    totals = {"decode_time_s": parts, "decode_s": 1.0, "decode_tokens": 4, "time_per_token_vs_transfer_bound": 2.0,
+              "transfer_bound_s_per_token": 0.125, "h2d_bandwidth_bytes_per_s": 25e9, "cpu_expert_calls": 0,
+              "decode_copy_hidden_fraction": 0.375}
+    text = verdict({"device": {"type": "cuda"}, "totals": totals})["text"]
+    assert text.startswith("transfer-bound (GPU)") and text.endswith(
+        "2.0x the transfer bound (125.000 ms at 25.0 GB/s), with 38% of the copying hidden under compute")
+    assert "hidden" not in verdict({"device": {"type": "cpu"}, "totals": totals})["text"]  # always 0 on CPU
+
+
 def test_the_cpu_bandwidth_probe_copies_from_more_than_a_cache_holds(folder, budgets, monkeypatch):
     """One small blob copied again and again comes from the cache, far faster than the cold RAM a miss reads:
     on a CPU the probe takes its copies in turn from COLD_BYTES of distinct blobs."""
