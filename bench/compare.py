@@ -253,13 +253,6 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
         # over every prompt position compare the whole distributions.
         "prompt_logits": {pair: agreement(logits, *pair.split("_")) for pair in ("a_c", "a_b", "c_b'")},
     })
-    for pair, agree in record["prompt_logits"].items():
-        if agree:
-            x, y = pair.split("_")
-            print(f"  prompt logits ({x}) vs ({y}): the same top token at {agree['top1_same']} of {agree['positions']} "
-                  f"positions; largest difference {agree['max_abs_diff']:.3g}"
-                  + (f" ({share:.2g} of the logits' spread)" if (share := agree["max_abs_diff_vs_std"]) is not None
-                     else ""), flush=True)
     save()
     return record
 
@@ -347,26 +340,7 @@ def main() -> None:
         record["model"] = label
         compare(folder if folder == "demo" else Path(folder), device, vram, ram, tokens, args.repeats, args.context,
                 args.dtype, skip_hf=args.no_hf, record=record, save=save)
-    a, b, c = record["a_moe_offload_best"], record["b_accelerate"], record["c_all_resident"]
-    print(f"\n{'':34}{'tok/s':>10}")
-    print(f"{'(a) moe-offload, best settings':34}{a['tokens_per_s']:10.2f}   {a['options']}")
-    if b and "error" not in b:
-        print(f"{'(b) transformers + accelerate':34}{b['tokens_per_s']:10.2f}   a/b = {record['a_vs_b']}")
-    if c:
-        print(f"{'(c) moe-offload, all resident':34}{c['tokens_per_s']:10.2f}   a/c = {record['a_vs_c']}")
-    b_all = record["b_reference_transformers_no_offload"]
-    if b_all and "error" not in b_all:
-        label = "(b') transformers, no offloading"
-        print(f"{label:34}{b_all['tokens_per_s']:10.2f}   c/b' = {record['c_vs_b_no_offload']}")
-    tb = record["a_transfer_bound"]
-    if tb["time_per_token_vs_transfer_bound"]:
-        print(f"(a) time per token {tb['time_per_token_s'] * 1e3:.2f} ms vs transfer bound "
-              f"{tb['transfer_bound_s_per_token'] * 1e3:.3f} ms: {tb['time_per_token_vs_transfer_bound']:.1f}x"
-              + (f"; {hidden:.0%} of its copying hidden under compute"
-                 if (hidden := tb["decode_copy_hidden_fraction"]) is not None else ""))
-    elif tb["time_per_token_s"]:
-        print(f"(a) time per token {tb['time_per_token_s'] * 1e3:.2f} ms; it copied nothing host->device while "
-              f"decoding (hits and CPU experts only), so there is no transfer bound")
+    print("\n" + markdown_table(record, str(out)))
     print(f"wrote {out}")
 
 
@@ -406,6 +380,9 @@ def markdown_table(record: dict, path: str) -> str:
                       f"{tb['bytes_h2d_per_decode_token'] / 2**20:.1f} MiB per token at "
                       f"{tb['h2d_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)"
                       + (f"; {hidden:.0%} of its copying hid under compute." if hidden is not None else ".")]
+    elif tb.get("time_per_token_s"):
+        lines += ["", f"(a) takes {tb['time_per_token_s'] * 1e3:.2f} ms per token and copied nothing host->device "
+                      f"while decoding (hits and CPU experts only), so there is no transfer bound."]
     agree = [f"({x}) vs ({y}) {v['top1_same']}/{v['positions']}, largest difference {v['max_abs_diff']:.2g}"
              for pair, v in (record.get("prompt_logits") or {}).items() if v for x, y in [pair.split("_")]]
     if agree:
