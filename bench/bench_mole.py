@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
-from common import PROMPT, RESULTS, device_name, sync  # noqa: E402
+from common import PROMPT, RESULTS, device_name, save_record, sync  # noqa: E402
 from lut import DEMO_DIR  # noqa: E402
 from lut.build import TABLE_FILE, build_tables  # noqa: E402
 from lut.model import load_model, windowed_nll  # noqa: E402
@@ -325,8 +325,7 @@ def main() -> None:
             torch.set_num_threads(args.decode_threads)
             record["mixtral_slice"] = mixtral_slice(args, Path(tmp))
     out = args.out or RESULTS / f"mole-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    save_record(record, out)
     print(json.dumps(record, indent=2))
     print(f"wrote {out}")
 

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import offload  # noqa: E402
 import quant  # noqa: E402
+from common import RESULTS, device_name, save_record  # noqa: E402
 from hqq_ref import hqq_bits_per_param, hqq_dequantize, relative_error  # noqa: E402
 from offload.checkpoint import Checkpoint, attention_shapes, expert_names  # noqa: E402
 from offload.convert import COPIED, DENSE_GROUP_SIZE, INFO_FILE, convert, dense_format  # noqa: E402
@@ -56,7 +57,6 @@ from offload.memory import dense_bytes  # noqa: E402
 from offload.demo import corpus  # noqa: E402
 from offload.runtime import resolve_model_path  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 WINDOW = 256
 SETTINGS = [(8, 64), (4, 64), (3, 64), (2, 16)]
 NOTE = ("The demo model is small and memorizes its training text (see offload/demo_model/README.md: train "
@@ -64,12 +64,6 @@ NOTE = ("The demo model is small and memorizes its training text (see offload/de
         "regularizer would; compare ours vs HQQ at equal width rather than reading a ppl below fp32 as "
         "'better'. Our bits_per_param counts the whole blob (header and alignment per expert); per tensor "
         "(codes + fp16 scale + zero) it equals HQQ's B + 32/G.")
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def perplexity(folder: Path) -> dict:
@@ -218,7 +212,7 @@ def main() -> None:
     base = perplexity(src)
     print(f"fp32: ppl {base['ppl']:.4f} over {base['tokens']} tokens", flush=True)
     result = {
-        "device": device_name(),
+        "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
         "model": "offload/demo_model (trained demo: 4 layers, 8 experts, D=192, F=320)",
         "eval": f'offload.demo.corpus("heldout"), windows of {WINDOW} tokens + bos, teacher-forced, '
                 f"python {platform.python_version()}",
@@ -265,8 +259,7 @@ def main() -> None:
     result["gpu_expert_timing"] = gpu_timing()
     result["seconds"] = round(time.perf_counter() - start, 1)
     out = args.out or RESULTS / f"quant-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    save_record(result, out)
     print(f"wrote {out}")
 
 

@@ -31,5 +31,5 @@ def save_record(record: dict, out: Path) -> None:
     part it measures, so one stopped part-way (a deadline, Ctrl-C) keeps the last complete record."""
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
-    part.write_text(json.dumps(record, indent=1))
+    part.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(part, out)
