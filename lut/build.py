@@ -30,11 +30,11 @@ from typing import Callable
 import torch
 
 from quant.errors import UserError, writing
-from quant.files import copy_input, save_tensors
+from quant.files import copy_input, fsync_dir, save_tensors, swap_in
 
 from .config import MOLE_MODEL_TYPE, TABLE_MODEL_TYPE, MoLEConfig
 from .model import checkpoint_shapes, expert_outputs, is_table_expert
-from .tables import TableLayout, fsync_dir
+from .tables import TableLayout
 
 TABLE_FILE = "tables.bin"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
@@ -117,7 +117,7 @@ def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16,
                 if (src / name).is_file():
                     copy_input(src / name, tmp / name)
             fsync_dir(tmp)
-            _swap_in(tmp, dst)
+            swap_in(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written folder a later run could trust
             raise
@@ -166,15 +166,3 @@ def _write_config(folder: Path, src: Path, cfg: MoLEConfig, layout: TableLayout)
     out["source_model_type"] = MOLE_MODEL_TYPE
     (folder / "config.json").write_text(json.dumps(out, indent=2) + "\n")
 
-
-def _swap_in(tmp: Path, dst: Path) -> None:
-    """Rename the finished folder into place; an existing DST (--force) is moved aside first, then removed:
-    a real folder with its contents, a symlink or a file by unlinking it (a link's target is not DST's)."""
-    old = None
-    if dst.exists() or dst.is_symlink():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

@@ -21,7 +21,6 @@ Dimension legend: U token ids (rows gathered), L layers (or a run of them), N ex
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,11 +210,3 @@ def default_group_size(hidden: int) -> int:
     """64 values per scale and zero when the row divides into 64s (as Mixtral's 4096 does), else the whole row."""
     return 64 if hidden % 64 == 0 else hidden
 
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,9 +1,11 @@
 """File I/O that every layer shares, each failure one UserError naming the file: exact positioned reads,
-copies of input files, and safetensors output with ordinary permissions."""
+copies of input files, safetensors output with ordinary permissions, and finished output folders put in place."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 from .errors import UserError
 
@@ -11,8 +13,6 @@ from .errors import UserError
 def copy_input(src, dst) -> None:
     """`shutil.copy2` of an input file (a tokenizer file into the output folder): failing to read it is
     "cannot read" here; failing to write goes on to `writing`, which words it."""
-    import shutil
-
     try:
         shutil.copy2(src, dst)
     except OSError as exc:
@@ -49,6 +49,30 @@ def save_tensors(tensors: dict, path) -> None:
         os.chmod(path, 0o666 & ~current_umask())
     except OSError:
         pass
+
+
+def fsync_dir(path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_in(tmp, dst) -> None:
+    """Rename the finished folder `tmp` into place; an existing `dst` is moved aside first, then removed (so
+    `dst` never holds half of each): a real folder with its contents, a symlink or a file by unlinking it
+    (a link's target is not dst's)."""
+    tmp, dst = Path(tmp), Path(dst)
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def current_umask() -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
+
+from quant import files
 
 MARKER = ".trained-by-moe-offload"  # written into every folder a training script makes
 
@@ -21,12 +22,7 @@ def replaceable(out: Path, default: Path) -> Path:
 
 
 def swap_in(tmp: Path, out: Path) -> None:
-    """Mark the finished folder `tmp` as a training script's and put it in place of `out` (moved aside first,
-    then removed, so `out` is never missing its old contents and its new ones at once)."""
+    """Mark the finished folder `tmp` as a training script's and put it in place of `out` (quant.files.swap_in,
+    as `lut build --force` does)."""
     (tmp / MARKER).write_text("written by a moe-offload training script; a rerun may replace this folder\n")
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    files.swap_in(tmp, out)
