@@ -76,8 +76,14 @@ def check_request(model: Transformer, prompt_ids: list[int], max_new_tokens: int
 
 def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sampling,
                  stop_ids: set[int] = frozenset()) -> Iterator[int]:
-    """Yield generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens."""
+    """Generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens. A request
+    that cannot run (`check_request`) raises here, before any step; the steps run as the ids are taken."""
     check_request(model, prompt_ids, max_new_tokens)
+    return _steps(model, prompt_ids, max_new_tokens, s, stop_ids)
+
+
+def _steps(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sampling,
+           stop_ids: set[int]) -> Iterator[int]:
     generator = None
     if s.seed is not None:
         generator = torch.Generator().manual_seed(s.seed)

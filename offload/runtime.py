@@ -12,7 +12,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import MIXTRAL_MODEL_TYPES
 from .errors import UserError
-from .generate import Sampling, check_request, generate_ids
+from .generate import Sampling, generate_ids
 from .model import Attention, Block, Transformer
 from .store import ExpertStore
 from .tokenizer import StreamDecoder, Tokenizer
@@ -107,14 +107,15 @@ class Runtime:
         One generation at a time: they share the KV cache, so starting another ends this one (its next
         step raises UserError) rather than letting both continue on each other's keys and values."""
         self._check_open()
-        check_request(self.model, prompt_ids, max_new_tokens)
-        return self._generate_ids(prompt_ids, max_new_tokens, sampling)
+        tokens = generate_ids(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids)
+        return self._timed(prompt_ids, tokens)
 
     def _check_open(self) -> None:
         if self.closed:
             raise UserError("this runtime was closed; load the model again to generate")
 
-    def _generate_ids(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+    def _timed(self, prompt_ids: list[int], tokens: Iterator[int]) -> Iterator[int]:
+        """`tokens` (a generation not yet started), timed into `self.last`, and ended if another starts."""
         self._check_open()  # again: it may have closed between the call and the first next()
         me = self.active = object()
         self.store.reset_stats()
@@ -122,7 +123,7 @@ class Runtime:
         first = last = None
         n = 0
         try:
-            for token in generate_ids(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids):
+            for token in tokens:
                 last = time.perf_counter()
                 first = first or last
                 n += 1
