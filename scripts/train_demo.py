@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from outfolder import replaceable, swap_in  # noqa: E402
+from outfolder import replaceable, swap_in, work_folder  # noqa: E402
 from offload.demo import DEMO_DIR, HELDOUT_EVERY, corpus, documents  # noqa: E402
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -378,9 +377,7 @@ def main() -> None:
 
     t_start = time.time()
     out = replaceable(args.out, DEMO_DIR)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = work_folder(out)
 
     train_docs, heldout_docs = documents("train"), documents("heldout")
     tok = train_tokenizer(train_docs, vocab_size=4096)

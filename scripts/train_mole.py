@@ -38,7 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from outfolder import replaceable, swap_in  # noqa: E402
+from outfolder import replaceable, swap_in, work_folder  # noqa: E402
 from lut.config import MoLEConfig  # noqa: E402
 from lut.model import MoLEForCausalLM, load_model, save_model, windowed_nll  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
@@ -221,8 +221,7 @@ def main() -> None:
         model = MoLEForCausalLM(make_config(kind, tok.get_vocab_size())).init_weights(args.seed)
         result = train(model, train_stream, args, kind)
         out = outs[kind]
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = work_folder(out)
         save_model(model, tmp, torch.bfloat16)
         for name in TOKENIZER_FILES:
             if (args.tokenizer_dir / name).is_file():

@@ -57,7 +57,20 @@ def test_an_out_folder_no_training_run_wrote_is_refused_before_training_and_kept
 def test_a_folder_a_run_wrote_is_marked_and_a_rerun_replaces_it(tmp_path):
     args = ("--only", "mole", "--steps", "1", "--warmup", "1", "--batch", "1", "--seq", "16",
             "--mole-out", tmp_path / "mole", "--runs", tmp_path / "runs")
+    (tmp_path / "mole.tmp").mkdir()  # the user's, with the name the scripts once wrote into (and first cleared)
+    (tmp_path / "mole.tmp" / "keep.txt").write_text("mine")
     assert script("train_mole.py", *args).returncode == 0
     assert (tmp_path / "mole" / ".trained-by-moe-offload").is_file()
     result = script("train_mole.py", *args)
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "mole.tmp" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mole", "mole.tmp", "runs"]  # no work folder left
+
+
+def test_a_run_that_fails_removes_its_work_folder(tmp_path):
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from outfolder import work_folder; "
+            "(work_folder(Path(sys.argv[2])) / 'half.safetensors').write_bytes(b'x'); raise SystemExit('boom')")
+    result = subprocess.run([sys.executable, "-c", code, SCRIPTS, tmp_path / "out"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "boom" in result.stderr
+    assert list(tmp_path.iterdir()) == []
