@@ -149,7 +149,9 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
         placed = dict(device_map="auto", max_memory=max_memory, offload_folder=offload_dir) if vram else \
             dict(device_map={"": 0 if device.startswith("cuda") else "cpu"})
         model = MixtralForCausalLM.from_pretrained(ckpt.path, dtype=dtype, **placed).eval()
-        ids = ids.to(model.device)
+        # Inputs go where the model computes, not to model.device: that is the first parameter's device, which
+        # is 'meta' when accelerate offloaded the embedding to disk (generate then fails on meta tensors).
+        ids = ids.to("cuda:0" if device.startswith("cuda") else "cpu")
         kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids),
                       pad_token_id=min(tokenizer.eos_ids) if tokenizer.eos_ids else 0)
         with torch.inference_mode():
