@@ -134,6 +134,7 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
     ckpt = Checkpoint(resolve_model_path(folder))
     tokenizer = Tokenizer(ckpt.path, ckpt.config.bos_token_id, ckpt.config.eos_token_id)  # the same ids as (a)
     ids = torch.tensor([tokenizer.encode(PROMPT)])
+    home = 0 if device.startswith("cuda") else "cpu"  # where the model computes (accelerate's device 0)
     with tempfile.TemporaryDirectory() as offload_dir:
         if vram is None:
             max_memory = None
@@ -147,11 +148,11 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
             what = (f"CPU-only equivalent: device_map='auto', max_memory={{'cpu': {human(vram)}}}, layers beyond "
                     f"the budget offloaded to disk (offload_folder)")
         placed = dict(device_map="auto", max_memory=max_memory, offload_folder=offload_dir) if vram else \
-            dict(device_map={"": 0 if device.startswith("cuda") else "cpu"})
+            dict(device_map={"": home})
         model = MixtralForCausalLM.from_pretrained(ckpt.path, dtype=dtype, **placed).eval()
         # Inputs go where the model computes, not to model.device: that is the first parameter's device, which
         # is 'meta' when accelerate offloaded the embedding to disk (generate then fails on meta tensors).
-        ids = ids.to("cuda:0" if device.startswith("cuda") else "cpu")
+        ids = ids.to(home)
         kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids),
                       pad_token_id=min(tokenizer.eos_ids) if tokenizer.eos_ids else 0)
         with torch.inference_mode():

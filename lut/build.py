@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from quant.errors import UserError, writing
-from quant.files import copy_input, fsync_dir, save_tensors, swap_in
+from quant.files import copy_input, fsync_dir, save_tensors, swap_in, work_folder
 
 from .config import MOLE_MODEL_TYPE, TABLE_MODEL_TYPE, MoLEConfig
 from .model import checkpoint_shapes, expert_outputs, is_table_expert
@@ -103,12 +103,9 @@ def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16,
     if (dst.exists() or dst.is_symlink()) and not force and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst}: already exists (choose another DST, or pass --force to replace it)")
     source = _Source(src, cfg, weights_budget)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     t0 = time.perf_counter()
     with writing(dst):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = work_folder(dst)
         try:
             _write_tables(tmp / TABLE_FILE, cfg, layout, source, batch_bytes, progress)
             _write_dense(tmp, source)

@@ -60,6 +60,18 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+def work_folder(dst) -> Path:
+    """A new, empty folder beside `dst` to write it into before `swap_in`: hidden and named by this process
+    (`.NAME.tmp-PID`), so no folder of the user's shares its name. One left by a killed process that had
+    this pid is cleared first."""
+    dst = Path(dst)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 def swap_in(tmp, dst) -> None:
     """Rename the finished folder `tmp` into place; an existing `dst` is moved aside first, then removed (so
     `dst` never holds half of each): a real folder with its contents, a symlink or a file by unlinking it

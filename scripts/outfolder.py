@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,12 +24,9 @@ def replaceable(out: Path, default: Path) -> Path:
 
 
 def work_folder(out: Path) -> Path:
-    """A new, empty folder beside `out` to write the result into before swap_in: hidden and named by this
-    process (`.NAME.tmp-PID`, as `lut build` names its own), so no folder of the user's can share its name.
-    It is removed when the script exits without swapping it in (an error, Ctrl-C)."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process that had this pid and was killed
-    tmp.mkdir(parents=True)
+    """quant.files.work_folder (as `lut build` writes into), removed when the script exits without swapping
+    it in (an error, Ctrl-C)."""
+    tmp = files.work_folder(out)
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # a no-op once swap_in has moved it
     return tmp
 
