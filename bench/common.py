@@ -16,14 +16,14 @@ PROMPT = "The for statement is used to iterate over the elements of a sequence"
 def device_name(device: str) -> str:
     """The device a record was measured on, as the record names it."""
     if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
+        return torch.cuda.get_device_name(torch.device(device))
     return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def sync(device: str) -> None:
     """Wait for queued GPU work, so a timer around it measures the work and not its launch."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def save_record(record: dict, out: Path) -> None:

@@ -88,7 +88,9 @@ def ours(folder, device: str, tokens: int, repeats: int, context: int, logits: d
             "runs_tokens_per_s": speeds, "tokens": out, "device_slots": s["device_slots"],
             "hit_rate_with_prefill": round(s["expert_hits"] / uses, 4) if uses else None,
             "cpu_expert_calls": s["cpu_expert_calls"],
-            "bytes_h2d_per_new_token_with_prefill": s["bytes_h2d"] // max(1, len(out))}
+            "bytes_h2d_per_new_token_with_prefill": s["bytes_h2d"] // max(1, len(out)),
+            # GPU: torch's allocator peak over the last measured generation (on CPU there is no allocator to ask)
+            "peak_vram_bytes": s["peak_vram_bytes"] if device.startswith("cuda") else None}
 
 
 def transfer_bound(folder, device: str, tokens: int, context: int, **options) -> dict:
@@ -100,7 +102,8 @@ def transfer_bound(folder, device: str, tokens: int, context: int, **options) ->
     rt.close()
     del rt
     release(device)
-    t, decode = record["totals"], record["per_token"][1:]
+    t = record["totals"]
+    decode = [r for r in record["per_token"][1:] if r["token"] is not None]  # as the profile's own totals
     return {"transfer_bound_s_per_token": t["transfer_bound_s_per_token"],
             "h2d_bandwidth_bytes_per_s": t["h2d_bandwidth_bytes_per_s"],
             "bytes_h2d_per_decode_token": sum(r["bytes_h2d"] for r in decode) / max(1, len(decode)),
@@ -134,15 +137,16 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
     ckpt = Checkpoint(resolve_model_path(folder))
     tokenizer = Tokenizer(ckpt.path, ckpt.config.bos_token_id, ckpt.config.eos_token_id)  # the same ids as (a)
     ids = torch.tensor([tokenizer.encode(PROMPT)])
-    home = 0 if device.startswith("cuda") else "cpu"  # where the model computes (accelerate's device 0)
+    gpu = device.startswith("cuda")
+    home = (torch.device(device).index or 0) if gpu else "cpu"  # where the model computes
     with tempfile.TemporaryDirectory() as offload_dir:
         if vram is None:
             max_memory = None
             what = "transformers, the whole model on the device (no offloading)"
-        elif device.startswith("cuda"):
+        elif gpu:
             ram = ram or default_ram_budget()
-            max_memory = {0: vram, "cpu": ram}
-            what = f"device_map='auto', max_memory={{0: {human(vram)}, 'cpu': {human(ram)}}}"
+            max_memory = {home: vram, "cpu": ram}
+            what = f"device_map='auto', max_memory={{{home}: {human(vram)}, 'cpu': {human(ram)}}}"
         else:
             max_memory = {"cpu": vram}
             what = (f"CPU-only equivalent: device_map='auto', max_memory={{'cpu': {human(vram)}}}, layers beyond "
@@ -157,6 +161,8 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
                       pad_token_id=min(tokenizer.eos_ids) if tokenizer.eos_ids else 0)
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+            if gpu:  # accelerate's max_memory places weights; what decoding adds on top shows in this peak
+                torch.cuda.reset_peak_memory_stats(home)
             speeds, out = [], []
             for _ in range(repeats):
                 stamps = Stamps()
@@ -164,6 +170,7 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
                 out = result[0, ids.shape[1]:].tolist()
                 # stamps[0]: the prompt; [1]: the first token (prefill); decode speed counts the tokens after it.
                 speeds.append((len(stamps.t) - 2) / (stamps.t[-1] - stamps.t[1]))
+            peak = int(torch.cuda.max_memory_allocated(home)) if gpu else None
             if logits is not None:
                 logits[key] = model(ids, attention_mask=torch.ones_like(ids)).logits[0].float().cpu()
         placement = {}
@@ -172,7 +179,7 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
         del model
         release(device)
     return {"what": what, "tokens_per_s": max(speeds), "runs_tokens_per_s": speeds, "tokens": out,
-            "placement": placement}
+            "placement": placement, "peak_vram_bytes": peak}
 
 
 # ---- the comparison ----------------------------------------------------------------------------------------
@@ -220,7 +227,7 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
                                                  if per_token and bound["transfer_bound_s_per_token"] > 0 else None)
     record.update({"device_slots": best["device_slots"], "a_moe_offload_best": best, "a_transfer_bound": bound})
     save()
-    free = torch.cuda.mem_get_info()[0] if gpu else None
+    free = torch.cuda.mem_get_info(device)[0] if gpu else None
     resident = None
     if free is None or all_in <= free:
         resident = ours(folder, device, tokens, repeats, context, logits, "c", prefetch=0, cpu_experts="never",
@@ -386,6 +393,12 @@ def markdown_table(record: dict, path: str) -> str:
     elif tb.get("time_per_token_s"):
         lines += ["", f"(a) takes {tb['time_per_token_s'] * 1e3:.2f} ms per token and copied nothing host->device "
                       f"while decoding (hits and CPU experts only), so there is no transfer bound."]
+    peaks = [f"({k}) {human(r['peak_vram_bytes'])}" for k, r in (("a", a), ("b", b), ("c", c), ("b'", b_all))
+             if r and r.get("peak_vram_bytes")]
+    if peaks:
+        lines += ["", "Peak GPU memory while decoding (torch's allocator): " + ", ".join(peaks) + f", against "
+                  f"`--vram` {human(record['vram_budget'])}. (a)'s budget includes its KV cache and workspace; "
+                  f"accelerate's `max_memory` places weights only, and what decoding needs comes on top."]
     agree = [f"({x}) vs ({y}) {v['top1_same']}/{v['positions']}, largest difference {v['max_abs_diff']:.2g}"
              for pair, v in (record.get("prompt_logits") or {}).items() if v for x, y in [pair.split("_")]]
     if agree:

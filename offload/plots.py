@@ -97,9 +97,10 @@ def write_plots(record: dict, out: Path) -> list[Path]:
     mib = 1 / 2**20
     fig, (top, bot) = plt.subplots(2, 1, figsize=(8, 5.6), sharex=True)
     cuda = record["device"]["type"] == "cuda"
-    top.step(t, [m["vram_allocated_bytes"] * mib for m in mem], where="post",
+    # Each sample after the first is the peak of the token it ends: drawn over that token ("pre").
+    top.step(t, [m["vram_allocated_bytes"] * mib for m in mem], where="pre",
              label="allocated (allocator peak per token)" if cuda else "allocated (runtime's device-tier tensors)")
-    top.step(t, [m["vram_reserved_bytes"] * mib for m in mem], where="post",
+    top.step(t, [m["vram_reserved_bytes"] * mib for m in mem], where="pre",
              label="reserved (allocator peak per token)" if cuda else "reserved (memory plan incl. workspace)")
     top.axhline(s["vram_budget"] * mib, ls="--", color="#c44e52", label="--vram budget")
     top.set_ylabel("device memory (MiB)")

@@ -7,12 +7,14 @@ The expert store calls the `Profiler` at five points (the `if prof` lines in off
   * the compute thread blocking until an expert is in host RAM,
   * an expert computed on the CPU.
 On CUDA the device-side points are timing events recorded on the compute and copy streams, never a sync:
-they become times once per token, after the one `synchronize` at the token's end (the only sync profiling
-adds; sampling already waits for the logits there). On CPU they are `perf_counter()` times. With no
-profiler attached (`store.profiler is None`) each point costs one `if`.
+they become times once per token, after the compute stream is done with it (sampling already waited for
+that) and the copy stream has drained; the token's time stops before that drain, which only profiling adds.
+On CPU they are `perf_counter()` times. With no profiler attached (`store.profiler is None`) each point
+costs one `if`.
 
 A token's latency is the wall time between two yielded tokens (token 0: prefill, time to first token); the
-profiler's own bookkeeping between tokens is left out. It splits into:
+profiler's own bookkeeping between tokens, and its wait for copies still queued when the compute stream is
+done, are left out. It splits into:
   copy_wait_s   the compute stream stalled on a copy (CUDA); on CPU, the synchronous copies themselves
   expert_s      experts computed on the device
   cpu_expert_s  experts computed on the CPU (--cpu-experts)
@@ -143,8 +145,16 @@ class Profiler:
         `token` None: the step sampled end-of-sequence (a forward pass whose token is not part of the text)."""
         token_end = self.mark()
         if self.cuda:
+            # The token ends when the compute stream is done (sampling has waited for it already). Copies
+            # still queued behind it (router-ahead guesses nobody waited for) would, unprofiled, run under the
+            # next token; their events must be done before they can be read, so wait for them too, but
+            # outside the token's time: profiling must not charge the run for a wait it adds.
+            token_end.synchronize()
+            t_end = time.perf_counter()
             torch.cuda.synchronize(self.device)
-        t_end = time.perf_counter()
+            drained = time.perf_counter()
+        else:
+            t_end = drained = time.perf_counter()
         i = len(self.tokens)
         row = {"index": i, "token": token, "phase": "prefill" if i == 0 else "decode",
                "latency_s": t_end - self.t_token, **{p: 0.0 for p in TIME_PARTS if p != "dense_s"}}
@@ -152,6 +162,9 @@ class Profiler:
         self.spans.append(Span("host", f"token {i} ({row['phase']})", self.t_token - self.t_start,
                                t_end - self.t_start, {"token": token}))
         self.spans.append(Span("compute", f"token {i}", T(self.token_begin), T(token_end), {}))
+        if drained - t_end >= TRACE_MIN_S:
+            self.spans.append(Span("host", "profiler: wait for queued copies (not in any token)",
+                                   t_end - self.t_start, drained - self.t_start, {}))
         copies, stalls = [], []  # (t0, t1) of this token: copy-stream work, compute stalled on a copy
         for point in self.pending:
             kind, key = point[0], point[1]

@@ -13,7 +13,7 @@ from .checkpoint import Checkpoint
 from .config import MIXTRAL_MODEL_TYPES
 from .errors import UserError
 from .generate import Sampling, generate_ids
-from .model import Attention, Block, Transformer
+from .model import Attention, Block, Transformer, linear
 from .store import ExpertStore
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -85,6 +85,23 @@ def build_model(ckpt: Checkpoint, layers, device: torch.device, dtype: torch.dty
     embed = w("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else w("lm_head.weight")
     return Transformer(cfg, embed, blocks, w("model.norm.weight"), lm_head, context)
+
+
+def warm_up_kernels(model: Transformer, store) -> None:
+    """Run each kind of one-token matmul once now, on zeros: on a GPU the fused Triton kernels compile (or
+    load from Triton's cache) and lazily loaded cuBLAS kernels load here, at load, instead of inside the
+    first decode step, where a second or more would be charged to that token, to tokens/s and to a
+    profile. Results are computed and dropped: no cache, slot table or counter of the store changes."""
+    attn = model.blocks[0].attn
+    zeros = lambda n: torch.zeros(1, n, dtype=model.dtype, device=model.device)  # noqa: E731  one token
+    with torch.no_grad():
+        linear(zeros(model.cfg.hidden_size), attn.wq)
+        linear(zeros(model.cfg.num_attention_heads * model.cfg.head_dim), attn.wo)
+        if isinstance(store, ExpertStore) and store.dev_views:
+            # Device slot 0 holds no expert yet (the pool fills on demand): any bytes do for a warm-up.
+            store.source.compute(store.dev_views[0], zeros(model.cfg.hidden_size))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)  # done before a copy may fill slot 0
 
 
 class Runtime:
@@ -220,6 +237,8 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
         model = build_model(ckpt, store, dev, dt, context, fmt)
         if isinstance(store, ExpertStore):
             store.fill_host(progress)
+        if dev.type == "cuda":
+            warm_up_kernels(model, store)
     except BaseException:  # a bad folder or budget, a failed read, Ctrl-C: nothing stays open
         if store is not None:
             store.close()

@@ -326,14 +326,18 @@ class ExpertStore:
                 if protected:
                     return None
                 waiting = list(self.host_reads.values())
-                events = list(self.host_busy.items())
+                oldest = next(iter(self.host_busy.items()), None)
+            # Every host slot is busy: wait for the first of them to come free, then try again. The copy
+            # stream runs in order, so its oldest copy is done first; a disk read only when no copy is queued.
             t0 = time.perf_counter() if self.profiler else 0.0
-            if waiting:
-                waiting[0].exception()  # wait for it; its own user re-raises any error
-            for slot, event in events:
+            if oldest is not None:
+                slot, event = oldest
                 event.synchronize()
                 with self.lock:
-                    self.host_busy.pop(slot, None)
+                    if self.host_busy.get(slot) is event:
+                        del self.host_busy[slot]
+            elif waiting:
+                waiting[0].exception()  # wait for it; its own user re-raises any error
             if self.profiler:  # every host slot was busy: time spent waiting for the host tier
                 self.profiler.host_wait(key, t0, time.perf_counter())
 
@@ -408,6 +412,7 @@ class ExpertStore:
                 done = torch.cuda.Event()
                 done.record(self.copy_stream)
                 with self.lock:
+                    self.host_busy.pop(host, None)  # re-inserted last: the dict stays in the stream's order
                     self.host_busy[host] = done
         else:
             started = prof.mark() if prof else None

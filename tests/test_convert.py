@@ -97,6 +97,30 @@ def test_quantized_results_are_bit_identical_across_budgets_and_prefetch(folder,
         assert torch.equal(logits, reference), (slots, prefetch, ram)
 
 
+@pytest.mark.parametrize("folder", ["tiny_checkpoint", "quantized", "dense4"])
+def test_the_kernel_warm_up_at_load_changes_nothing(folder, request):
+    """On a GPU, load runs each one-token matmul once (the Triton kernels compile there, not in the first
+    decode step). It only computes: the store's tables and counters, and what is generated, stay the same."""
+    from offload.runtime import warm_up_kernels
+
+    folder = request.getfixturevalue(folder)
+    reference, rt = greedy(folder, steps=4)
+    rt = offload.load(folder, device="cpu", context=128)
+    store = rt.store
+    def state():
+        return (store.stats_.as_dict(), list(store.dev_table.key_of), list(store.dev_table.free),
+                list(store.host_table.key_of))
+
+    before = state()
+    warm_up_kernels(rt.model, store)
+    assert state() == before
+    ids = rt.encode("The quick brown fox jumps")
+    logits = [prefill(rt.model, torch.tensor(ids))]
+    for i in range(4):
+        logits.append(decode_one(rt.model, int(logits[-1].argmax()), len(ids) + i))
+    assert torch.equal(torch.stack(logits), reference)
+
+
 def test_dense_bits_keep_the_attention_projections_quantized_on_the_device(quantized, dense4, tiny_checkpoint,
                                                                            tmp_path):
     dense8 = convert(tiny_checkpoint, tmp_path / "d8", bits=4, group_size=32, dense_bits=8)
