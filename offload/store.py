@@ -21,6 +21,7 @@ Dimension legend: T tokens, D hidden, F expert ffn, N blob bytes.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import queue
@@ -52,7 +53,8 @@ class Reader:
     """The disk reader: one thread running reads in priority order, so a read the model waits for now
     (priority 0) goes before reads ahead for later layers (priority = how many layers ahead), and a
     queued read-ahead that becomes wanted now moves up (`promote`). The thread starts with the first read
-    and ends at `shutdown`, or when the reader is collected (it holds only the queue, not the reader)."""
+    and ends at `shutdown`, or when the reader is collected (it holds only the queue, not the reader), or
+    at interpreter exit (`_stop_readers`)."""
 
     def __init__(self) -> None:
         self.queue: queue.PriorityQueue = queue.PriorityQueue()
@@ -69,6 +71,7 @@ class Reader:
                                                name="expert-reader", daemon=True)
                 self.thread.start()
                 weakref.finalize(self, self.queue.put, (float("inf"), -1, None))
+                _running.add(self)
             self.waiting[fut] = (priority, fn, args)
             self.queue.put((priority, next(self.order), fut))
         return fut
@@ -82,11 +85,25 @@ class Reader:
             self.waiting[fut] = (priority, *queued[1:])
             self.queue.put((priority, next(self.order), fut))
 
-    def shutdown(self) -> None:
-        """Run what is queued, then stop the thread."""
+    def shutdown(self, drop_queued: bool = False) -> None:
+        """Run what is queued (or, with `drop_queued`, only the read in progress), then stop the thread."""
         if self.thread is not None:
-            self.queue.put((float("inf"), next(self.order), None))
+            self.queue.put((-float("inf") if drop_queued else float("inf"), next(self.order), None))
             self.thread.join()
+            self.thread = None  # a later read starts another
+        _running.discard(self)
+
+
+_running: weakref.WeakSet[Reader] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_readers() -> None:
+    """At exit (Ctrl-C included), end every reader thread still running before the interpreter finalizes.
+    A daemon thread still inside torch's C++ when that happens is torn down there, which aborts the process
+    ("terminate called without an active exception") instead of letting it exit with its status."""
+    for reader in list(_running):
+        reader.shutdown(drop_queued=True)
 
 
 def _read_in_order(jobs: queue.PriorityQueue, waiting: dict, lock: threading.Lock) -> None:

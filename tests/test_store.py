@@ -276,6 +276,28 @@ def test_the_reader_runs_reads_wanted_now_before_reads_ahead():
     assert all(f.done() for f in (*ahead, wanted, now))
 
 
+def test_reader_threads_end_at_exit_after_the_read_in_progress():
+    """At interpreter exit a reader thread still running (Ctrl-C mid-generation, a store never closed) is
+    ended after its current read, queued reads dropped: a daemon thread torn down inside torch's C++ during
+    finalization aborts the process instead."""
+    import threading
+
+    from offload.store import Reader, _stop_readers
+
+    gate, done = threading.Event(), []
+    reader = Reader()
+    current = reader.submit(0, gate.wait)
+    queued = [reader.submit(1, done.append, i) for i in range(3)]
+    threading.Timer(0.05, gate.set).start()  # the read in progress finishes on its own; exit waits for it
+    thread = reader.thread
+    _stop_readers()
+    assert not thread.is_alive()
+    assert current.done() and done == [] and not any(f.done() for f in queued)
+    reader.submit(0, done.append, "later")  # a reader used again after that starts a new thread
+    reader.shutdown()
+    assert sorted(map(str, done)) == ["0", "1", "2", "later"]
+
+
 class FakeCudart:
     """Records cudaHostRegister / cudaHostUnregister calls; `fail` makes registering return that error."""
 
