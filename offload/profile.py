@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import platform
 import resource
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -575,8 +577,16 @@ def load_schema() -> dict:
 
 # ---- the command -------------------------------------------------------------------------------------------
 
+ARTIFACTS = ("profile.json", "trace.json", "latency.png", "layers.png", "breakdown.png", "memory.png")
+
+
 def write(result: Profile, out: Path) -> list[Path]:
-    """Write profile.json (checked against the schema first), trace.json and the plots into `out`."""
+    """Write profile.json (checked against the schema first), trace.json and the plots into `out`.
+
+    They are written into a hidden folder inside `out` and moved into place only once all are done: a run
+    stopped while writing (Ctrl-C, a full disk) leaves `out` as it was, never half of one profile beside
+    half of another. Files of an earlier profile are replaced; a file of one of those names that an earlier
+    profile did not write is left alone, and the run stops with an error."""
     from .plots import write_plots
     from .trace import write_trace
 
@@ -584,14 +594,39 @@ def write(result: Profile, out: Path) -> list[Path]:
     if errors:  # a bug, not a user error: the record and its schema disagree
         raise ValueError("profile record does not match profile_schema.json: " + "; ".join(errors[:5]))
     make_out_dir(out)
-    path = out / "profile.json"
+    check_replaceable(out)
+    tmp = out / f".profile.tmp-{os.getpid()}"
     try:
+        shutil.rmtree(tmp, ignore_errors=True)  # one left by a killed process that had this pid
+        tmp.mkdir()
+        path = tmp / "profile.json"
         path.write_text(json.dumps(result.record, indent=1))
-        files = [path, write_trace(result.spans, result.record, out / "trace.json"), *write_plots(result.record, out)]
+        written = [path, write_trace(result.spans, result.record, tmp / "trace.json"),
+                   *write_plots(result.record, tmp)]
+        # profile.json last: it is what marks the folder's files as a profile's (`check_replaceable`).
+        for f in sorted(written, key=lambda f: f.name == "profile.json"):
+            os.replace(f, out / f.name)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write the profile ({exc.strerror or exc})") from None
-    result.files = files
-    return files
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.files = [out / f.name for f in written]
+    return result.files
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to overwrite a file in `out` that has an artifact's name but is not from a profile: a profile
+    folder is one whose profile.json is a moe-offload profile (or that holds none of the names)."""
+    present = [name for name in ARTIFACTS if (out / name).exists()]
+    if not present:
+        return
+    try:
+        ours = json.loads((out / "profile.json").read_text()).get("schema", "").startswith("moe-offload-profile")
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise UserError(f"--out {out}: holds {present[0]}, which is not from a moe-offload profile; choose another "
+                        f"--out (a profile replaces only its own files)")
 
 
 def make_out_dir(out: Path) -> None:
@@ -617,6 +652,7 @@ def profile(model: str | None, prompt: str = DEFAULT_PROMPT, out: str | Path = "
     out = Path(out)
     made = not out.exists()
     make_out_dir(out)  # before the run: a bad --out must not cost a generation
+    check_replaceable(out)
     try:
         rt = load(model, device=device, dtype=dtype, context=context, **store_options)
         try:

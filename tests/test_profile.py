@@ -14,8 +14,8 @@ import offload
 from conftest import run_cli
 from offload.demo import DEMO_DIR
 from offload.inspect import memory_plan
-from offload.profile import (TIME_PARTS, copy_time_hidden, load_schema, merged, overlap_length, profile,
-                             profile_runtime, schema_errors, total_length)
+from offload.profile import (ARTIFACTS, TIME_PARTS, copy_time_hidden, load_schema, merged, overlap_length,
+                             profile, profile_runtime, schema_errors, total_length, write)
 
 PROMPT = "The for statement is used to iterate"
 NEW = 8
@@ -285,6 +285,48 @@ def test_a_bad_max_new_tokens_is_refused_before_loading_and_leaves_no_folder(tmp
     with pytest.raises(offload.UserError, match="no such model folder"):
         profile(tmp_path / "missing", PROMPT, tmp_path / "q")
     assert not (tmp_path / "q").exists()  # a failed run removes the empty folder it made
+
+
+def test_a_profile_replaces_an_earlier_one_whole_or_not_at_all(profiled, tmp_path, monkeypatch):
+    import offload.plots
+
+    result, _ = profiled
+    out = tmp_path / "prof"
+    write(result, out)
+    (out / "notes.txt").write_text("mine")
+    before = {name: (out / name).read_bytes() for name in ARTIFACTS}
+    result.record["model"] = "a second run"  # so its profile.json and plot titles differ from the first
+
+    def plots_then_fail(record, folder):
+        (folder / "latency.png").write_bytes(b"half")
+        raise KeyboardInterrupt  # Ctrl-C while the plots are written
+
+    monkeypatch.setattr(offload.plots, "write_plots", plots_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        write(result, out)
+    assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before  # the first profile, whole
+    assert sorted(p.name for p in out.iterdir()) == sorted([*ARTIFACTS, "notes.txt"])  # no work folder left
+    monkeypatch.undo()
+    write(result, out)
+    assert json.loads((out / "profile.json").read_text())["model"] == "a second run"
+    assert all((out / name).read_bytes() != before[name] for name in ("profile.json", "trace.json"))
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_of_an_artifacts_name_that_no_profile_wrote_is_left_alone(profiled, tmp_path, monkeypatch):
+    import offload.runtime
+
+    result, _ = profiled
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "trace.json").write_text('{"my": "own trace"}')
+    with pytest.raises(offload.UserError, match="trace.json, which is not from a moe-offload profile"):
+        write(result, out)
+    monkeypatch.setattr(offload.runtime, "load", lambda *a, **k: pytest.fail("ran before checking --out"))
+    with pytest.raises(offload.UserError, match="not from a moe-offload profile"):
+        profile("demo", PROMPT, out, max_new_tokens=2)
+    assert sorted(p.name for p in out.iterdir()) == ["trace.json"]
+    assert (out / "trace.json").read_text() == '{"my": "own trace"}'
 
 
 def test_the_verdict_says_when_its_shares_are_of_overlapping_parts():
