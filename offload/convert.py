@@ -172,6 +172,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
         if info is None or info.get("source") != fingerprint(ckpt):
             raise UserError(f"{dst}: exists and is not an earlier conversion of {ckpt.path}; choose another destination")
         if {k: info.get(k) for k in settings} == settings:
+            check_finished(dst, ckpt.path, info)
             return dst  # already converted with these settings
         raise UserError(f"{dst}: holds a conversion with other settings ({info['bits']} bits, group {info['group_size']}, "
                         f"dense {info.get('dense_bits', 16)} bits); "
@@ -186,6 +187,25 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
         (partial / PARTIAL_MARKER).unlink()  # DST is a finished conversion, not a partial one
         os.rename(partial, dst)
     return dst
+
+
+def check_finished(dst: Path, src: Path, info: dict) -> None:
+    """A rerun onto an earlier conversion does nothing, unless a file of it was lost or cut short since: then
+    say so (what `generate` would refuse), rather than report a conversion that cannot run."""
+    from .sources import BlobFileExperts
+    from .tokenizer import Tokenizer
+
+    try:
+        done = Checkpoint(dst)
+        try:
+            source = BlobFileExperts(done, torch.float16, info)  # experts.bin: its header, size and blob layout
+            done.validate({**stored_dense_shapes(done.config, dense_format(info)), **source.expected_shapes()})
+            Tokenizer(dst, done.config.bos_token_id, done.config.eos_token_id)
+        finally:
+            done.close()
+    except UserError as exc:
+        raise UserError(f"{dst}: an earlier conversion of {src} that is damaged ({exc}); remove it and convert "
+                        f"again") from None
 
 
 def _start_partial(partial: Path, src: Path) -> None:

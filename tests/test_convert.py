@@ -173,6 +173,22 @@ def test_interrupted_conversion_leaves_nothing_generate_accepts_and_a_rerun_succ
     assert convert(tiny_checkpoint, dst, bits=4, group_size=32) == dst and digest(dst) == before
 
 
+@pytest.mark.parametrize("damage", ["truncate experts.bin", "remove model.safetensors", "remove tokenizer.json"])
+def test_a_rerun_onto_a_damaged_conversion_says_so(quantized, tiny_checkpoint, tmp_path, damage):
+    dst = tmp_path / "q"
+    shutil.copytree(quantized, dst)
+    verb, name = damage.split()
+    if verb == "truncate":
+        with open(dst / name, "r+b") as f:
+            f.truncate(1000)
+    else:
+        (dst / name).unlink()
+    before = digest(dst)
+    with pytest.raises(UserError, match=f"an earlier conversion of .* that is damaged .*{name}.*remove it"):
+        convert(tiny_checkpoint, dst, bits=4, group_size=32)
+    assert digest(dst) == before  # left as it was: the user decides
+
+
 @pytest.mark.parametrize("args, needle", [
     (("--bits", "5"), "--bits"),
     (("--bits", "4", "--group-size", "7"), "does not divide"),
