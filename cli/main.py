@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
-from typing import Optional
+from typing import Optional, TextIO
 
 import typer
 
@@ -61,22 +62,41 @@ def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, 
     out = sys.stderr if as_json else sys.stdout
     stream = rt.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)  # checks the request
     if not as_json:
-        out.write(prompt)
+        _write(out, prompt)
     for piece in stream:
         pieces.append(piece)
         if not as_json:
-            out.write(piece)
-            out.flush()
+            _write(out, piece)
     if as_json:
         stats = rt.stats()
         record = {"text": "".join(pieces), "tokens": rt.last.get("tokens", []),
                   "prompt_tokens": stats.pop("prompt_tokens"), "stats": stats}
-        sys.stdout.write(json.dumps(record) + "\n")
+        _write(sys.stdout, json.dumps(record) + "\n")
     else:
-        out.write("\n")
+        _write(out, "\n")
         s = rt.stats()
         typer.echo(f"[{s['new_tokens']} tokens, {s['tokens_per_s']:.2f} tok/s, prefill {s['prefill_s']:.3f}s, "
                    f"device {s['device']}]", err=True)
+
+
+def _write(out: TextIO, text: str) -> None:
+    """Write `text` and flush it, so the user sees each piece as it is generated. A character the stream's
+    encoding lacks (PYTHONIOENCODING=ascii) comes out as '?' rather than ending the run; a stream that takes
+    nothing more (a full disk) is a one-line error; a broken pipe (`| head`) goes on to click, which exits quietly."""
+    from offload import UserError
+
+    try:
+        try:
+            out.write(text)
+        except UnicodeEncodeError:  # raised before anything is written: the whole text is encoded first
+            out.write(text.encode(out.encoding, "replace").decode(out.encoding))
+        out.flush()
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        where = getattr(out, "name", "the output").strip("<>")
+        raise UserError(f"cannot write to {where} ({exc.strerror or exc}); free space there or redirect the "
+                        f"output elsewhere") from None
 
 
 GEN_OPTIONS = dict(
@@ -126,15 +146,22 @@ def generate(
 
 
 def _read_prompt(prompt: Optional[str]) -> Optional[str]:
-    """The prompt itself, or for '-' the text on stdin (a long prompt, a file: `... - < prompt.txt`)."""
-    if prompt != "-":
-        return prompt
-    try:
-        return sys.stdin.read().removesuffix("\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        from offload import UserError
+    """The prompt itself, or for '-' the text on stdin (a long prompt, a file: `... - < prompt.txt`); one that
+    is not valid UTF-8 is refused here, before the model loads."""
+    from offload import UserError
+    from offload.tokenizer import check_utf8
 
-        raise UserError(f"cannot read the prompt from stdin ({exc})") from None
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.read().removesuffix("\n")
+        except UnicodeDecodeError as exc:  # outside the C locale stdin decodes strictly (in it, see check_utf8)
+            raise UserError(f"the prompt is not valid {exc.encoding.upper()} (byte {exc.start} of stdin: "
+                            f"{exc.reason}); convert it to {exc.encoding.upper()}") from None
+        except OSError as exc:
+            raise UserError(f"cannot read the prompt from stdin ({exc})") from None
+    if prompt is not None:
+        check_utf8(prompt)
+    return prompt
 
 
 @app.command()
@@ -148,6 +175,9 @@ def demo(
     prefetch: int = GEN_OPTIONS["prefetch"],
 ) -> None:
     """Generate with the small Mixtral-architecture model shipped in the package (no download)."""
+    from offload.tokenizer import check_utf8
+
+    check_utf8(prompt)
     _generate("demo", prompt, max_new_tokens, temperature, top_k, top_p, seed, False, device, "auto", as_json, 2048,
               vram, ram, prefetch)
 
@@ -169,9 +199,10 @@ def inspect(
 ) -> None:
     """Describe a model: layers, experts, parameters dense vs experts, bytes per expert, dense bytes on the GPU;
     with --vram/--ram (or --hit-rate/--bandwidth), the memory plan under those budgets."""
-    from offload.inspect import describe, memory_plan
+    from offload.inspect import check_plan_options, describe, memory_plan
     from quant.units import parse_bytes
 
+    check_plan_options(device, dtype, context)  # also when no plan is asked for: a wrong value is still wrong
     info = describe(model)
     plan = None
     if any(option is not None for option in (vram, ram, hit_rate, bandwidth)):
@@ -276,10 +307,14 @@ def convert(
     from offload.convert import convert as run_convert
     from offload.runtime import resolve_model_path
 
+    from pathlib import Path
+
+    existed = Path(dst).exists()  # convert accepts an existing DST only as a finished, intact earlier run
     with progress_bar("converting experts") as progress:
         out = run_convert(resolve_model_path(src), dst, bits=bits, group_size=group_size, dense_bits=dense_bits,
                           progress=progress)
-    typer.echo(f"wrote {out}", err=True)
+    typer.echo(f"{out}: already converted from {src} with these settings; nothing to do" if existed
+               else f"wrote {out}", err=True)
 
 
 def _human_bytes(n: int) -> str:

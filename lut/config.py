@@ -126,8 +126,12 @@ class MoLEConfig:
                 raise UserError(f"{source}: missing field '{name}'")
         kwargs = {n: raw[n] for n in names if raw.get(n) is not None}
         kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
-        if "head_dim" not in kwargs and isinstance(raw["hidden_size"], int) and isinstance(raw["num_attention_heads"], int):
+        # Only counts divide: a JSON `true` is a Python int, and 0 heads would divide by zero (both are then
+        # refused by name in __post_init__).
+        if "head_dim" not in kwargs and is_count(raw["hidden_size"]) and is_count(raw["num_attention_heads"]) \
+                and raw["num_attention_heads"] > 0:
             kwargs["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+        kwargs.setdefault("head_dim", None)
         kwargs.setdefault("num_experts_per_tok", raw["num_local_experts"])
         eos = kwargs.get("eos_token_id")
         if isinstance(eos, list):

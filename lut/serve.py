@@ -124,13 +124,16 @@ class TableStore:
     def __init__(self, ckpt, device: torch.device, dtype: torch.dtype, ram=None, tables: str | None = None,
                  vram=None, step_bytes: int = 64 << 20, **expert_options):
         """`ram`: host budget for the tables (bytes or '2GiB'); `tables`: "disk" (read per step) or "ram"
-        (default: "ram" when a `ram` budget is given and the tables fit it, else "disk"). `vram` is only
-        reported: the device holds the dense part and one step's rows. The expert store's options
-        (prefetch, cpu_experts, ...) have nothing to act on here and are ignored."""
+        (default: "ram" when a `ram` budget is given and the tables fit it, else "disk"). `vram`: what the
+        device holds is the dense part, the KV cache and one step's rows (offload.runtime checks that they
+        fit). The expert store's options (prefetch, cpu_experts, ...) have nothing to act on here."""
         self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
         self.cuda = self.device.type == "cuda"
         self.cfg, self.path, self.layout = open_tables(ckpt)
         self.ram_budget, self.vram_budget = parse_bytes(ram, "--ram"), parse_bytes(vram, "--vram")
+        for flag, budget in (("--ram", self.ram_budget), ("--vram", self.vram_budget)):
+            if budget is not None and budget <= 0:
+                raise UserError(f"{flag} must be positive, got {budget}")
         self.step_bytes = step_bytes
         data = self.layout.data_nbytes
         if tables is None:

@@ -21,7 +21,7 @@ import torch
 from quant.blob import is_count
 from quant.files import pread_exactly
 
-from .config import MIXTRAL_MODEL_TYPES, ModelConfig
+from .config import MIXTRAL_MODEL_TYPES, ModelConfig, shown
 from .errors import UserError
 
 SAFETENSORS_DTYPES = {
@@ -162,9 +162,17 @@ class Checkpoint:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raw = json.loads(index.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise UserError(f"{index}: unreadable shard index ({exc})") from None
+            weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index}: field 'weight_map' must be an object mapping tensor names to shard files, "
+                                f"got {shown(weight_map)}")
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str) or not shard:
+                    raise UserError(f"{index}: field 'weight_map' maps {name!r} to {shown(shard)}, "
+                                    f"not the name of a .safetensors file in the folder")
             shards = sorted(set(weight_map.values()))
         elif (self.path / "model.safetensors").is_file():
             weight_map, shards = None, ["model.safetensors"]

@@ -10,6 +10,8 @@ import torch
 from .errors import UserError
 from .model import Transformer
 
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed accepts
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -27,6 +29,9 @@ class Sampling:
             raise UserError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        # Checked at temperature 0 too, where it goes unused, so a seed that cannot work fails at once.
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise UserError(f"--seed must be between {SEED_MIN} and {SEED_MAX}, got {self.seed}")
 
 
 def prefill(model: Transformer, prompt: torch.Tensor) -> torch.Tensor:
@@ -43,15 +48,21 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     """Pick the next token id from logits [V] (float32)."""
     if s.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.float().cpu() / s.temperature
+    # Shift the top logit to 0 before dividing: a tiny temperature then sends the others to -inf, where it
+    # would send the top one to inf (softmax of inf is NaN). Below float32's smallest normal the temperature
+    # itself rounds to 0 (0/0 is NaN); clamped there, every gap between distinct logits still gets probability 0.
+    logits = logits.float().cpu()
+    logits = (logits - logits.max()) / max(s.temperature, torch.finfo(torch.float32).tiny)
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if s.top_p < 1:
         sorted_p, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the top token: a top_p below float32's
+        # range rounds to 0 and would drop every token.
         drop = torch.cumsum(sorted_p, 0) - sorted_p >= s.top_p
+        drop[0] = False
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))

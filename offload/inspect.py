@@ -86,6 +86,16 @@ def _is_table_folder(path) -> bool:
     return isinstance(raw, dict) and raw.get("model_type") in TABLE_MODEL_TYPES
 
 
+def check_plan_options(device: str, dtype: str, context: int) -> None:
+    """The plan's --device, --dtype and --context, checked without needing the device itself."""
+    from .runtime import check_device_name, check_dtype_name
+
+    check_device_name(device)
+    check_dtype_name(dtype)
+    if context <= 0:
+        raise UserError(f"--context must be positive, got {context}")
+
+
 def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str = "auto", dtype: str = "auto",
                 context: int = 2048, hit_rate: float = 0.5, bandwidth: float = 25e9) -> dict:
     """What lives where under --vram/--ram (the expert store's own MemoryPlan, built without reading any
@@ -107,8 +117,7 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
         raise UserError(f"--hit-rate must be between 0 and 1, got {hit_rate}")
     if bandwidth <= 0:
         raise UserError(f"--bandwidth must be positive, got {bandwidth}")
-    if context <= 0:
-        raise UserError(f"--context must be positive, got {context}")
+    check_plan_options(device, dtype, context)
     vram, ram = parse_bytes(vram, "--vram"), parse_bytes(ram, "--ram")
     ckpt, _, _ = open_checked(path)
     cfg = ckpt.config

@@ -113,6 +113,21 @@ def kv_bytes(cfg: ModelConfig, context: int, itemsize: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * S * cfg.head_dim * itemsize
 
 
+def check_table_vram(store, context: int) -> None:
+    """A MoLE table folder's --vram must hold what its device always holds: the dense part (every tensor of
+    the folder), the KV cache, and a decode step's table rows [L, N, D]. A prompt's rows (up to the table
+    store's `step_bytes` of records per step) come on top during prefill."""
+    if store.vram_budget is None:
+        return
+    cfg, size = store.cfg, store.dtype.itemsize
+    parts = {"the dense part": store.dense_bytes(), "KV cache": kv_bytes(cfg, context, size),
+             "one token's table rows": cfg.num_hidden_layers * cfg.num_local_experts * cfg.hidden_size * size}
+    need = sum(parts.values())
+    if store.vram_budget < need:
+        raise UserError(f"--vram {human(store.vram_budget)} cannot hold "
+                        + " + ".join(f"{k} ({human(v)})" for k, v in parts.items()) + f": need at least {human(need)}")
+
+
 def workspace_bytes(cfg: ModelConfig, context: int, itemsize: int, cuda: bool) -> int:
     """Workspace for a full-context prefill: the experts' [T, F] intermediates and the attention scores
     [H, T, T], plus the CUDA allocator's slack."""

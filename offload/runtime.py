@@ -14,7 +14,8 @@ from .config import MIXTRAL_MODEL_TYPES
 from .errors import UserError
 from .generate import Sampling, generate_ids
 from .model import Attention, Block, Transformer, linear
-from .store import ExpertStore
+from .memory import check_table_vram
+from .store import ExpertStore, check_options
 from .tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -35,11 +36,21 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def check_device_name(device: str) -> None:
+    """--device names a kind of device this runtime knows (whether this machine has one is another matter)."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def check_dtype_name(dtype: str) -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+
+
 def resolve_device(device: str) -> torch.device:
+    check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (this torch build or machine has none)")
     return torch.device(device)
@@ -47,9 +58,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
     """'auto': float32 on CPU (fast and exact there); on a GPU the checkpoint's half type, else float16."""
+    check_dtype_name(dtype)
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise UserError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
         return DTYPES[dtype]
     if device.type == "cpu":
         return torch.float32
@@ -229,7 +239,11 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
         if ckpt.raw_config.get("model_type") in TABLE_MODEL_TYPES:
             from lut.serve import TableStore  # Mixture-of-Lookup-Experts tables instead of routed experts
 
+            # The expert store's options have nothing to act on here, but a wrong value is still refused.
+            check_options(**{k: store_options.pop(k) for k in ("prefetch", "cpu_experts", "policy")
+                             if k in store_options})
             store = TableStore(ckpt, dev, dt, **store_options)
+            check_table_vram(store, context)
         else:
             store = ExpertStore(ckpt, dev, dt, context=context, **store_options)
         fmt = dense_format(read_info(ckpt.path))

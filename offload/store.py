@@ -147,6 +147,17 @@ class Stats:
         return {f: getattr(self, f) for f in self.FIELDS}
 
 
+def check_options(prefetch: int = 0, cpu_experts: str = "auto", policy: str = "lru") -> None:
+    """The expert store's options, checked where they are given (a table folder has no experts to apply
+    them to, but a wrong value is still wrong)."""
+    if prefetch < 0:
+        raise UserError(f"--prefetch must be 0 (off) or a number of layers ahead, got {prefetch}")
+    if cpu_experts not in ("auto", "never", "always"):
+        raise UserError(f"--cpu-experts must be auto, never or always, got {cpu_experts!r}")
+    if policy not in POLICIES:
+        raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+
+
 class ExpertStore:
     """Owns every expert of the model across the three tiers; the MoE blocks call `prepare` and `run`."""
 
@@ -155,12 +166,7 @@ class ExpertStore:
                  dense_bytes: int = 0, pin: bool | None = None, per_layer_cache: bool = False):
         cfg = ckpt.config
         self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
-        if prefetch < 0:
-            raise UserError(f"--prefetch must be 0 (off) or a number of layers ahead, got {prefetch}")
-        if cpu_experts not in ("auto", "never", "always"):
-            raise UserError(f"--cpu-experts must be auto, never or always, got {cpu_experts!r}")
-        if policy not in POLICIES:
-            raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        check_options(prefetch, cpu_experts, policy)
         self.prefetch, self.cpu_experts = prefetch, cpu_experts
         self.source = open_source(ckpt, dtype)
         self.layout = self.source.layout

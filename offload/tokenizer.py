@@ -44,6 +44,7 @@ class Tokenizer:
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         """Prompt text -> ids, with bos prepended (by the chat template when `chat`)."""
+        check_utf8(text)
         if chat:
             text = self.apply_chat_template(text)
             ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -118,6 +119,16 @@ class StreamDecoder:
             return ""
         piece, self.emitted = text[len(self.emitted):], text
         return piece
+
+
+def check_utf8(prompt: str) -> None:
+    """Raise UserError for a prompt that is not valid UTF-8. Such bytes reach Python as lone surrogates
+    (sys.argv and a C-locale stdin decode with surrogateescape), which the tokenizers library cannot take."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"the prompt is not valid UTF-8 (at character {exc.start}); convert it to UTF-8 "
+                        f"(e.g. iconv -t UTF-8)") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -1,23 +1,46 @@
-"""Byte sizes as people write them ('12GiB', '512MiB', '1.5GB'), parsed once for every layer: budgets are
-ints inside, and strings only at the edge."""
+"""Byte sizes as people write them ('12GiB', '512MiB', '1.5GB', '2TiB'), parsed once for every layer: budgets
+are ints inside, and strings only at the edge."""
 
 from __future__ import annotations
 
+import math
+import re
+
 from .errors import UserError
+
+# Our own table rather than accelerate's convert_file_size_to_int: that one knows no TiB/TB, overflows on
+# 'infGiB', and reads a lower-case b ('12Gb', '12gb') as bits, silently an eighth of the budget meant.
+BINARY_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+DECIMAL_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+EXAMPLES = "use e.g. 12GiB, 512MiB, 1.5GB, 2TiB or a number of bytes"
+SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([A-Za-z]*)")
 
 
 def parse_bytes(value: str | int | float | None, flag: str) -> int | None:
-    """'12GiB', '512MiB', '1.5GB' or a plain number of bytes -> int bytes; None stays None (= default)."""
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, float):
+    """'12GiB', '512MiB', '1.5GB', '2TiB' or a plain number of bytes -> int bytes; None stays None (= default)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0)):
+        raise UserError(f"{flag} {value!r} is not a size ({EXAMPLES})")
+    if isinstance(value, (int, float)):
         return int(value)
     text = str(value).strip().replace(" ", "")
-    if text.isdigit():
-        return int(text)
-    from accelerate.utils import convert_file_size_to_int
-
-    try:
-        return int(convert_file_size_to_int(text))
-    except ValueError:
-        raise UserError(f"{flag} {value!r} is not a size (use e.g. 12GiB, 512MiB, 1.5GB or a number of bytes)") from None
+    match = SIZE.fullmatch(text)
+    if match is None:
+        raise UserError(f"{flag} {value!r} is not a size ({EXAMPLES})")
+    number, unit = match.groups()
+    upper = unit.upper()
+    if upper in BINARY_UNITS:
+        scale = BINARY_UNITS[upper]
+    elif upper in DECIMAL_UNITS and unit.endswith("B"):
+        scale = DECIMAL_UNITS[upper]
+    elif upper in ("", "B") and "." not in number:
+        return int(number)
+    elif upper in ("K", "M", "G", "T") or upper in DECIMAL_UNITS:  # the latter here only with a lower-case b
+        # '12G' could be GiB or GB (7% apart, 10% at T) and '12Gb' gigabits (8x): too much to guess at for a
+        # memory budget, so the user picks.
+        prefix = upper[0]
+        raise UserError(f"{flag} {value!r} is not a size (write {number}{prefix}iB or {number}{prefix}B)")
+    else:
+        raise UserError(f"{flag} {value!r} is not a size ({EXAMPLES})")
+    return int(float(number) * scale)

@@ -204,3 +204,95 @@ def test_load_and_close_leave_no_file_open(tiny_checkpoint, tmp_path):
     with pytest.raises(UserError, match="cannot hold the dense part"):
         offload.load(q4, device="cpu", vram="1KiB")  # a load that fails closes what it opened too
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def edit_config(folder, **fields) -> None:
+    """Set (or, with None, delete) top-level config.json fields."""
+    cfg = json.loads((folder / "config.json").read_text())
+    for name, value in fields.items():
+        if value is None:
+            cfg.pop(name, None)
+        else:
+            cfg[name] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("field, value", [
+    # JSON true is a Python int: it must not reach torch as a layer count or a top-k of 1.
+    ("num_hidden_layers", True), ("num_experts_per_tok", True), ("hidden_size", False), ("head_dim", True),
+    ("num_local_experts", 2.0), ("vocab_size", "320"), ("num_attention_heads", 0),
+    ("rms_norm_eps", "abc"), ("rms_norm_eps", True), ("rms_norm_eps", 0), ("rope_theta", True),
+    ("rope_theta", 0), ("rope_theta", -1.0), ("sliding_window", True), ("bos_token_id", "1"),
+    ("eos_token_id", [2, "x"]), ("torch_dtype", 16),
+])
+def test_a_config_field_of_the_wrong_type_or_range_is_one_line_naming_it(folder, field, value):
+    edit_config(folder, **{field: value})
+    message = error_of(folder)
+    assert f"config.json: field '{field}' must be" in message
+    if value is True:
+        assert message.endswith("got true")  # as the user wrote it in the JSON
+
+
+@pytest.mark.parametrize("field", ["rope_parameters", "rope_scaling", "quantization_config"])
+@pytest.mark.parametrize("value", [5, [1, 2], "yes"])
+def test_an_object_field_holding_something_else_is_one_line_naming_it(folder, field, value):
+    edit_config(folder, **{field: value})
+    assert f"config.json: field '{field}' must be an object or null" in error_of(folder)
+
+
+def test_a_present_rope_theta_is_validated_and_only_a_missing_one_defaults(folder):
+    edit_config(folder, rope_parameters={"rope_theta": 0, "rope_type": "default"})
+    assert "field 'rope_parameters.rope_theta' must be a positive number" in error_of(folder)
+    edit_config(folder, rope_parameters=None, rope_theta=0)
+    assert "field 'rope_theta' must be a positive number, got 0" in error_of(folder)
+    edit_config(folder, rope_theta=10000)
+    assert Checkpoint(folder).config.rope_theta == 10000.0
+    edit_config(folder, rope_theta=None)
+    assert Checkpoint(folder).config.rope_theta == 1e6
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    make_checkpoint(tmp_path, shard_size="60KB", tokenizer=False)
+    return tmp_path
+
+
+def edit_index(folder, edit) -> None:
+    path = folder / "model.safetensors.index.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def first_to(value):
+    def edit(index):
+        index["weight_map"][next(iter(index["weight_map"]))] = value
+        return index
+    return edit
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda index: {**index, "weight_map": []}, "field 'weight_map' must be an object"),
+    (lambda index: {**index, "weight_map": [f"name{i}" for i in range(10_000)]}, "field 'weight_map' must be an object"),
+    (lambda index: {"metadata": {}}, "field 'weight_map' must be an object"),
+    (lambda index: [index], "field 'weight_map' must be an object"),
+    (first_to(7), "field 'weight_map' maps 'lm_head.weight' to 7"),
+    (first_to(None), "field 'weight_map' maps 'lm_head.weight' to null"),
+    (first_to(["model-00001-of-00010.safetensors"]), "field 'weight_map' maps 'lm_head.weight'"),
+])
+def test_a_malformed_shard_index_is_one_short_line_naming_it(sharded, edit, needle):
+    edit_index(sharded, edit)
+    message = error_of(sharded)
+    assert "model.safetensors.index.json" in message and needle in message
+    assert len(message) < 300  # a bad value is shown cut short, not as ten thousand names
+
+
+@pytest.mark.parametrize("fields", [dict(num_hidden_layers=True), dict(num_experts_per_tok=True),
+                                    dict(rope_parameters=5), dict(rms_norm_eps="abc")])
+def test_cli_refuses_a_bad_config_in_one_line_exit_2(folder, fields):
+    from conftest import run_cli
+
+    edit_config(folder, **fields)
+    for command in (("generate", folder, "The for", "-n", "2"), ("inspect", folder)):
+        result = run_cli(*command)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert f"field '{next(iter(fields))}'" in result.stderr

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import offload
-from conftest import make_checkpoint, run_cli
+from conftest import REPO, make_checkpoint, run_cli
 
 
 def test_generate_json_is_one_object_with_tokens_and_stats(tiny_checkpoint):
@@ -32,6 +36,59 @@ def test_a_prompt_of_dash_is_read_from_stdin(tiny_checkpoint):
     assert json.loads(piped.stdout)["tokens"] == json.loads(given.stdout)["tokens"]
     empty = run_cli("generate", tiny_checkpoint, "-", stdin="")
     assert empty.returncode == 2 and "the prompt is empty" in empty.stderr
+
+
+def cli_bytes(*args: str, stdin: bytes = b"", stdout=subprocess.PIPE,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Like run_cli, in bytes (for input and output that are not UTF-8), with a stdout and environment to give."""
+    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], input=stdin, stdout=stdout,
+                          stderr=subprocess.PIPE, cwd=REPO, timeout=300, env=os.environ | (env or {}))
+
+
+@pytest.mark.parametrize("env", [{}, {"PYTHONIOENCODING": "utf-8:strict"}])  # stdin decoding leniently, strictly
+@pytest.mark.parametrize("command", ["generate", "profile"])
+def test_a_prompt_on_stdin_that_is_not_utf8_is_one_line(tiny_checkpoint, tmp_path, command, env):
+    out = ["--out", tmp_path / "prof"] if command == "profile" else []
+    result = cli_bytes(command, tiny_checkpoint, "-", "-n", "2", *out, stdin=b"The quick \xff fox", env=env)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and result.stdout == b"" and "Traceback" not in err
+    assert err.startswith("moe-offload: error: the prompt is not valid UTF-8") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [("generate", "{ckpt}", "The \udce9"), ("demo", "The \udce9", "-n", "2")])
+def test_a_prompt_argument_that_is_not_utf8_is_one_line(tiny_checkpoint, args):
+    result = run_cli(*(a.format(ckpt=tiny_checkpoint) for a in args))  # passed to the process as byte 0xe9
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr == "moe-offload: error: the prompt is not valid UTF-8 (at character 4); convert it to " \
+                            "UTF-8 (e.g. iconv -t UTF-8)\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_full_stdout_is_one_line_not_a_traceback(tiny_checkpoint, json_flag):
+    with open("/dev/full", "wb") as full:
+        result = cli_bytes("generate", tiny_checkpoint, "The quick", "-n", "2", *json_flag, stdout=full)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "Traceback" not in err
+    assert err == "moe-offload: error: cannot write to stdout (No space left on device); free space there or " \
+                  "redirect the output elsewhere\n"
+
+
+def test_a_stdout_that_cannot_encode_the_text_gets_replacements(tiny_checkpoint):
+    result = cli_bytes("generate", tiny_checkpoint, "The café fox", "-n", "4", env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.startswith(b"The caf? fox")
+
+
+def test_a_closed_pipe_ends_the_run_quietly(tiny_checkpoint):
+    """`moe-offload generate ... | head`: once the reader has gone, stop without a word."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = cli_bytes("generate", tiny_checkpoint, "The quick", "-n", "4", stdout=write)
+    finally:
+        os.close(write)
+    assert result.returncode == 1 and result.stderr == b""
 
 
 def test_generate_streams_text(tiny_checkpoint):
@@ -77,6 +134,9 @@ def test_inspect_counts_dense_and_expert_parameters(tiny_checkpoint):
     (("inspect", "{ckpt}", "--bandwidth", "fast"), "--bandwidth 'fast' is not a size"),  # checked without --vram too
     (("inspect", "{ckpt}", "--hit-rate", "2"), "--hit-rate must be between 0 and 1"),
     (("inspect", "{ckpt}", "--bandwidth", ""), "--bandwidth '' is not a size"),
+    (("inspect", "{ckpt}", "--device", "gpu"), "--device must be auto, cpu or cuda"),  # no plan asked for
+    (("inspect", "{ckpt}", "--dtype", "int8"), "--dtype must be auto"),
+    (("inspect", "{ckpt}", "--context", "-5"), "--context must be positive"),
     (("profile", "{ckpt}", "hi", "--out", ""), "--out is empty"),  # not the current folder
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, args, needle):

@@ -168,9 +168,11 @@ def test_interrupted_conversion_leaves_nothing_generate_accepts_and_a_rerun_succ
     assert "an unfinished conversion (moe-offload convert stopped before it was done)" in result.stderr
     assert convert(tiny_checkpoint, dst, bits=4, group_size=32) == dst
     assert not partial.exists() and not (dst / PARTIAL_MARKER).exists()
-    # Rerunning on a finished conversion with the same settings is a no-op.
+    # Rerunning on a finished conversion with the same settings is a no-op, and says so.
     before = digest(dst)
     assert convert(tiny_checkpoint, dst, bits=4, group_size=32) == dst and digest(dst) == before
+    result = run_cli("convert", tiny_checkpoint, dst, "--bits", "4", "--group-size", "32")
+    assert result.returncode == 0 and "already converted" in result.stderr and digest(dst) == before
 
 
 @pytest.mark.parametrize("damage", ["truncate experts.bin", "remove model.safetensors", "remove tokenizer.json"])

@@ -7,10 +7,11 @@ import threading
 import time
 
 import pytest
+import torch
 
 import offload
 from offload.errors import UserError
-from offload.generate import Sampling
+from offload.generate import Sampling, sample
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
@@ -66,6 +67,51 @@ def test_zero_new_tokens_and_a_closed_runtime_are_one_line_errors(tiny_checkpoin
 def test_bad_sampling_values_are_refused(options):
     with pytest.raises(UserError, match="--t"):
         Sampling(**options)
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 10**23])
+def test_a_seed_torch_cannot_take_is_refused_naming_the_range(seed):
+    with pytest.raises(UserError, match=f"--seed must be between {-2**63} and {2**64 - 1}, got {seed}"):
+        Sampling(seed=seed)  # greedy too: the seed is checked whether or not it is used
+
+
+def test_the_ends_of_the_seed_range_sample(rt):
+    ids = rt.encode(PROMPT)
+    for seed in (-2**63, 2**64 - 1):
+        assert len(list(rt.generate_ids(ids, 2, Sampling(temperature=1.0, seed=seed)))) == 2
+
+
+def test_the_cli_refuses_a_bad_seed_before_echoing_the_prompt():
+    from conftest import run_cli
+
+    result = run_cli("demo", "-n", "4", "--seed", "99999999999999999999999")
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.startswith("moe-offload: error: --seed must be between")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_an_ordinary_temperature_samples_softmax_of_logits_over_temperature():
+    logits = torch.randn(320, generator=torch.Generator().manual_seed(0)) * 4
+    for seed in range(20):
+        probs = torch.softmax(logits / 0.7, dim=-1)
+        expected = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)))
+        assert sample(logits, Sampling(temperature=0.7), torch.Generator().manual_seed(seed)) == expected
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1e-45), dict(temperature=5e-324),
+                                     dict(temperature=1e-300, top_k=3), dict(temperature=1.0, top_p=1e-300),
+                                     dict(temperature=1e-45, top_p=1e-300)])
+def test_a_temperature_or_top_p_near_zero_picks_the_most_likely_token(options):
+    """Values far below float32's range: dividing by the temperature or cutting at top_p must not leave NaN
+    or no token at all, but tend to greedy, as the limit does."""
+    logits = torch.randn(320, generator=torch.Generator().manual_seed(0)) * 4
+    picks = {sample(logits, Sampling(**options), torch.Generator().manual_seed(seed)) for seed in range(10)}
+    assert picks == {int(logits.argmax())}
+
+
+def test_a_near_zero_temperature_generates_the_greedy_tokens(rt):
+    ids = rt.encode(PROMPT)
+    assert list(rt.generate_ids(ids, 6, Sampling(temperature=1e-45, seed=1))) == list(rt.generate_ids(ids, 6))
 
 
 def test_a_tokenizer_id_beyond_the_models_vocabulary_is_refused(rt, monkeypatch):

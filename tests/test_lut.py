@@ -192,6 +192,27 @@ def test_a_table_file_truncated_while_served_is_a_user_error_not_a_crash(tables3
     assert "tables.bin: truncated since it was opened" in result.stdout
 
 
+@pytest.mark.parametrize("option, needle", [
+    ({"prefetch": -3}, "--prefetch must be 0"),         # the expert store's options: nothing to act on in a
+    ({"cpu_experts": "bogus"}, "--cpu-experts must be"),  # table folder, but a wrong value is still refused
+    ({"ram": 0}, "--ram must be positive"),
+    ({"vram": "1KiB"}, "cannot hold the dense part"),
+])
+def test_a_table_folder_refuses_bad_options_and_a_vram_its_dense_part_exceeds(tables32, option, needle):
+    with pytest.raises(UserError, match=needle):
+        offload.load(tables32, device="cpu", **option)
+
+
+def test_a_table_folders_vram_holds_what_its_device_holds(tables32):
+    rt = offload.load(tables32, device="cpu", context=128)
+    dense = rt.store.dense_bytes()
+    with pytest.raises(UserError, match="need at least"):
+        offload.load(tables32, device="cpu", context=128, vram=dense)  # no room for the KV cache
+    rt = offload.load(tables32, device="cpu", context=128, vram=dense + (1 << 20))
+    "".join(rt.generate("The quick brown fox", max_new_tokens=4))
+    assert rt.stats()["peak_vram_bytes"] <= dense + (1 << 20)
+
+
 def test_close_releases_the_table_file_and_profile_refuses_a_table_folder_in_one_line(tables32, tmp_path):
     result = run_cli("profile", tables32, "--out", tmp_path / "profile", "-n", "2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
@@ -315,6 +336,18 @@ def test_src_that_is_not_a_mole_checkpoint_is_one_line_exit_2(tmp_path):
 def test_config_fields_of_the_wrong_type_are_refused_naming_the_field(field, value):
     with pytest.raises(UserError, match=f"field '{field}'"):
         tiny_config(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_attention_heads", 0), ("num_attention_heads", True), ("hidden_size", True), ("num_hidden_layers", True),
+    ("num_local_experts", True), ("shared_intermediate_size", False), ("rope_theta", False),
+])
+def test_config_json_with_a_bool_or_zero_count_is_refused_naming_the_field(field, value):
+    """Without head_dim in config.json it is hidden_size // heads: a bad count is named, not divided by."""
+    raw = {**tiny_config().to_dict(), field: value}
+    del raw["head_dim"]
+    with pytest.raises(UserError, match=f"field '{field}' must be a positive"):
+        MoLEConfig.from_dict(raw)
 
 
 def test_a_string_tie_word_embeddings_is_one_line_not_a_silently_tied_model(mole, tmp_path):

@@ -294,3 +294,48 @@ def test_error_on_real_demo_experts_is_no_worse_than_hqq_at_no_more_bits():
                 failures.append(f"{key} {bits}-bit g{group_size}: ours {ours:.5f} > HQQ {hqq:.5f}")
             assert q.bits_per_param <= hqq_bits_per_param(bits, group_size)
     assert not failures, "; ".join(failures)
+
+
+# ---- sizes (quant/units.py) ----
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("12GiB", 12 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("30KiB", 30 * 1024),
+    ("2TiB", 2 * 2**40), ("1TB", 10**12), ("1.5TiB", 3 * 2**39), ("12gib", 12 * 2**30), ("100kB", 100_000),
+    (" 12 GiB ", 12 * 2**30), ("4096", 4096), ("4096B", 4096), (4096, 4096), (None, None),
+])
+def test_sizes_people_write_are_bytes(text, expected):
+    from quant.units import parse_bytes
+
+    assert parse_bytes(text, "--vram") == expected
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("12G", "write 12GiB or 12GB"), ("512M", "write 512MiB or 512MB"), ("1.5T", "write 1.5TiB or 1.5TB"),
+    ("64k", "write 64KiB or 64KB"),
+    # A lower-case b reads as bits elsewhere (accelerate gives 12Gb = 1.5 GB): asked, not guessed.
+    ("12Gb", "write 12GiB or 12GB"), ("12gb", "write 12GiB or 12GB"),
+])
+def test_an_ambiguous_unit_is_refused_saying_what_to_write(text, hint):
+    from quant.units import parse_bytes
+
+    with pytest.raises(UserError) as info:
+        parse_bytes(text, "--vram")
+    assert str(info.value) == f"--vram {text!r} is not a size ({hint})"
+
+
+@pytest.mark.parametrize("value", ["12 parsecs", "", "GiB", "-1GiB", "infGiB", "nanGB", "12.5", "1e3GB",
+                                   True, -5, float("inf"), float("nan")])
+def test_what_is_not_a_size_is_refused_naming_the_flag(value):
+    from quant.units import parse_bytes
+
+    with pytest.raises(UserError, match=r"^--ram .* is not a size \(use e\.g\. 12GiB"):
+        parse_bytes(value, "--ram")
+
+
+def test_cli_an_ambiguous_size_is_one_line_exit_2():
+    from conftest import run_cli
+
+    result = run_cli("inspect", "demo", "--vram", "12G")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "--vram '12G' is not a size (write 12GiB or 12GB)" in result.stderr

@@ -65,6 +65,13 @@ def test_the_template_file_newer_transformers_writes_is_found(folder):
     assert Tokenizer(folder, 1, (2,)).apply_chat_template("fox") == "<s>[INST] fox [/INST]"
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_prompt_that_is_not_utf8_is_one_line(folder, chat):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (sys.argv decodes with surrogateescape)."""
+    with pytest.raises(UserError, match=r"^the prompt is not valid UTF-8 \(at character 4\); convert it to UTF-8"):
+        Tokenizer(folder, 1, (2,)).encode("The \udce9 fox", chat=chat)
+
+
 @pytest.fixture(scope="module")
 def sentencepiece_folder(tmp_path_factory):
     """A tokenizer built like Mixtral's: '▁' for spaces, byte fallback, and a decoder that strips the
