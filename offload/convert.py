@@ -73,6 +73,15 @@ def read_info(folder: Path) -> dict | None:
         raise UserError(f"{path}: unreadable ({exc})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise UserError(f"{path}: not a moe-offload conversion record")
+    # The fields the reader acts on, each what this build writes and reads.
+    for field, allowed in (("version", (FILE_VERSION,)), ("bits", BITS), ("dense_bits", DENSE_BITS),
+                           ("experts_file", (EXPERTS_FILE,))):
+        value = info.get(field, 16 if field == "dense_bits" else None)
+        if isinstance(value, bool) or value not in allowed:
+            raise UserError(f"{path}: field '{field}' is {json.dumps(value)}; this build reads "
+                            f"{' or '.join(json.dumps(a) for a in allowed)}")
+    if not is_count(info.get("group_size")) or not info["group_size"]:
+        raise UserError(f"{path}: field 'group_size' must be a positive integer, got {json.dumps(info.get('group_size'))}")
     return info
 
 
@@ -151,6 +160,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
         raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
     if dense_bits not in DENSE_BITS:
         raise UserError(f"--dense-bits must be one of {', '.join(map(str, DENSE_BITS))}, got {dense_bits}")
+    if read_info(Path(src)) is not None:
+        raise UserError(f"{src}: is already a quantized conversion ({INFO_FILE}); convert the original float "
+                        f"folder instead")
     ckpt = Checkpoint(src)
     ckpt.validate()
     cfg = ckpt.config
@@ -180,10 +192,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
     partial = dst.with_name(dst.name + ".partial")
     with writing(partial):
         _start_partial(partial, ckpt.path)
-        for name in COPIED:
-            if (ckpt.path / name).is_file():
-                copy_input(ckpt.path / name, partial / name)
-        _write_output(ckpt, partial, bits, group_size, dense_fmt, settings, workers, progress)
+        try:
+            for name in COPIED:
+                if (ckpt.path / name).is_file():
+                    copy_input(ckpt.path / name, partial / name)
+            _write_output(ckpt, partial, bits, group_size, dense_fmt, settings, workers, progress)
+        except Exception:
+            # A full disk, an unreadable source tensor: rerunning starts over anyway, so give the space back
+            # now. (Ctrl-C keeps DST.partial, marked as unfinished, for the rerun to clear.)
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         (partial / PARTIAL_MARKER).unlink()  # DST is a finished conversion, not a partial one
         os.rename(partial, dst)
     return dst

@@ -276,8 +276,8 @@ def test_an_unreadable_source_file_is_cannot_read_naming_it_and_leaves_no_output
     monkeypatch.setattr(shutil, "copy2", copy2)
     with pytest.raises(UserError, match=r"tokenizer\.json: cannot read \(Permission denied\)$"):
         convert(tiny_checkpoint, tmp_path / "out", bits=4, group_size=32)
-    # As after any interrupted conversion: no DST, only the marked DST.partial that a rerun replaces.
-    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / PARTIAL_MARKER).is_file()
+    # A failed conversion gives its space back: no DST, no DST.partial (Ctrl-C keeps the marked partial).
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_a_full_disk_while_copying_an_input_file_is_cannot_write(tiny_checkpoint, tmp_path, monkeypatch):
@@ -289,6 +289,30 @@ def test_a_full_disk_while_copying_an_input_file_is_cannot_write(tiny_checkpoint
     monkeypatch.setattr(shutil, "copy2", copy2)
     with pytest.raises(UserError, match=r"cannot write \(No space left on device\)$"):
         convert(tiny_checkpoint, tmp_path / "out", bits=4, group_size=32)
+    assert sorted(tmp_path.iterdir()) == []  # the partial output is removed: the disk is full
+
+
+def test_a_converted_folder_is_not_converted_again(quantized, tmp_path):
+    with pytest.raises(UserError, match="is already a quantized conversion .moe_offload.json.; convert the original"):
+        convert(quantized, tmp_path / "again", bits=4, group_size=32)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("version", 99, "field 'version' is 99; this build reads 1"),
+    ("bits", 5, "field 'bits' is 5; this build reads 8 or 4 or 3 or 2"),
+    ("bits", True, "field 'bits' is true"),
+    ("experts_file", "other.bin", "field 'experts_file' is \"other.bin\""),
+    ("group_size", 0, "field 'group_size' must be a positive integer, got 0"),
+])
+def test_a_conversion_record_this_build_cannot_read_is_refused_naming_the_field(quantized, tmp_path, field, value,
+                                                                                 needle):
+    folder = tmp_path / "q"
+    shutil.copytree(quantized, folder)
+    info = json.loads((folder / "moe_offload.json").read_text())
+    (folder / "moe_offload.json").write_text(json.dumps({**info, field: value}))
+    result = run_cli("generate", folder, "hello", "-n", "2")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "moe_offload.json: " + needle in result.stderr
 
 
 @pytest.mark.parametrize("body", [
