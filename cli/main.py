@@ -351,6 +351,13 @@ def main() -> None:
     except typer.Abort:  # Ctrl-C while typer itself runs (parsing, a prompt)
         typer.echo("moe-offload: interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # What is left unwritten is the output itself (a table or the help printed to a full disk): every file
+        # the commands write fails as a UserError naming it.
+        typer.echo(f"moe-offload: error: cannot write the output ({exc.strerror})", err=True)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -74,6 +74,15 @@ def test_a_full_stdout_is_one_line_not_a_traceback(tiny_checkpoint, json_flag):
                   "redirect the output elsewhere\n"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [("inspect", "{ckpt}"), ("inspect", "{ckpt}", "--json"), ("--help",)])
+def test_a_full_stdout_for_the_other_commands_is_one_line(tiny_checkpoint, args):
+    with open("/dev/full", "wb") as full:
+        result = cli_bytes(*(a.format(ckpt=tiny_checkpoint) for a in args), stdout=full)
+    err = result.stderr.decode()
+    assert result.returncode != 0 and "Traceback" not in err and len(err.splitlines()) <= 1
+
+
 def test_a_stdout_that_cannot_encode_the_text_gets_replacements(tiny_checkpoint):
     result = cli_bytes("generate", tiny_checkpoint, "The café fox", "-n", "4", env={"PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0, result.stderr.decode()
