@@ -17,11 +17,10 @@ are written as plain Mixtral folders (model_type "mixtral"), so the expert runti
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quant.blob import is_count
+from quant.blob import is_count, is_positive_number
 from quant.errors import UserError
 
 MOLE_MODEL_TYPE = "mole"
@@ -64,8 +63,7 @@ class MoLEConfig:
             need(is_count(value) and value > 0, name, f"must be a positive integer, got {value!r}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                 and value > 0, name, f"must be a positive finite number, got {value!r}")
+            need(is_positive_number(value), name, f"must be a positive finite number, got {value!r}")
         # A string "false" would be truthy and silently tie lm_head to the embedding.
         need(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings",
              f"must be true or false, got {self.tie_word_embeddings!r}")

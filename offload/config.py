@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from quant.blob import is_count
+from quant.blob import is_count, is_positive_number
 
 from .errors import UserError
 
@@ -23,11 +22,6 @@ def shown(value, limit: int = 60) -> str:
     except (TypeError, ValueError):  # not JSON (a dataclass built in Python): its repr
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def is_positive_number(x) -> bool:
-    """A positive, finite JSON number: not a bool (JSON `true` is a Python int), a string or NaN."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 @dataclass(frozen=True)

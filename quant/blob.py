@@ -17,6 +17,7 @@ bytes are identical across experts and a reader checks each blob by comparing it
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -45,6 +46,12 @@ def is_count(x) -> bool:
     """A size, offset or count read from a JSON header: a non-negative integer (not a bool, a float or a
     string). The one check for every header the project reads (blobs, experts.bin, safetensors, configs)."""
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def is_positive_number(x) -> bool:
+    """A positive, finite JSON number (an epsilon, a rope theta): not a bool (JSON `true` is a Python int), a
+    string or NaN."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 @dataclass(frozen=True)
