@@ -80,8 +80,10 @@ def read_info(folder: Path) -> dict | None:
         if isinstance(value, bool) or value not in allowed:
             raise UserError(f"{path}: field '{field}' is {json.dumps(value)}; this build reads "
                             f"{' or '.join(json.dumps(a) for a in allowed)}")
-    if not is_count(info.get("group_size")) or not info["group_size"]:
-        raise UserError(f"{path}: field 'group_size' must be a positive integer, got {json.dumps(info.get('group_size'))}")
+    sizes = ("group_size", "dense_group_size") if info.get("dense_bits", 16) != 16 else ("group_size",)
+    for field in sizes:
+        if not is_count(info.get(field)) or not info[field]:
+            raise UserError(f"{path}: field '{field}' must be a positive integer, got {json.dumps(info.get(field))}")
     return info
 
 
@@ -165,6 +167,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
                         f"folder instead")
     ckpt = Checkpoint(src)
     ckpt.validate()
+    if not (ckpt.path / "tokenizer.json").is_file():  # the output could not generate without it
+        raise UserError(f"{ckpt.path / 'tokenizer.json'}: missing (the model folder needs its tokenizer.json)")
     cfg = ckpt.config
     for dim, name in ((cfg.hidden_size, "hidden_size"), (cfg.intermediate_size, "intermediate_size")):
         if group_size <= 0 or dim % group_size:

@@ -7,14 +7,14 @@ The expert store calls the `Profiler` at five points (the `if prof` lines in off
   * the compute thread blocking until an expert is in host RAM,
   * an expert computed on the CPU.
 On CUDA the device-side points are timing events recorded on the compute and copy streams, never a sync:
-they become times once per token, after the compute stream is done with it (sampling already waited for
-that) and the copy stream has drained; the token's time stops before that drain, which only profiling adds.
-On CPU they are `perf_counter()` times. With no profiler attached (`store.profiler is None`) each point
-costs one `if`.
+the compute stream's become times once per token, when it is done with the token (sampling has waited for
+that already); the copy stream's only after the run (`finish`). A copy may still be queued when its token
+ends (a router-ahead guess nobody waited for) and run under the next token's compute, as it would without
+profiling: waiting for it at the token's end would be a sync only profiling adds. On CPU the points are
+`perf_counter()` times. With no profiler attached (`store.profiler is None`) each point costs one `if`.
 
 A token's latency is the wall time between two yielded tokens (token 0: prefill, time to first token); the
-profiler's own bookkeeping between tokens, and its wait for copies still queued when the compute stream is
-done, are left out. It splits into:
+profiler's own bookkeeping between tokens is left out. It splits into:
   copy_wait_s   the compute stream stalled on a copy (CUDA); on CPU, the synchronous copies themselves
   expert_s      experts computed on the device
   cpu_expert_s  experts computed on the CPU (--cpu-experts)
@@ -22,10 +22,10 @@ done, are left out. It splits into:
   dense_s       the rest: attention, norms, routers, lm_head, sampling, Python (latency minus the others)
 On CUDA the first two are GPU time and the next two CPU time; they can overlap, so dense_s is clamped at 0.
 
-Whether copies hide under compute, per token: copy_s is the time the copy stream was busy (the union of its
-copies), copy_hidden_s the part of it inside the compute stream's span of the token while neither the
-compute stream was stalled on a copy nor the host thread was blocked (on host RAM or a disk read, when the
-compute stream soon runs dry). Time the compute stream spent waiting for the host to launch kernels still
+Whether copies hide under compute, per token: copy_s is the time the copy stream was busy with the copies
+the token issued (their union), copy_hidden_s the part of it inside the compute stream's span of any token
+(a late guess may hide under the next one) while neither the compute stream was stalled on a copy nor the
+host thread was blocked (on host RAM or a disk read, when the compute stream soon runs dry). Time the compute stream spent waiting for the host to launch kernels still
 counts as hidden: events cannot tell it from work. On CPU the copies run on the compute thread itself, so
 none is hidden.
 
@@ -92,6 +92,9 @@ class Profiler:
         self.tokens: list[dict] = []
         self.memory: list[dict] = []
         self.layer_extra: dict[int, dict[str, int]] = {}
+        self.copies: list[tuple] = []           # (row, copy point) of the run: read after it, in `finish`
+        self.stalls: list[tuple[float, float]] = []   # compute stalled on a copy, host blocked: the run's
+        self.compute_spans: list[tuple[float, float]] = []  # each token's span on the compute stream
         self.copy_s = 0.0                       # summed duration and bytes of every copy: achieved bandwidth
         self.copy_bytes = 0
 
@@ -147,16 +150,8 @@ class Profiler:
         `token` None: the step sampled end-of-sequence (a forward pass whose token is not part of the text)."""
         token_end = self.mark()
         if self.cuda:
-            # The token ends when the compute stream is done (sampling has waited for it already). Copies
-            # still queued behind it (router-ahead guesses nobody waited for) would, unprofiled, run under the
-            # next token; their events must be done before they can be read, so wait for them too, but
-            # outside the token's time: profiling must not charge the run for a wait it adds.
-            token_end.synchronize()
-            t_end = time.perf_counter()
-            torch.cuda.synchronize(self.device)
-            drained = time.perf_counter()
-        else:
-            t_end = drained = time.perf_counter()
+            token_end.synchronize()  # the compute stream only (already done: sampling read the logits)
+        t_end = time.perf_counter()
         i = len(self.tokens)
         row = {"index": i, "token": token, "phase": "prefill" if i == 0 else "decode",
                "latency_s": t_end - self.t_token, **{p: 0.0 for p in TIME_PARTS if p != "dense_s"}}
@@ -164,10 +159,8 @@ class Profiler:
         self.spans.append(Span("host", f"token {i} ({row['phase']})", self.t_token - self.t_start,
                                t_end - self.t_start, {"token": token}))
         self.spans.append(Span("compute", f"token {i}", T(self.token_begin), T(token_end), {}))
-        if drained - t_end >= TRACE_MIN_S:
-            self.spans.append(Span("host", "profiler: wait for queued copies (not in any token)",
-                                   t_end - self.t_start, drained - self.t_start, {}))
-        copies, stalls = [], []  # (t0, t1) of this token: copy-stream work, compute stalled on a copy
+        self.compute_spans.append((T(self.token_begin), T(token_end)))
+        row["copy_s"] = row["copy_hidden_s"] = 0.0  # filled in by `finish`
         for point in self.pending:
             kind, key = point[0], point[1]
             name = f"L{key[0]}.E{key[1]}"
@@ -178,30 +171,25 @@ class Profiler:
                     row["copy_wait_s"] += stall
                     if stall > 0:
                         self.spans.append(Span("compute", f"wait copy {name}", T(waited), T(started), {}))
-                        stalls.append((T(waited), T(started)))
+                        self.stalls.append((T(waited), T(started)))
                 row["expert_s"] += T(ended) - T(started)
                 self.spans.append(Span("compute", f"expert {name} ({how})", T(started), T(ended), {"kind": how}))
             elif kind == "copy":
-                _, _, prefetch, started, ended, nbytes = point
-                copies.append((T(started), T(ended)))
+                self.copies.append((i, point))
                 if not self.cuda:  # synchronous on CPU: the compute thread waits for all of it
+                    _, _, _, started, ended, _ = point
                     row["copy_wait_s"] += T(ended) - T(started)
-                    stalls.append(copies[-1])
-                self.copy_s += T(ended) - T(started)
-                self.copy_bytes += nbytes
-                self.spans.append(Span("copy", f"{'prefetch' if prefetch else 'copy'} {name}", T(started), T(ended),
-                                       {"bytes": nbytes, "prefetch": prefetch}))
+                    self.stalls.append((T(started), T(ended)))
             elif kind == "host_wait":
                 _, _, t0, t1 = point
                 row["disk_wait_s"] += t1 - t0
-                stalls.append((T(t0), T(t1)))
+                self.stalls.append((T(t0), T(t1)))
                 if t1 - t0 >= TRACE_MIN_S:
                     self.spans.append(Span("host", f"wait for RAM {name}", T(t0), T(t1), {}))
             else:
                 _, _, t0, t1 = point
                 row["cpu_expert_s"] += t1 - t0
                 self.spans.append(Span("cpu_experts", f"cpu expert {name}", T(t0), T(t1), {}))
-        row["copy_s"], row["copy_hidden_s"] = copy_time_hidden(copies, stalls, T(self.token_begin), T(token_end))
         n = len(self.disk_points)
         for key, t0, t1, nbytes in self.disk_points[self.disk_seen:n]:
             self._layer(key[0])["bytes_disk"] += nbytes
@@ -219,8 +207,27 @@ class Profiler:
         self.tokens.append(row)
         self._start_token()
 
+    def finish(self) -> None:
+        """After the run: wait for the copy stream, then turn every copy into a span and into its token's
+        copy_s and copy_hidden_s."""
+        if self.cuda:
+            self.store.copy_stream.synchronize()
+        T = self._t
+        by_row: dict[int, list[tuple[float, float]]] = {}
+        for i, (_, key, prefetch, started, ended, nbytes) in self.copies:
+            t0, t1 = T(started), T(ended)
+            by_row.setdefault(i, []).append((t0, t1))
+            self.copy_s += t1 - t0
+            self.copy_bytes += nbytes
+            self.spans.append(Span("copy", f"{'prefetch' if prefetch else 'copy'} L{key[0]}.E{key[1]}", t0, t1,
+                                   {"bytes": nbytes, "prefetch": prefetch}))
+        exposed = exposed_time(self.stalls, self.compute_spans)
+        for i, copies in by_row.items():
+            row = self.tokens[i]
+            row["copy_s"], row["copy_hidden_s"] = copy_time_hidden(copies, exposed)
+
     def _t(self, m) -> float:
-        """Seconds since `begin()` of a mark: a wall-clock float, or a CUDA event (after the token's sync)."""
+        """Seconds since `begin()` of a mark: a wall-clock float, or a CUDA event (once it has happened)."""
         if isinstance(m, float):
             return m - self.t_start
         return self.anchor.elapsed_time(m) / 1e3
@@ -274,11 +281,17 @@ def overlap_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -
     return length
 
 
-def copy_time_hidden(copies, stalls, t0: float, t1: float) -> tuple[float, float]:
-    """(busy, hidden): the length of the union of `copies`, and of its part inside [t0, t1] (the compute
-    stream's span of the token) and outside every interval of `stalls`."""
+def exposed_time(stalls, compute) -> list[tuple[float, float]]:
+    """When a copy does not hide under compute: outside every interval of `compute` (the compute stream's
+    spans of the tokens), or inside one of `stalls`. Sorted, disjoint intervals."""
+    edges = [-float("inf"), *(t for span in merged(compute) for t in span), float("inf")]
+    idle = list(zip(edges[::2], edges[1::2]))  # before, between and after the compute spans
+    return merged([*stalls, *idle])
+
+
+def copy_time_hidden(copies, exposed) -> tuple[float, float]:
+    """(busy, hidden): the length of the union of `copies`, and of its part outside `exposed_time`."""
     busy = merged(copies)
-    exposed = merged([*stalls, (-float("inf"), t0), (t1, float("inf"))])
     length = total_length(busy)
     return length, max(0.0, length - overlap_length(busy, exposed))
 
@@ -372,6 +385,7 @@ def profile_runtime(rt, prompt_ids: list[int], max_new_tokens: int, sampling: Sa
             prof.end_token(token)
         if len(prof.tokens) < max_new_tokens:
             prof.end_token(None)  # it stopped at end-of-sequence: that step's forward pass is a row too
+        prof.finish()
     finally:
         rt.store.profiler = None
     return Profile(build_record(rt, prof, prompt, prompt_ids, probe), prof.spans)

@@ -85,11 +85,14 @@ class Reader:
             self.waiting[fut] = (priority, *queued[1:])
             self.queue.put((priority, next(self.order), fut))
 
-    def shutdown(self, drop_queued: bool = False) -> None:
-        """Run what is queued (or, with `drop_queued`, only the read in progress), then stop the thread."""
+    def shutdown(self, drop_queued: bool = False, timeout: float | None = None) -> None:
+        """Run what is queued (or, with `drop_queued`, only the read in progress), then stop the thread;
+        `timeout`: wait at most that long for it."""
         if self.thread is not None:
             self.queue.put((-float("inf") if drop_queued else float("inf"), next(self.order), None))
-            self.thread.join()
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                return
             self.thread = None  # a later read starts another
         _running.discard(self)
 
@@ -103,7 +106,7 @@ def _stop_readers() -> None:
     A daemon thread still inside torch's C++ when that happens is torn down there, which aborts the process
     ("terminate called without an active exception") instead of letting it exit with its status."""
     for reader in list(_running):
-        reader.shutdown(drop_queued=True)
+        reader.shutdown(drop_queued=True, timeout=10.0)  # a read stuck on a dead disk must not hang the exit
 
 
 def _read_in_order(jobs: queue.PriorityQueue, waiting: dict, lock: threading.Lock) -> None:

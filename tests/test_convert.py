@@ -292,6 +292,15 @@ def test_a_full_disk_while_copying_an_input_file_is_cannot_write(tiny_checkpoint
     assert sorted(tmp_path.iterdir()) == []  # the partial output is removed: the disk is full
 
 
+def test_a_source_without_a_tokenizer_is_refused_before_converting(tiny_checkpoint, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint, src)
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=r"tokenizer\.json: missing"):
+        convert(src, tmp_path / "out", bits=4, group_size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_a_converted_folder_is_not_converted_again(quantized, tmp_path):
     with pytest.raises(UserError, match="is already a quantized conversion .moe_offload.json.; convert the original"):
         convert(quantized, tmp_path / "again", bits=4, group_size=32)
@@ -303,11 +312,12 @@ def test_a_converted_folder_is_not_converted_again(quantized, tmp_path):
     ("bits", True, "field 'bits' is true"),
     ("experts_file", "other.bin", "field 'experts_file' is \"other.bin\""),
     ("group_size", 0, "field 'group_size' must be a positive integer, got 0"),
+    ("dense_group_size", None, "field 'dense_group_size' must be a positive integer, got null"),
 ])
-def test_a_conversion_record_this_build_cannot_read_is_refused_naming_the_field(quantized, tmp_path, field, value,
+def test_a_conversion_record_this_build_cannot_read_is_refused_naming_the_field(dense4, tmp_path, field, value,
                                                                                  needle):
     folder = tmp_path / "q"
-    shutil.copytree(quantized, folder)
+    shutil.copytree(dense4, folder)  # 4-bit attention too: its record has a dense group size
     info = json.loads((folder / "moe_offload.json").read_text())
     (folder / "moe_offload.json").write_text(json.dumps({**info, field: value}))
     result = run_cli("generate", folder, "hello", "-n", "2")

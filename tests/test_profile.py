@@ -14,8 +14,8 @@ import offload
 from conftest import run_cli
 from offload.demo import DEMO_DIR
 from offload.inspect import memory_plan
-from offload.profile import (ARTIFACTS, TIME_PARTS, copy_time_hidden, load_schema, merged, overlap_length,
-                             profile, profile_runtime, schema_errors, total_length, write)
+from offload.profile import (ARTIFACTS, TIME_PARTS, copy_time_hidden, exposed_time, load_schema, merged,
+                             overlap_length, profile, profile_runtime, schema_errors, total_length, write)
 
 PROMPT = "The for statement is used to iterate"
 NEW = 8
@@ -169,13 +169,17 @@ def test_interval_union_and_intersection():
     assert overlap_length([], stalls) == 0.0
 
 
-def test_copy_time_is_hidden_only_inside_the_token_and_outside_stalls():
+def test_copy_time_is_hidden_only_inside_compute_and_outside_stalls():
     """A copy stream busy 0-4 and 5-9 (the two middle copies overlap), the token's compute span 1-8, the
     compute stream stalled on a copy 2-3 and the host blocked 6-6.5: hidden is 1-2, 3-4, 5-6 and 6.5-8."""
-    busy, hidden = copy_time_hidden([(0, 2), (1, 4), (5, 9)], [(2, 3), (6, 6.5)], 1, 8)
+    exposed = exposed_time([(2, 3), (6, 6.5)], [(1, 8)])
+    busy, hidden = copy_time_hidden([(0, 2), (1, 4), (5, 9)], exposed)
     assert busy == 8 and hidden == pytest.approx(1 + 1 + 1 + 1.5)
-    assert copy_time_hidden([], [(2, 3)], 1, 8) == (0, 0)
-    assert copy_time_hidden([(2, 3)], [(1, 8)], 1, 8) == (1, 0)  # all of it while compute stalled
+    assert copy_time_hidden([], exposed) == (0, 0)
+    assert copy_time_hidden([(2, 3)], exposed_time([(1, 8)], [(1, 8)])) == (1, 0)  # all of it while compute stalled
+    # A guess still copying when its token ended (8-9.5) hides under the next token's compute (9-12), as it
+    # would unprofiled: only the gap between the tokens (8-9) is exposed.
+    assert copy_time_hidden([(8, 9.5)], exposed_time([], [(1, 8), (9, 12)])) == (1.5, pytest.approx(0.5))
 
 
 def test_copies_on_cpu_are_never_counted_as_hidden_under_compute(profiled):

@@ -324,6 +324,15 @@ def test_an_ambiguous_unit_is_refused_saying_what_to_write(text, hint):
     assert str(info.value) == f"--vram {text!r} is not a size ({hint})"
 
 
+@pytest.mark.parametrize("value", ["9" * 400 + "GiB", "9" * 5000, "8EiB", 2**70, "9223372036854775808"])
+def test_a_size_beyond_any_machine_is_refused_in_one_short_line(value):
+    from quant.units import parse_bytes
+
+    with pytest.raises(UserError, match=r"^--vram .{1,45} is (larger than any machine's memory|not a size) "):
+        parse_bytes(value, "--vram")
+    assert parse_bytes("9223372036854775807", "--vram") == 2**63 - 1
+
+
 @pytest.mark.parametrize("value", ["12 parsecs", "", "GiB", "-1GiB", "infGiB", "nanGB", "12.5", "1e3GB",
                                    True, -5, float("inf"), float("nan")])
 def test_what_is_not_a_size_is_refused_naming_the_flag(value):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -284,13 +285,18 @@ def test_reader_threads_end_at_exit_after_the_read_in_progress():
 
     from offload.store import Reader, _stop_readers
 
-    gate, done = threading.Event(), []
+    started, gate, done = threading.Event(), threading.Event(), []
     reader = Reader()
-    current = reader.submit(0, gate.wait)
+    current = reader.submit(0, lambda: (started.set(), gate.wait()))
     queued = [reader.submit(1, done.append, i) for i in range(3)]
-    threading.Timer(0.05, gate.set).start()  # the read in progress finishes on its own; exit waits for it
+    started.wait()  # a read in progress, not one still queued (those exit drops)
     thread = reader.thread
-    _stop_readers()
+    stopping = threading.Thread(target=_stop_readers)
+    stopping.start()
+    while not any(job[2] is None for job in list(reader.queue.queue)):  # the exit hook's stop is queued
+        time.sleep(0.001)
+    gate.set()  # the read in progress finishes on its own, while the exit hook waits for it
+    stopping.join()
     assert not thread.is_alive()
     assert current.done() and done == [] and not any(f.done() for f in queued)
     reader.submit(0, done.append, "later")  # a reader used again after that starts a new thread
