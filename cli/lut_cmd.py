@@ -35,8 +35,8 @@ def build(
                                                 "through quant.quantize), 32 (float32: exact)."),
     group_size: int = typer.Option(0, "--group-size", help="Values per scale and zero for quantized rows (0: 64, or "
                                                            "the whole row when d is not a multiple of 64)."),
-    batch_mem: str = typer.Option("256MiB", "--batch-mem", help="Working memory per batch of token ids."),
-    force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
+    batch_mem: str = typer.Option("256MiB", "--batch-mem", help="Working memory per batch of token ids (the tables do not depend on it)."),
+    force: bool = typer.Option(False, "--force", help="Replace DST if it is an earlier table folder (or a symlink)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Compute every expert's output for every token id and write the table model folder DST."""

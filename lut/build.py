@@ -81,13 +81,21 @@ class _Source:
 
 
 MAX_BATCH_TOKENS = 512  # beyond this a batch is no faster, and the progress bar would jump
+# The experts run on CHUNK_TOKENS ids at a time, at fixed offsets, whatever the batch: a matmul's rounding
+# can depend on how many rows it is given (one row takes another kernel), and the tables must not depend
+# on --batch-mem. Batches are whole chunks.
+CHUNK_TOKENS = 32
 
 
 def tokens_per_batch(cfg: MoLEConfig, layout: TableLayout, batch_bytes: int) -> int:
-    """How many token ids one batch computes within `batch_bytes` of working memory."""
+    """How many token ids one batch computes within `batch_bytes` of working memory: a whole number of
+    chunks, at least one (a smaller budget is raised to what one chunk needs)."""
+    if batch_bytes <= 0:
+        raise UserError(f"--batch-mem must be positive, got {batch_bytes}")
     per_token = (cfg.table_row_values * 4 + layout.record_nbytes
                  + 3 * cfg.num_local_experts * cfg.intermediate_size * 4)  # rows, records, one layer's [N, U, F]s
-    return max(1, min(MAX_BATCH_TOKENS, cfg.vocab_size, batch_bytes // per_token))
+    tokens = min(MAX_BATCH_TOKENS, batch_bytes // per_token)
+    return max(CHUNK_TOKENS, tokens // CHUNK_TOKENS * CHUNK_TOKENS)
 
 
 def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16, group_size: int | None = None,
@@ -100,8 +108,14 @@ def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16,
                               bits, group_size)
     if src.resolve().is_relative_to(dst.resolve()):
         raise UserError(f"{dst}: DST must not be SRC or a folder holding it (replacing it would delete {src})")
-    if (dst.exists() or dst.is_symlink()) and not force and (not dst.is_dir() or any(dst.iterdir())):
-        raise UserError(f"{dst}: already exists (choose another DST, or pass --force to replace it)")
+    if (dst.exists() or dst.is_symlink()) and (not dst.is_dir() or any(dst.iterdir())):
+        if not force:
+            raise UserError(f"{dst}: already exists (choose another DST, or pass --force to replace it)")
+        # --force replaces an earlier build, or a link (removed, its target left alone); never a user's file or
+        # folder.
+        if not (dst.is_symlink() or _is_table_folder(dst)):
+            raise UserError(f"{dst}: exists and is not a table folder that lut build wrote; --force replaces only "
+                            f"those (or a symlink), so choose another DST")
     source = _Source(src, cfg, weights_budget)
     t0 = time.perf_counter()
     with writing(dst):
@@ -125,6 +139,19 @@ def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def _is_table_folder(folder: Path) -> bool:
+    """Whether `folder` (a real folder, not a link) holds what `build_tables` writes: its config.json says
+    "mole_tables" and names a table file that is there."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("model_type") == TABLE_MODEL_TYPE
+            and (folder / TABLE_FILE).is_file())
+
+
 @torch.no_grad()
 def _write_tables(path: Path, cfg: MoLEConfig, layout: TableLayout, source: _Source, batch_bytes: int,
                   progress) -> None:
@@ -139,7 +166,9 @@ def _write_tables(path: Path, cfg: MoLEConfig, layout: TableLayout, source: _Sou
             rows = torch.empty(end - start, L, cfg.num_local_experts, cfg.hidden_size)  # [U, L, N, D]
             for i in range(L):
                 norm, w1, w2, w3 = source.layer(i)
-                rows[:, i] = expert_outputs(emb, norm, w1, w2, w3, cfg.rms_norm_eps)
+                for c in range(0, end - start, CHUNK_TOKENS):  # step is whole chunks: offsets are fixed
+                    chunk = slice(c, c + CHUNK_TOKENS)
+                    rows[chunk, i] = expert_outputs(emb[chunk], norm, w1, w2, w3, cfg.rms_norm_eps)
             f.write(layout.encode(rows).numpy().tobytes())
             if progress:
                 progress(end, V)

@@ -122,11 +122,11 @@ class TableStore:
     """Owns the table of a "mole_tables" folder; `offload.load` builds the model around `layer_ffn`."""
 
     def __init__(self, ckpt, device: torch.device, dtype: torch.dtype, ram=None, tables: str | None = None,
-                 vram=None, step_bytes: int = 64 << 20, **expert_options):
+                 vram=None, step_bytes: int = 64 << 20):
         """`ram`: host budget for the tables (bytes or '2GiB'); `tables`: "disk" (read per step) or "ram"
         (default: "ram" when a `ram` budget is given and the tables fit it, else "disk"). `vram`: what the
         device holds is the dense part, the KV cache and one step's rows (offload.runtime checks that they
-        fit). The expert store's options (prefetch, cpu_experts, ...) have nothing to act on here."""
+        fit)."""
         self.ckpt, self.device, self.dtype = ckpt, torch.device(device), dtype
         self.cuda = self.device.type == "cuda"
         self.cfg, self.path, self.layout = open_tables(ckpt)

@@ -599,8 +599,8 @@ def write(result: Profile, out: Path) -> list[Path]:
 
     They are written into a hidden folder inside `out` and moved into place only once all are done: a run
     stopped while writing (Ctrl-C, a full disk) leaves `out` as it was, never half of one profile beside
-    half of another. Files of an earlier profile are replaced; a file of one of those names that an earlier
-    profile did not write is left alone, and the run stops with an error."""
+    half of another. In a folder whose profile.json is an earlier profile, its files are replaced; in any
+    other, a file of one of those names stops the run (`check_replaceable`)."""
     from .plots import write_plots
     from .trace import write_trace
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from pathlib import Path
@@ -155,6 +156,7 @@ class Runtime:
                 first = first or last
                 n += 1
                 yield token
+                self._check_open()  # closed between two tokens: its files are, and the store's tiers may be
                 if self.active is not me:
                     raise UserError("another generation started on this runtime while this one was running; "
                                     "they share one KV cache, so this one stopped (finish one before the next)")
@@ -239,9 +241,12 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
         if ckpt.raw_config.get("model_type") in TABLE_MODEL_TYPES:
             from lut.serve import TableStore  # Mixture-of-Lookup-Experts tables instead of routed experts
 
-            # The expert store's options have nothing to act on here, but a wrong value is still refused.
-            check_options(**{k: store_options.pop(k) for k in ("prefetch", "cpu_experts", "policy")
-                             if k in store_options})
+            # The expert store's options have nothing to act on here, but a wrong value is still refused, and
+            # a name neither store takes is a TypeError, as for a Mixtral folder.
+            check_options(**{k: store_options[k] for k in ("prefetch", "cpu_experts", "policy") if k in store_options})
+            tables_only = inspect.signature(TableStore).parameters
+            store_options = {k: v for k, v in store_options.items()
+                             if k in tables_only or k not in inspect.signature(ExpertStore).parameters}
             store = TableStore(ckpt, dev, dt, **store_options)
             check_table_vram(store, context)
         else:

@@ -61,6 +61,13 @@ def test_zero_new_tokens_and_a_closed_runtime_are_one_line_errors(tiny_checkpoin
         list(rt.generate_ids(rt.encode(PROMPT), 2))
     with pytest.raises(UserError, match="this runtime was closed"):
         list(pending)
+    rt = offload.load(tiny_checkpoint, device="cpu", context=64)  # every expert in RAM: nothing read after
+    running = rt.generate_ids(rt.encode(PROMPT), 4)
+    first = next(running)
+    rt.close()  # between two tokens
+    with pytest.raises(UserError, match="this runtime was closed"):
+        next(running)
+    assert isinstance(first, int)
 
 
 @pytest.mark.parametrize("options", [dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_k=-2)])

@@ -203,6 +203,22 @@ def test_a_table_folder_refuses_bad_options_and_a_vram_its_dense_part_exceeds(ta
         offload.load(tables32, device="cpu", **option)
 
 
+def test_a_table_folder_takes_the_expert_stores_options_but_not_a_misspelled_one(tables32):
+    rt = offload.load(tables32, device="cpu", prefetch=2, cpu_experts="never", per_layer_cache=True)
+    assert rt.store.mode == "disk"
+    with pytest.raises(TypeError, match="rma"):
+        offload.load(tables32, device="cpu", rma="1GiB")  # as for a Mixtral folder: not silently dropped
+
+
+def test_a_generation_on_a_table_folder_closed_between_tokens_stops_in_one_line(tables32):
+    rt = offload.load(tables32, device="cpu", tables="disk")
+    running = rt.generate("The quick brown fox", max_new_tokens=6)
+    next(running)
+    rt.close()  # tables.bin is closed: the next step must not read it
+    with pytest.raises(UserError, match="this runtime was closed"):
+        "".join(running)
+
+
 def test_a_table_folders_vram_holds_what_its_device_holds(tables32):
     rt = offload.load(tables32, device="cpu", context=128)
     dense = rt.store.dense_bytes()
@@ -297,6 +313,39 @@ def test_force_never_replaces_a_dst_that_holds_src(mole, tmp_path):
             build_tables(models / "mole", dst, force=True)
     assert (models / "notes.txt").read_text() == "mine"
     assert MoLEConfig.from_folder(models / "mole").ffn == "mole" and (models / "mole" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_force_replaces_only_an_earlier_build(mole, tmp_path, kind):
+    dst = tmp_path / "dst"
+    build_tables(mole[0], dst, bits=8)
+    build_tables(mole[0], dst, bits=16, force=True)  # an earlier build: replaced
+    assert TableLayout.open(dst / TABLE_FILE).bits == 16
+    mine = tmp_path / "mine"
+    if kind == "folder":
+        mine.mkdir()
+        (mine / "keep.txt").write_text("precious")
+    else:
+        mine.write_text("precious")
+    with pytest.raises(UserError, match="is not a table folder that lut build wrote"):
+        build_tables(mole[0], mine, force=True)
+    assert (mine / "keep.txt" if kind == "folder" else mine).read_text() == "precious"
+
+
+def test_the_tables_do_not_depend_on_the_batch_memory(mole, tmp_path):
+    from lut.build import CHUNK_TOKENS, tokens_per_batch
+
+    files = {}
+    for batch in (1, 1 << 14, 1 << 16, 256 << 20):  # down to one chunk per batch
+        dst = tmp_path / f"b{batch}"
+        build_tables(mole[0], dst, bits=16, batch_bytes=batch)
+        files[batch] = (dst / TABLE_FILE).read_bytes()
+    assert len(set(files.values())) == 1
+    cfg = MoLEConfig.from_folder(mole[0])
+    layout = TableLayout.make(cfg.vocab_size, cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, 16, None)
+    assert tokens_per_batch(cfg, layout, 1) == CHUNK_TOKENS
+    with pytest.raises(UserError, match="--batch-mem must be positive"):
+        tokens_per_batch(cfg, layout, 0)
 
 
 def test_force_replaces_a_symlink_dst_by_unlinking_it_and_leaves_its_target(mole, tmp_path):
