@@ -170,7 +170,8 @@ class Checkpoint:
                 raise UserError(f"{index}: field 'weight_map' must be an object mapping tensor names to shard files, "
                                 f"got {shown(weight_map)}")
             for name, shard in weight_map.items():
-                if not isinstance(shard, str) or not shard:
+                # A file name in this folder, as the Hub writes them: an index must not send reads elsewhere.
+                if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
                     raise UserError(f"{index}: field 'weight_map' maps {name!r} to {shown(shard)}, "
                                     f"not the name of a .safetensors file in the folder")
             shards = sorted(set(weight_map.values()))

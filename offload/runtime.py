@@ -30,6 +30,8 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
         return DEMO_DIR
     from .convert import PARTIAL_MARKER
 
+    if not str(model).strip():  # Path("") is the current folder: a model would be looked for there unasked
+        raise UserError("the model path is empty; name a model folder (or 'demo')")
     path = Path(model).expanduser()
     if os.path.isfile(path / PARTIAL_MARKER):  # False, not an error, where the folder cannot be read
         raise UserError(f"{path}: an unfinished conversion (moe-offload convert stopped before it was done); "

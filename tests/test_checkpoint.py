@@ -277,6 +277,9 @@ def first_to(value):
     (first_to(7), "field 'weight_map' maps 'lm_head.weight' to 7"),
     (first_to(None), "field 'weight_map' maps 'lm_head.weight' to null"),
     (first_to(["model-00001-of-00010.safetensors"]), "field 'weight_map' maps 'lm_head.weight'"),
+    # A shard outside the folder (the tester's copy of a real shard one level up): never read.
+    (first_to("../model-00001-of-00010.safetensors"), "not the name of a .safetensors file in the folder"),
+    (first_to("/etc/passwd"), "not the name of a .safetensors file in the folder"),
 ])
 def test_a_malformed_shard_index_is_one_short_line_naming_it(sharded, edit, needle):
     edit_index(sharded, edit)

@@ -51,6 +51,11 @@ def test_the_cli_says_so_before_echoing_the_prompt():
     assert "the model's limit" in result.stderr and len(result.stderr.splitlines()) == 1  # no blank line first
 
 
+def test_an_empty_model_path_is_refused_not_read_as_the_current_folder():
+    with pytest.raises(UserError, match="the model path is empty"):
+        offload.load("  ")
+
+
 def test_zero_new_tokens_and_a_closed_runtime_are_one_line_errors(tiny_checkpoint):
     rt = offload.load(tiny_checkpoint, device="cpu", context=64)
     with pytest.raises(UserError, match="--max-new-tokens must be at least 1, got 0"):
