@@ -30,6 +30,7 @@ Dimension legend: T tokens in the step, U distinct token ids, L layers, N expert
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 from pathlib import Path
@@ -52,14 +53,14 @@ def open_tables(ckpt) -> tuple[MoLEConfig, Path, TableLayout]:
     """A table folder's config, table file and its layout (header only), checked against each other."""
     cfg = MoLEConfig.from_dict(ckpt.raw_config, source=str(Path(ckpt.path) / "config.json"),
                                model_types=(TABLE_MODEL_TYPE,))
-    name = cfg.tables["file"]
-    if Path(name).name != name:
+    name, bits = cfg.tables["file"], cfg.tables.get("bits")
+    if Path(name).name != name or name in ("", ".", ".."):
         raise UserError(f"{ckpt.path}/config.json: field 'tables.file' must be a file name in the folder, got {name!r}")
     path = Path(ckpt.path) / name
     layout = TableLayout.open(path)
     layout.check_dims(cfg.vocab_size, cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, str(path))
-    if cfg.tables.get("bits") not in (None, layout.bits):
-        raise UserError(f"{ckpt.path}/config.json: field 'tables.bits' is {cfg.tables.get('bits')} but "
+    if bits is not None and (isinstance(bits, bool) or bits != layout.bits or not isinstance(bits, int)):
+        raise UserError(f"{ckpt.path}/config.json: field 'tables.bits' is {json.dumps(bits)} but "
                         f"{path.name} holds {layout.bits}-bit rows")
     return cfg, path, layout
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -201,6 +202,23 @@ def test_a_table_file_truncated_while_served_is_a_user_error_not_a_crash(tables3
 def test_a_table_folder_refuses_bad_options_and_a_vram_its_dense_part_exceeds(tables32, option, needle):
     with pytest.raises(UserError, match=needle):
         offload.load(tables32, device="cpu", **option)
+
+
+@pytest.mark.parametrize("tables, needle", [
+    ({"bits": "32"}, "field 'tables.bits' is \"32\" but tables.bin holds 32-bit rows"),
+    ({"bits": True}, "field 'tables.bits' is true"),
+    ({"bits": 8}, "field 'tables.bits' is 8"),
+    ({"file": ""}, "field 'tables.file' must be a file name in the folder, got ''"),
+    ({"file": "../tables.bin"}, "field 'tables.file' must be a file name in the folder"),
+])
+def test_a_table_config_that_disagrees_with_its_file_names_the_field(tables32, tmp_path, tables, needle):
+    folder = tmp_path / "t"
+    shutil.copytree(tables32, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["tables"].update(tables)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=re.escape(needle)):
+        offload.load(folder, device="cpu")
 
 
 def test_a_table_folder_takes_the_expert_stores_options_but_not_a_misspelled_one(tables32):
