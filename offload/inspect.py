@@ -88,12 +88,11 @@ def _is_table_folder(path) -> bool:
 
 def check_plan_options(device: str, dtype: str, context: int) -> None:
     """The plan's --device, --dtype and --context, checked without needing the device itself."""
-    from .runtime import check_device_name, check_dtype_name
+    from .runtime import check_context, check_device_name, check_dtype_name
 
     check_device_name(device)
     check_dtype_name(dtype)
-    if context <= 0:
-        raise UserError(f"--context must be positive, got {context}")
+    check_context(context)
 
 
 def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str = "auto", dtype: str = "auto",

@@ -10,6 +10,8 @@ from typing import Iterator
 
 import torch
 
+from quant.blob import is_count
+
 from .checkpoint import Checkpoint
 from .config import MIXTRAL_MODEL_TYPES
 from .errors import UserError
@@ -41,13 +43,18 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
 def check_device_name(device: str) -> None:
     """--device names a kind of device this runtime knows (whether this machine has one is another matter)."""
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+    if not isinstance(device, str) or (device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:")):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
 
 
 def check_dtype_name(dtype: str) -> None:
-    if dtype != "auto" and dtype not in DTYPES:
+    if dtype != "auto" and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise UserError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+
+
+def check_context(context: int) -> None:
+    if not is_count(context) or context <= 0:
+        raise UserError(f"--context must be a positive number of tokens, got {context!r}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -234,8 +241,7 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
     cfg = ckpt.config
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
-    if context <= 0:
-        raise UserError(f"--context must be positive, got {context}")
+    check_context(context)
     context = min(context, cfg.max_position_embeddings)
     tokenizer = Tokenizer(ckpt.path, cfg.bos_token_id, cfg.eos_token_id)
     store = None

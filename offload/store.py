@@ -153,8 +153,8 @@ class Stats:
 def check_options(prefetch: int = 0, cpu_experts: str = "auto", policy: str = "lru") -> None:
     """The expert store's options, checked where they are given (a table folder has no experts to apply
     them to, but a wrong value is still wrong)."""
-    if prefetch < 0:
-        raise UserError(f"--prefetch must be 0 (off) or a number of layers ahead, got {prefetch}")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise UserError(f"--prefetch must be 0 (off) or a number of layers ahead, got {prefetch!r}")
     if cpu_experts not in ("auto", "never", "always"):
         raise UserError(f"--cpu-experts must be auto, never or always, got {cpu_experts!r}")
     if policy not in POLICIES:

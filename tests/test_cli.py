@@ -145,7 +145,7 @@ def test_inspect_counts_dense_and_expert_parameters(tiny_checkpoint):
     (("inspect", "{ckpt}", "--bandwidth", ""), "--bandwidth '' is not a size"),
     (("inspect", "{ckpt}", "--device", "gpu"), "--device must be auto, cpu or cuda"),  # no plan asked for
     (("inspect", "{ckpt}", "--dtype", "int8"), "--dtype must be auto"),
-    (("inspect", "{ckpt}", "--context", "-5"), "--context must be positive"),
+    (("inspect", "{ckpt}", "--context", "-5"), "--context must be a positive number of tokens, got -5"),
     (("profile", "{ckpt}", "hi", "--out", ""), "--out is empty"),  # not the current folder
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, args, needle):

@@ -56,6 +56,16 @@ def test_an_empty_model_path_is_refused_not_read_as_the_current_folder():
         offload.load("  ")
 
 
+@pytest.mark.parametrize("option, needle", [
+    (dict(device=None), "--device must be"), (dict(dtype=None), "--dtype must be"),
+    (dict(context=1.5), "--context must be a positive number of tokens"), (dict(context=True), "--context"),
+    (dict(prefetch=1.5), "--prefetch must be 0"), (dict(prefetch=True), "--prefetch must be 0"),
+])
+def test_the_python_api_names_a_wrong_kind_of_option(tiny_checkpoint, option, needle):
+    with pytest.raises(UserError, match=needle):
+        offload.load(tiny_checkpoint, **option)
+
+
 def test_zero_new_tokens_and_a_closed_runtime_are_one_line_errors(tiny_checkpoint):
     rt = offload.load(tiny_checkpoint, device="cpu", context=64)
     with pytest.raises(UserError, match="--max-new-tokens must be at least 1, got 0"):
