@@ -6,6 +6,7 @@ import errno
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Optional, TextIO
 
 import typer
@@ -306,8 +307,6 @@ def convert(
     from cli.progress import progress_bar
     from offload.convert import convert as run_convert
     from offload.runtime import resolve_model_path
-
-    from pathlib import Path
 
     existed = Path(dst).exists()  # convert accepts an existing DST only as a finished, intact earlier run
     with progress_bar("converting experts") as progress:

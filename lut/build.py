@@ -32,7 +32,7 @@ import torch
 from quant.errors import UserError, writing
 from quant.files import copy_input, fsync_dir, save_tensors, swap_in, work_folder
 
-from .config import MOLE_MODEL_TYPE, TABLE_MODEL_TYPE, MoLEConfig
+from .config import MOLE_MODEL_TYPE, TABLE_MODEL_TYPE, MoLEConfig, is_table_folder
 from .model import checkpoint_shapes, expert_outputs, is_table_expert
 from .tables import TableLayout
 
@@ -113,7 +113,7 @@ def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16,
             raise UserError(f"{dst}: already exists (choose another DST, or pass --force to replace it)")
         # --force replaces an earlier build, or a link (removed, its target left alone); never a user's file or
         # folder.
-        if not (dst.is_symlink() or _is_table_folder(dst)):
+        if not (dst.is_symlink() or _is_earlier_build(dst)):
             raise UserError(f"{dst}: exists and is not a table folder that lut build wrote; --force replaces only "
                             f"those (or a symlink), so choose another DST")
     source = _Source(src, cfg, weights_budget)
@@ -139,17 +139,10 @@ def build_tables(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 16,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _is_table_folder(folder: Path) -> bool:
-    """Whether `folder` (a real folder, not a link) holds what `build_tables` writes: its config.json says
-    "mole_tables" and names a table file that is there."""
-    if folder.is_symlink() or not folder.is_dir():
-        return False
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(config, dict) and config.get("model_type") == TABLE_MODEL_TYPE
-            and (folder / TABLE_FILE).is_file())
+def _is_earlier_build(folder: Path) -> bool:
+    """Whether `folder` (a real folder, not a link) holds what `build_tables` writes: a table folder's config
+    and its table file."""
+    return not folder.is_symlink() and is_table_folder(folder) and (folder / TABLE_FILE).is_file()
 
 
 @torch.no_grad()

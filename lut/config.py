@@ -28,6 +28,16 @@ TABLE_MODEL_TYPE = "mole_tables"
 FFN_KINDS = ("mole", "dense", "moe")
 
 
+def is_table_folder(folder) -> bool:
+    """Whether `folder`'s config.json says `lut build` made it (model_type "mole_tables"). Anything unreadable
+    says no: the caller's own reader then names what is wrong."""
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("model_type") == TABLE_MODEL_TYPE
+
+
 @dataclass(frozen=True)
 class MoLEConfig:
     vocab_size: int

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quant.blob import is_count
 from quant.errors import UserError
 from quant.files import pread_exactly
 from quant.units import parse_bytes
@@ -59,7 +60,7 @@ def open_tables(ckpt) -> tuple[MoLEConfig, Path, TableLayout]:
     path = Path(ckpt.path) / name
     layout = TableLayout.open(path)
     layout.check_dims(cfg.vocab_size, cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, str(path))
-    if bits is not None and (isinstance(bits, bool) or bits != layout.bits or not isinstance(bits, int)):
+    if bits is not None and not (is_count(bits) and bits == layout.bits):
         raise UserError(f"{ckpt.path}/config.json: field 'tables.bits' is {json.dumps(bits)} but "
                         f"{path.name} holds {layout.bits}-bit rows")
     return cfg, path, layout

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+from lut.config import is_table_folder
 
 from .checkpoint import Checkpoint
 from .errors import UserError
@@ -31,7 +32,7 @@ def describe(path: str | os.PathLike | None) -> dict:
     from .convert import dense_format
     from .memory import dense_bytes
 
-    if _is_table_folder(path):
+    if is_table_folder(resolve_model_path(path)):
         from lut import TABLE_MODEL_TYPES
         from lut.serve import describe_tables
 
@@ -74,18 +75,6 @@ def describe(path: str | os.PathLike | None) -> dict:
     return out
 
 
-def _is_table_folder(path) -> bool:
-    """Whether config.json says `lut build` made this folder (anything unreadable: no, and the Mixtral reader
-    then names what is wrong)."""
-    from lut import TABLE_MODEL_TYPES
-
-    try:
-        raw = json.loads((resolve_model_path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and raw.get("model_type") in TABLE_MODEL_TYPES
-
-
 def check_plan_options(device: str, dtype: str, context: int) -> None:
     """The plan's --device, --dtype and --context, checked without needing the device itself."""
     from .runtime import check_context, check_device_name, check_dtype_name
@@ -109,7 +98,7 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     from .runtime import resolve_device, resolve_dtype
     from .sources import open_source
 
-    if _is_table_folder(path):
+    if is_table_folder(resolve_model_path(path)):
         raise UserError(f"{path}: a table folder has no expert slots to plan: its dense part lives on the device and "
                         f"its tables in RAM (when --ram holds them) or on disk; `moe-offload inspect {path}` shows both")
     if not 0 <= hit_rate <= 1:

@@ -25,8 +25,9 @@ On CUDA the first two are GPU time and the next two CPU time; they can overlap, 
 Whether copies hide under compute, per token: copy_s is the time the copy stream was busy with the copies
 the token issued (their union), copy_hidden_s the part of it inside the compute stream's span of any token
 (a late guess may hide under the next one) while neither the compute stream was stalled on a copy nor the
-host thread was blocked (on host RAM or a disk read, when the compute stream soon runs dry). Time the compute stream spent waiting for the host to launch kernels still
-counts as hidden: events cannot tell it from work. On CPU the copies run on the compute thread itself, so
+host thread was blocked (on host RAM or a disk read, when the compute stream soon runs dry). Time the
+compute stream spent waiting for the host to launch kernels still counts as hidden: events cannot tell it
+from work. On CPU the copies run on the compute thread itself, so
 none is hidden.
 
 `profile()` loads a model, runs it and writes DIR/profile.json (schema: offload/profile_schema.json),
@@ -51,6 +52,7 @@ import psutil
 import torch
 
 from quant import pinned
+from quant.files import work_folder
 
 from .errors import UserError
 from .generate import Sampling
@@ -609,21 +611,20 @@ def write(result: Profile, out: Path) -> list[Path]:
         raise ValueError("profile record does not match profile_schema.json: " + "; ".join(errors[:5]))
     make_out_dir(out)
     check_replaceable(out)
-    tmp = out / f".profile.tmp-{os.getpid()}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)  # one left by a killed process that had this pid
-        tmp.mkdir()
-        path = tmp / "profile.json"
-        path.write_text(json.dumps(result.record, indent=1))
-        written = [path, write_trace(result.spans, result.record, tmp / "trace.json"),
-                   *write_plots(result.record, tmp)]
-        # profile.json last: it is what marks the folder's files as a profile's (`check_replaceable`).
-        for f in sorted(written, key=lambda f: f.name == "profile.json"):
-            os.replace(f, out / f.name)
+        tmp = work_folder(out / "profile")  # out/.profile.tmp-PID: on out's filesystem, so each move is a rename
+        try:
+            path = tmp / "profile.json"
+            path.write_text(json.dumps(result.record, indent=1))
+            written = [path, write_trace(result.spans, result.record, tmp / "trace.json"),
+                       *write_plots(result.record, tmp)]
+            # profile.json last: it is what marks the folder's files as a profile's (`check_replaceable`).
+            for f in sorted(written, key=lambda f: f.name == "profile.json"):
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write the profile ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     result.files = [out / f.name for f in written]
     return result.files
 

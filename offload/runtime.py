@@ -252,10 +252,9 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
             # The expert store's options have nothing to act on here, but a wrong value is still refused, and
             # a name neither store takes is a TypeError, as for a Mixtral folder.
             check_options(**{k: store_options[k] for k in ("prefetch", "cpu_experts", "policy") if k in store_options})
-            tables_only = inspect.signature(TableStore).parameters
-            store_options = {k: v for k, v in store_options.items()
-                             if k in tables_only or k not in inspect.signature(ExpertStore).parameters}
-            store = TableStore(ckpt, dev, dt, **store_options)
+            experts_only = (inspect.signature(ExpertStore).parameters.keys()
+                            - inspect.signature(TableStore).parameters.keys())
+            store = TableStore(ckpt, dev, dt, **{k: v for k, v in store_options.items() if k not in experts_only})
             check_table_vram(store, context)
         else:
             store = ExpertStore(ckpt, dev, dt, context=context, **store_options)
