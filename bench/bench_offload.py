@@ -3,7 +3,7 @@
 What it measures, and against what (every figure is a ratio against a baseline measured in this run):
   * the trained demo model: for each (device slots, prefetch) setting, hit rate, prefetch accuracy,
     bytes host->device per token, tokens/s, and tokens/s relative to the all-experts-resident run;
-    global LRU vs per-layer LRU misses at equal slot counts (the choice documented in offload/cache.py);
+    global LRU vs per-layer LRU misses at equal slot counts (the choice documented in offload/store/cache.py);
   * a Mixtral-shaped layer slice (real Mixtral dimensions D=4096, F=14336, 8 experts, top-2, V=32000,
     random bf16 weights, a few layers): the same sweep, and on a GPU the measured pinned host->device
     bandwidth and the ratio of time per token to the transfer bound (bytes that had to move / bandwidth).
@@ -26,10 +26,10 @@ import torch
 
 import offload
 from common import PROMPT, RESULTS, device_name, save_record, sync
-from offload.checkpoint import Checkpoint
+from offload.models import open_checkpoint
 from offload.inspect import memory_plan
-from offload.memory import human
-from offload.profile import copy_bandwidth
+from offload.store.memory import human
+from offload.store.timing import copy_bandwidth
 from offload.runtime import resolve_model_path
 from offload.store import Stats
 from quant import pinned
@@ -48,7 +48,7 @@ def vram_for(folder, device: str, slots: int, context: int, dtype: str = "auto")
 
 
 def config_of(folder):
-    return Checkpoint(resolve_model_path(folder)).config
+    return open_checkpoint(resolve_model_path(folder)).config
 
 
 def decode(folder, device: str, tokens: int, context: int, **options) -> dict:

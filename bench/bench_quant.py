@@ -51,9 +51,12 @@ import offload  # noqa: E402
 import quant  # noqa: E402
 from common import RESULTS, device_name, save_record  # noqa: E402
 from hqq_ref import hqq_bits_per_param, hqq_dequantize, relative_error  # noqa: E402
-from offload.checkpoint import Checkpoint, attention_shapes, expert_names  # noqa: E402
-from offload.convert import COPIED, DENSE_GROUP_SIZE, INFO_FILE, convert, dense_format  # noqa: E402
-from offload.memory import dense_bytes  # noqa: E402
+from offload.models import open_checkpoint  # noqa: E402
+from offload.models.decoder import attention_shapes  # noqa: E402
+from offload.models.mixtral import expert_names  # noqa: E402
+from offload.convert import convert  # noqa: E402
+from offload.formats.converted import COPIED, DENSE_GROUP_SIZE, INFO_FILE, dense_format  # noqa: E402
+from offload.store.memory import dense_bytes  # noqa: E402
 from offload.demo import corpus  # noqa: E402
 from offload.runtime import resolve_model_path  # noqa: E402
 
@@ -85,7 +88,7 @@ def perplexity(folder: Path) -> dict:
 
 def hqq_folder(src: Path, dst: Path, bits: int, group_size: int, errors: list) -> Path:
     """A Mixtral folder like src with every expert weight replaced by HQQ's reconstruction (float32)."""
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     dst.mkdir(parents=True)
     for name in COPIED:
         if (src / name).is_file():
@@ -104,7 +107,7 @@ def hqq_folder(src: Path, dst: Path, bits: int, group_size: int, errors: list) -
 
 
 def our_errors(src: Path, bits: int, group_size: int) -> list[float]:
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     cfg, out = ckpt.config, []
     for layer in range(cfg.num_hidden_layers):
         for e in range(cfg.num_local_experts):
@@ -174,7 +177,7 @@ def gpu_timing() -> dict:
 
 def dense_rows(src: Path, tmp: Path, baseline_ppl: float) -> dict:
     """4-bit experts with the attention projections at 16, 8 and 4 bits: perplexity and device bytes."""
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     cfg = ckpt.config
     mats = [ckpt.read(name, dtype=torch.float32) for name in attention_shapes(cfg)]
     ckpt.close()
@@ -205,7 +208,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     src = resolve_model_path("demo")
-    cfg = Checkpoint(src).config
+    cfg = open_checkpoint(src).config
     params = cfg.expert_params
     fp32_bytes, bf16_bytes = 4 * params, 2 * params
     start = time.perf_counter()

@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, bench_offloa
 
 import offload  # noqa: E402
 from common import PROMPT, RESULTS, device_name, save_record, sync  # noqa: E402
-from offload.checkpoint import Checkpoint  # noqa: E402
+from offload.models import open_checkpoint  # noqa: E402
 from offload.inspect import memory_plan  # noqa: E402
-from offload.memory import default_ram_budget, human  # noqa: E402
+from offload.store.memory import default_ram_budget, human  # noqa: E402
 from offload.profile import profile_runtime  # noqa: E402
 from offload.runtime import resolve_model_path  # noqa: E402
 from offload.tokenizer import Tokenizer  # noqa: E402
@@ -134,7 +134,7 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
         def end(self):
             pass
 
-    ckpt = Checkpoint(resolve_model_path(folder))
+    ckpt = open_checkpoint(resolve_model_path(folder))
     tokenizer = Tokenizer(ckpt.path, ckpt.config.bos_token_id, ckpt.config.eos_token_id)  # the same ids as (a)
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     gpu = device.startswith("cuda")

@@ -82,6 +82,10 @@ from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv
     step profile-auto $py -m cli.main profile "$slice" --vram 3GiB --prefetch 1 --context 512 -n 24 \
         --out "$RESULTS/profile-auto"
     rm -rf "$(dirname "$slice")"
+    # The second family on CUDA: the shipped MoLE checkpoint run as trained (its experts through the store's
+    # copy stream); its greedy tokens should equal the CPU's for the first tokens at least.
+    step mole $py -m cli.main generate lut/demo_model "The with statement is used to" --device cuda --dtype float32 \
+        --max-new-tokens 32 --temperature 0 --json
     step pytest-gpu $py -m pytest -m gpu -q -p no:cacheprovider tests
     step bench-offload $py bench/bench_offload.py --slice-layers 4 --out "$RESULTS/offload-gpu.json"
     if $py -c "import hqq" 2>/dev/null; then

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import typer
 
-
-def user_errors(fn):
-    """cli.main's one-line UserError handling, looked up at call time: cli.main imports this module at its
-    end, and under `python -m cli.main` a module-level import back into cli.main would be circular."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from cli.main import user_errors as handle
-
-        return handle(fn)(*args, **kwargs)
-
-    return wrapper
+from cli.errors import user_errors
 
 
 lut_app = typer.Typer(no_args_is_help=True, help="Mixture of Lookup Experts: turn a MoLE checkpoint's experts "

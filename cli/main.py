@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import sys
 from pathlib import Path
@@ -11,37 +10,11 @@ from typing import Optional, TextIO
 
 import typer
 
+from cli.errors import user_errors
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Mixtral-class Mixture-of-Experts models on one memory-constrained GPU, "
                        "streaming experts between disk, pinned RAM and the GPU.")
-
-
-def user_errors(fn):
-    """Turn the project's UserError, and running out of GPU memory, into one line on stderr and exit code 2
-    (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from quant.errors import UserError
-
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            typer.echo(f"moe-offload: error: {exc}", err=True)
-            raise typer.Exit(2)
-        except Exception as exc:
-            torch = sys.modules.get("torch")
-            if torch is None or not isinstance(exc, torch.cuda.OutOfMemoryError):
-                raise
-            # Another process took GPU memory after the budget was planned, or the workspace estimate was low.
-            what = ". ".join(str(exc).split(". ")[:2]).splitlines()[0] if str(exc) else "CUDA out of memory"
-            typer.echo(f"moe-offload: error: {what}; lower --vram or --context", err=True)
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            typer.echo("moe-offload: interrupted", err=True)
-            raise typer.Exit(130)
-
-    return wrapper
 
 
 def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, temperature: float, top_k: int,

@@ -44,7 +44,6 @@ from quant.files import pread_exactly
 from quant.units import parse_bytes
 
 from .config import TABLE_MODEL_TYPE, MoLEConfig
-from .model import checkpoint_shapes, is_table_expert, mix, router_weights, swiglu
 from .tables import TableLayout
 
 TABLE_MODES = ("disk", "ram")
@@ -90,24 +89,6 @@ def describe_tables(ckpt) -> dict:
     }
 
 
-class TableFFN:
-    """One layer's feed-forward part: the shared FFN and the router on the device, the experts as rows."""
-
-    def __init__(self, store: "TableStore", layer: int, w1, w2, w3, router):
-        self.store, self.layer = store, layer
-        self.w1, self.w2, self.w3, self.router = w1, w2, w3, router
-
-    def dense_tensors(self) -> list[torch.Tensor]:
-        return [self.w1, self.w2, self.w3, self.router]
-
-    def __call__(self, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        # Start the rows' fetch first (layer 0 begins the step), so the copy overlaps the shared FFN.
-        self.store.begin(self.layer, token_ids)
-        shared = swiglu(h, self.w1, self.w2, self.w3)         # [T, D]
-        gates = router_weights(h, self.router)                # [T, N]
-        return mix(shared, gates, self.store.rows(self.layer))  # rows [T, N, D]
-
-
 class _Step:
     """The rows of one forward step: ids, where each position's id sits among the distinct ids, and (when
     the whole step fits `step_bytes`) every layer's decoded rows [U, L, N, D] on the device."""
@@ -121,7 +102,8 @@ class _Step:
 
 
 class TableStore:
-    """Owns the table of a "mole_tables" folder; `offload.load` builds the model around `layer_ffn`."""
+    """Owns the table of a "mole_tables" folder; the model's MoLE blocks (offload.models.mole.TableMoLE)
+    ask it for each step's rows (`begin`, then `rows` per layer)."""
 
     def __init__(self, ckpt, device: torch.device, dtype: torch.dtype, ram=None, tables: str | None = None,
                  vram=None, step_bytes: int = 64 << 20):
@@ -189,14 +171,8 @@ class TableStore:
     # ---- the runtime's seam ---------------------------------------------------------------------
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The table model's tensors beyond attention/norms/embeddings: each layer's shared FFN and router."""
-        return {n: s for n, s in checkpoint_shapes(self.cfg).items()
-                if ".mole." in n and not is_table_expert(n)}
-
-    def layer_ffn(self, layer: int, read) -> TableFFN:
-        p = f"model.layers.{layer}.mole"
-        return TableFFN(self, layer, read(f"{p}.shared.w1.weight"), read(f"{p}.shared.w2.weight"),
-                        read(f"{p}.shared.w3.weight"), read(f"{p}.router.weight"))
+        """None beyond the model's dense tensors: the rows are in the table file, checked by `open_tables`."""
+        return {}
 
     # ---- rows of a step ------------------------------------------------------------------------
 

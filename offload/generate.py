@@ -7,8 +7,9 @@ from typing import Iterator
 
 import torch
 
-from .errors import UserError
-from .model import Transformer
+from quant.errors import UserError
+
+from .models.transformer import Transformer
 
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed accepts
 

@@ -4,42 +4,25 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from lut.config import is_table_folder
+from lut.serve import describe_tables
+from quant.errors import UserError
+from quant.units import parse_bytes
 
-from .checkpoint import Checkpoint
-from .errors import UserError
-from .runtime import resolve_model_path
-
-
-def open_checked(path: str | os.PathLike | None):
-    """A model folder (a Hub checkpoint or a `convert` output) and its expert source, with every tensor the
-    model needs checked present with its shape (headers only): (checkpoint, source, conversion record or
-    None)."""
-    import torch
-
-    from .convert import dense_format, read_info, stored_dense_shapes
-    from .sources import open_source
-
-    ckpt = Checkpoint(resolve_model_path(path))
-    source = open_source(ckpt, torch.float32)
-    info = read_info(ckpt.path)
-    ckpt.validate({**stored_dense_shapes(ckpt.config, dense_format(info)), **source.expected_shapes()})
-    return ckpt, source, info
+from .formats.converted import dense_format
+from .models import open_checkpoint
+from .runtime import (check_context, check_device_name, check_dtype_name, open_checked, resolve_device,
+                      resolve_dtype, resolve_model_path)
+from .store.memory import dense_bytes, device_bytes_free, expected_traffic, plan_memory
+from .store.sources import open_source
 
 
 def describe(path: str | os.PathLike | None) -> dict:
     """A dict describing the model folder; unquantized byte figures use the checkpoint's dtype."""
-    from .convert import dense_format
-    from .memory import dense_bytes
-
     if is_table_folder(resolve_model_path(path)):
-        from lut import TABLE_MODEL_TYPES
-        from lut.serve import describe_tables
-
-        from .config import MIXTRAL_MODEL_TYPES
-
-        folder = resolve_model_path(path)
-        return describe_tables(Checkpoint(folder, model_types=MIXTRAL_MODEL_TYPES + TABLE_MODEL_TYPES))
+        return describe_tables(open_checkpoint(resolve_model_path(path)))
     ckpt, source, info = open_checked(path)
     fmt = dense_format(info)
     cfg = ckpt.config
@@ -49,6 +32,7 @@ def describe(path: str | os.PathLike | None) -> dict:
     dense_params, expert_params = dense_bytes(cfg, 1), n_experts * cfg.expert_params
     out = {
         "path": str(ckpt.path),
+        "model_type": cfg.model_type,  # the family that runs it (offload/models)
         "layers": cfg.num_hidden_layers,
         "experts_per_layer": cfg.num_local_experts,
         "experts_per_token": cfg.num_experts_per_tok,
@@ -77,8 +61,6 @@ def describe(path: str | os.PathLike | None) -> dict:
 
 def check_plan_options(device: str, dtype: str, context: int) -> None:
     """The plan's --device, --dtype and --context, checked without needing the device itself."""
-    from .runtime import check_context, check_device_name, check_dtype_name
-
     check_device_name(device)
     check_dtype_name(dtype)
     check_context(context)
@@ -90,14 +72,6 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     weights), and the bytes an average decode step moves when a fraction `hit_rate` of expert uses hit.
 
     `device` may be "cuda" on a machine without a GPU, to plan for one (then --vram is needed)."""
-    import torch
-
-    from quant.units import parse_bytes
-
-    from .memory import device_bytes_free, expected_traffic, plan_memory
-    from .runtime import resolve_device, resolve_dtype
-    from .sources import open_source
-
     if is_table_folder(resolve_model_path(path)):
         raise UserError(f"{path}: a table folder has no expert slots to plan: its dense part lives on the device and "
                         f"its tables in RAM (when --ram holds them) or on disk; `moe-offload inspect {path}` shows both")

@@ -10,15 +10,20 @@ from typing import Iterator
 
 import torch
 
+from lut import TABLE_MODEL_TYPES
+from lut.serve import TableStore
 from quant.blob import is_count
+from quant.errors import UserError
 
-from .checkpoint import Checkpoint
-from .config import MIXTRAL_MODEL_TYPES
-from .errors import UserError
+from .formats.checkpoint import Checkpoint
+from .formats.converted import PARTIAL_MARKER, dense_format, read_info, read_quantized, stored_shapes
 from .generate import Sampling, generate_ids
-from .model import Attention, Block, Transformer, linear
-from .memory import check_table_vram
+from .models import EXPERT_MODEL_TYPES, family, open_checkpoint
+from .models.linear import linear
+from .models.transformer import Transformer
 from .store import ExpertStore, check_options
+from .store.memory import check_table_vram
+from .store.sources import open_source
 from .tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -30,8 +35,6 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
         from .demo import DEMO_DIR
 
         return DEMO_DIR
-    from .convert import PARTIAL_MARKER
-
     if not str(model).strip():  # Path("") is the current folder: a model would be looked for there unasked
         raise UserError("the model path is empty; name a model folder (or 'demo')")
     path = Path(model).expanduser()
@@ -76,35 +79,57 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: str | None
     return torch.bfloat16 if checkpoint_dtype == "bfloat16" else torch.float16
 
 
-def build_model(ckpt: Checkpoint, layers, device: torch.device, dtype: torch.dtype, context: int,
+class DenseWeights:
+    """A folder's dense weights, read once each at the compute dtype onto the compute device; with a dense
+    format (bits, group size) the attention projections stay quantized there (`convert --dense-bits`)."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, fmt: tuple[int, int] | None):
+        self.ckpt, self.device, self.dtype, self.fmt = ckpt, device, dtype, fmt
+        self.quantized = family(ckpt.config).attention_shapes(ckpt.config) if fmt else {}
+        self.read: dict[str, torch.Tensor] = {}  # by name: a tensor asked for twice (a tied head) is one tensor
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.read:
+            self.read[name] = self.ckpt.read(name, dtype=self.dtype, device=self.device)
+        return self.read[name]
+
+    def proj(self, name: str):
+        if name in self.quantized:
+            return read_quantized(self.ckpt, name, self.quantized[name], self.fmt, self.device)
+        return self(name)
+
+
+def stored_dense_shapes(ckpt: Checkpoint, fmt: tuple[int, int] | None) -> dict[str, tuple[int, ...]]:
+    """The family's dense tensors as this folder stores them (attention quantized when `fmt` is given)."""
+    fam = family(ckpt.config)
+    return stored_shapes(fam.dense_shapes(ckpt.config), fam.attention_shapes(ckpt.config), fmt)
+
+
+def build_model(ckpt: Checkpoint, store, device: torch.device, dtype: torch.dtype, context: int,
                 dense_format: tuple[int, int] | None = None) -> Transformer:
-    """Load every dense weight onto the device; `layers.layer_ffn(i, read)` builds layer i's feed-forward part.
-
-    `layers` is the seam for what sits behind the feed-forward blocks: the ExpertStore (Mixtral's routed
-    experts behind tiers and caches) or lut's table store (Mixture-of-Lookup-Experts tables).
-    With a dense format (bits, group size), the attention projections stay quantized on the device.
-    """
-    from .convert import read_quantized
-
+    """Load every dense weight onto the device and build the family's forward around `store`: the
+    ExpertStore (routed experts behind tiers and caches, given the model's routers for prefetch) or lut's
+    TableStore (Mixture-of-Lookup-Experts tables)."""
     cfg = ckpt.config
+    model = family(cfg).build(cfg, DenseWeights(ckpt, device, dtype, dense_format), store, context)
+    if isinstance(store, ExpertStore):
+        store.attach(model.routers())
+    return model
 
-    def w(name: str) -> torch.Tensor:
-        return ckpt.read(name, dtype=dtype, device=device)
 
-    def proj(name: str):
-        return read_quantized(ckpt, name, dense_format, device) if dense_format else w(name)
-
-    blocks = []
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}.self_attn"
-        attn = Attention(cfg, i, proj(f"{p}.q_proj.weight"), proj(f"{p}.k_proj.weight"),
-                         proj(f"{p}.v_proj.weight"), proj(f"{p}.o_proj.weight"))
-        p = f"model.layers.{i}"
-        ffn = layers.layer_ffn(i, w)
-        blocks.append(Block(cfg, attn, ffn, w(f"{p}.input_layernorm.weight"), w(f"{p}.post_attention_layernorm.weight")))
-    embed = w("model.embed_tokens.weight")
-    lm_head = embed if cfg.tie_word_embeddings else w("lm_head.weight")
-    return Transformer(cfg, embed, blocks, w("model.norm.weight"), lm_head, context)
+def open_checked(path: str | os.PathLike | None):
+    """A model folder with routed experts (a Hub checkpoint or a `convert` output) and its expert source,
+    with every tensor the model needs checked present with its shape (headers only): (checkpoint, source,
+    conversion record or None)."""
+    ckpt = open_checkpoint(resolve_model_path(path), EXPERT_MODEL_TYPES)
+    try:
+        source = open_source(ckpt, torch.float32)
+        info = read_info(ckpt.path)
+        ckpt.validate({**stored_dense_shapes(ckpt, dense_format(info)), **source.expected_shapes()})
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt, source, info
 
 
 def warm_up_kernels(model: Transformer, store) -> None:
@@ -229,15 +254,12 @@ class Runtime:
 
 def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: str = "auto",
          context: int = 2048, progress=None, **store_options) -> Runtime:
-    """Open a Mixtral model folder (or 'demo') for generation. Extra options go to the expert store.
+    """Open a model folder of any family in offload.models (or 'demo') for generation. Extra options go to
+    the expert store.
 
     When every expert fits in the host RAM budget, they are all read in now; `progress(done, total)` is
     called before the first and after each."""
-    from lut import TABLE_MODEL_TYPES
-
-    from .convert import dense_format, read_info, stored_dense_shapes
-
-    ckpt = Checkpoint(resolve_model_path(path), model_types=MIXTRAL_MODEL_TYPES + TABLE_MODEL_TYPES)
+    ckpt = open_checkpoint(resolve_model_path(path))
     cfg = ckpt.config
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
@@ -246,10 +268,8 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
     tokenizer = Tokenizer(ckpt.path, cfg.bos_token_id, cfg.eos_token_id)
     store = None
     try:
-        if ckpt.raw_config.get("model_type") in TABLE_MODEL_TYPES:
-            from lut.serve import TableStore  # Mixture-of-Lookup-Experts tables instead of routed experts
-
-            # The expert store's options have nothing to act on here, but a wrong value is still refused, and
+        if cfg.model_type in TABLE_MODEL_TYPES:
+            # Mixture-of-Lookup-Experts tables instead of routed experts. The expert store's options have nothing to act on here, but a wrong value is still refused, and
             # a name neither store takes is a TypeError, as for a Mixtral folder.
             check_options(**{k: store_options[k] for k in ("prefetch", "cpu_experts", "policy") if k in store_options})
             experts_only = (inspect.signature(ExpertStore).parameters.keys()
@@ -259,7 +279,7 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
         else:
             store = ExpertStore(ckpt, dev, dt, context=context, **store_options)
         fmt = dense_format(read_info(ckpt.path))
-        ckpt.validate({**stored_dense_shapes(cfg, fmt), **store.expected_shapes()})
+        ckpt.validate({**stored_dense_shapes(ckpt, fmt), **store.expected_shapes()})
         model = build_model(ckpt, store, dev, dt, context, fmt)
         if isinstance(store, ExpertStore):
             store.fill_host(progress)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import UserError
+from quant.errors import UserError
 
 
 class Tokenizer:

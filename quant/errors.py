@@ -6,12 +6,22 @@ without `quant`/`lut` importing `offload`. The CLI turns it into one line on std
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 
 
 class UserError(Exception):
     """A problem with the user's input: the message names the file or field and what would fix it."""
+
+
+def shown(value, limit: int = 60) -> str:
+    """A value as a JSON file spells it (`true`, not `True`), cut short: a bad field may hold a long list."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # not JSON (a dataclass built in Python): its repr
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextmanager

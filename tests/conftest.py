@@ -1,5 +1,6 @@
 """Fixtures: tiny random-weight Mixtral checkpoints written by transformers' save_pretrained, with a
-small byte-level BPE tokenizer beside them, so every test runs on a real Hugging Face folder layout."""
+small byte-level BPE tokenizer beside them, so every test runs on a real Hugging Face folder layout; a tiny
+MoLE checkpoint (written by lut's own model, its oracle) and its tables."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lut.build import build_tables
+from lut.config import MoLEConfig
+from lut.model import MoLEForCausalLM, save_model
+from offload.generate import decode_one, prefill
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. Experts are streamed between disk, "
@@ -63,6 +69,48 @@ def tiny_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     make_checkpoint(folder, layers=3, experts=6)
     return folder
+
+
+# ---- Mixture of Lookup Experts: a tiny MoLE checkpoint, its tables, and the oracle's logits ----------------
+
+def tiny_mole_config(**overrides) -> MoLEConfig:
+    fields = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=48, shared_intermediate_size=80, num_local_experts=3,
+                  num_experts_per_tok=3, tie_word_embeddings=False, max_position_embeddings=128)
+    return MoLEConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def mole(tmp_path_factory):
+    """A random float32 MoLE checkpoint (weights wide enough that the router's mix varies) and its model."""
+    folder = tmp_path_factory.mktemp("mole")
+    model = MoLEForCausalLM(tiny_mole_config()).init_weights(seed=3, std=0.1).eval()
+    save_model(model, folder, torch.float32)
+    write_tokenizer(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def tables32(mole, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("t") / "tables32"
+    build_tables(mole[0], dst, bits=32, batch_bytes=1 << 16)  # small batches: several writes
+    return dst
+
+
+def greedy_logits(rt, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """The runtime's logits for the prompt's last position, then for `steps` greedy tokens."""
+    logits = [prefill(rt.model, torch.tensor(prompt))]
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(logits[-1].argmax()))
+        logits.append(decode_one(rt.model, seq[-1], len(seq) - 1))
+    return seq, torch.stack(logits)
+
+
+def reference_logits(model: MoLEForCausalLM, seq: list[int], start: int) -> torch.Tensor:
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([seq]))
+    return logits[0, start - 1:]
 
 
 def run_cli(*args: str, timeout: float = 300, stdin: str = "") -> subprocess.CompletedProcess:

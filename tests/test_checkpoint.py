@@ -9,15 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offload.checkpoint import Checkpoint, expert_names
+from offload.models import expected_shapes, open_checkpoint
+from offload.models.mixtral import expert_names
 from offload.errors import UserError
 
 from conftest import make_checkpoint
 
 
 def test_tensors_are_read_lazily_and_exactly(tiny_checkpoint):
-    ckpt = Checkpoint(tiny_checkpoint)
-    ckpt.validate()
+    ckpt = open_checkpoint(tiny_checkpoint)
+    ckpt.validate(expected_shapes(ckpt.config))
     assert ckpt._files == {}  # opening read headers only
     reference = load_file(tiny_checkpoint / "model.safetensors")
     for name in ("model.embed_tokens.weight", *expert_names(2, 5)):
@@ -33,7 +34,7 @@ def folder(tmp_path, tiny_checkpoint):
 
 def error_of(path) -> str:
     with pytest.raises(UserError) as info:
-        Checkpoint(path).validate()
+        (ckpt := open_checkpoint(path)).validate(expected_shapes(ckpt.config))
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -53,7 +54,7 @@ def test_config_of_another_family(folder):
     cfg["model_type"] = "llama"
     (folder / "config.json").write_text(json.dumps(cfg))
     message = error_of(folder)
-    assert "llama" in message and "Mixtral" in message
+    assert "llama" in message and "supported: mixtral" in message
 
 
 def test_config_missing_a_field(folder):
@@ -154,7 +155,7 @@ def test_a_tensor_that_takes_several_reads_is_read_whole(tiny_checkpoint, monkey
 
     real = os.preadv
     monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: real(fd, [bufs[0][:1000]], offset))
-    ckpt = Checkpoint(tiny_checkpoint)
+    ckpt = open_checkpoint(tiny_checkpoint)
     name = "model.embed_tokens.weight"
     assert ckpt.locations[name].nbytes > 10_000
     assert torch.equal(ckpt.read(name), load_file(tiny_checkpoint / "model.safetensors")[name])
@@ -181,7 +182,7 @@ def test_a_converted_expert_that_takes_several_reads_runs_the_same(tiny_checkpoi
 def test_a_closed_checkpoint_refuses_reads_instead_of_reopening_its_files(tiny_checkpoint):
     import os
 
-    ckpt = Checkpoint(tiny_checkpoint)
+    ckpt = open_checkpoint(tiny_checkpoint)
     ckpt.read("model.norm.weight")
     before = len(os.listdir("/proc/self/fd"))
     ckpt.close()
@@ -246,9 +247,9 @@ def test_a_present_rope_theta_is_validated_and_only_a_missing_one_defaults(folde
     edit_config(folder, rope_parameters=None, rope_theta=0)
     assert "field 'rope_theta' must be a positive number, got 0" in error_of(folder)
     edit_config(folder, rope_theta=10000)
-    assert Checkpoint(folder).config.rope_theta == 10000.0
+    assert open_checkpoint(folder).config.rope_theta == 10000.0
     edit_config(folder, rope_theta=None)
-    assert Checkpoint(folder).config.rope_theta == 1e6
+    assert open_checkpoint(folder).config.rope_theta == 1e6
 
 
 @pytest.fixture

@@ -125,6 +125,7 @@ def test_inspect_counts_dense_and_expert_parameters(tiny_checkpoint):
     result = run_cli("inspect", tiny_checkpoint, "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
+    assert info["model_type"] == "mixtral"
     assert info["params_experts"] == 3 * 6 * 3 * 64 * 96
     assert info["bytes_per_expert"] == 3 * 64 * 96 * 4
     assert info["params_dense"] + info["params_experts"] == info["params_total"]

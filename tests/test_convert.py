@@ -12,8 +12,9 @@ import torch
 
 import offload
 import quant
-from offload.checkpoint import Checkpoint
-from offload.convert import PARTIAL_MARKER, convert, read_experts_header
+from offload.models import open_checkpoint
+from offload.convert import convert
+from offload.formats.converted import PARTIAL_MARKER, read_experts_header
 from offload.generate import decode_one, prefill
 from offload.runtime import resolve_model_path
 from quant.errors import UserError
@@ -126,7 +127,7 @@ def test_dense_bits_keep_the_attention_projections_quantized_on_the_device(quant
     dense8 = convert(tiny_checkpoint, tmp_path / "d8", bits=4, group_size=32, dense_bits=8)
     info = json.loads((dense4 / "moe_offload.json").read_text())
     assert (info["dense_bits"], info["dense_group_size"]) == (4, 64)
-    stored = Checkpoint(dense4).locations
+    stored = open_checkpoint(dense4).locations
     assert "model.layers.0.self_attn.q_proj.weight" not in stored
     assert stored["model.layers.0.self_attn.q_proj.weight.q"].dtype == torch.uint8
     reference, _ = greedy(quantized, steps=0)

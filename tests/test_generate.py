@@ -182,7 +182,7 @@ def test_decode_speed_excludes_the_step_that_only_found_end_of_sequence(rt, monk
 
 
 def test_prefetch_reads_in_flight_count_in_the_run_that_started_them(tiny_checkpoint, monkeypatch):
-    from offload.sources import CheckpointExperts
+    from offload.store.sources import CheckpointExperts
 
     plan = offload.load(tiny_checkpoint, device="cpu", context=64).store.plan
     store = offload.load(tiny_checkpoint, device="cpu", context=64, ram=2 * plan.blob_bytes).store

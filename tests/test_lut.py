@@ -14,56 +14,16 @@ import pytest
 import torch
 
 import offload
-from conftest import REPO, run_cli, write_tokenizer
+from conftest import REPO, greedy_logits, reference_logits, run_cli, tiny_mole_config, write_tokenizer
 from lut.build import TABLE_FILE, build_tables
 from lut.config import MoLEConfig
 from lut.model import MoLEForCausalLM, load_model, save_model
 from lut.tables import TableLayout
-from offload.checkpoint import Checkpoint
 from offload.generate import decode_one, prefill
+from offload.models import open_checkpoint
 from quant.errors import UserError
 
 PROMPT = [1, 17, 42, 99, 17, 250, 3]  # 17 twice: a prefill gathers each distinct id once
-
-
-def tiny_config(**overrides) -> MoLEConfig:
-    fields = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=16, intermediate_size=48, shared_intermediate_size=80, num_local_experts=3,
-                  num_experts_per_tok=3, tie_word_embeddings=False, max_position_embeddings=128)
-    return MoLEConfig(**{**fields, **overrides})
-
-
-@pytest.fixture(scope="module")
-def mole(tmp_path_factory):
-    """A random float32 MoLE checkpoint (weights wide enough that the router's mix varies) and its model."""
-    folder = tmp_path_factory.mktemp("mole")
-    model = MoLEForCausalLM(tiny_config()).init_weights(seed=3, std=0.1).eval()
-    save_model(model, folder, torch.float32)
-    write_tokenizer(folder)
-    return folder, model
-
-
-@pytest.fixture(scope="module")
-def tables32(mole, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("t") / "tables32"
-    build_tables(mole[0], dst, bits=32, batch_bytes=1 << 16)  # small batches: several writes
-    return dst
-
-
-def greedy_logits(rt, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    """The runtime's logits for the prompt's last position, then for `steps` greedy tokens."""
-    logits = [prefill(rt.model, torch.tensor(prompt))]
-    seq = list(prompt)
-    for _ in range(steps):
-        seq.append(int(logits[-1].argmax()))
-        logits.append(decode_one(rt.model, seq[-1], len(seq) - 1))
-    return seq, torch.stack(logits)
-
-
-def reference_logits(model: MoLEForCausalLM, seq: list[int], start: int) -> torch.Tensor:
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([seq]))
-    return logits[0, start - 1:]
 
 
 # ---- the table model is the MoLE model ------------------------------------------------------------
@@ -122,7 +82,7 @@ def test_rows_beyond_float16_are_refused_at_16_bits_and_kept_at_32():
 
 @pytest.mark.parametrize("ffn, experts, top_k, ffn_size", [("moe", 4, 2, 32), ("dense", 1, 1, 64)])
 def test_baselines_are_mixtral_folders_the_expert_runtime_serves_identically(tmp_path, ffn, experts, top_k, ffn_size):
-    cfg = tiny_config(ffn=ffn, num_local_experts=experts, num_experts_per_tok=top_k, intermediate_size=ffn_size)
+    cfg = tiny_mole_config(ffn=ffn, num_local_experts=experts, num_experts_per_tok=top_k, intermediate_size=ffn_size)
     model = MoLEForCausalLM(cfg).init_weights(seed=5, std=0.1).eval()
     save_model(model, tmp_path, torch.float32)
     write_tokenizer(tmp_path)
@@ -250,7 +210,7 @@ def test_a_table_folders_vram_holds_what_its_device_holds(tables32):
 def test_close_releases_the_table_file_and_profile_refuses_a_table_folder_in_one_line(tables32, tmp_path):
     result = run_cli("profile", tables32, "--out", tmp_path / "profile", "-n", "2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "profile runs Mixtral expert models" in result.stderr
+    assert "profile runs models with routed experts" in result.stderr
     store = offload.load(tables32, device="cpu", tables="disk").store
     fd = store.fd
     os.fstat(fd)
@@ -261,7 +221,7 @@ def test_close_releases_the_table_file_and_profile_refuses_a_table_folder_in_one
 
 
 def test_tables_in_ram_are_never_page_locked(tables32, monkeypatch):
-    from offload.checkpoint import Checkpoint
+    from offload.models import open_checkpoint
     from lut.serve import TableStore
     from quant import pinned
 
@@ -271,7 +231,7 @@ def test_tables_in_ram_are_never_page_locked(tables32, monkeypatch):
     monkeypatch.setattr(pinned, "_cudart", lambda: pytest.fail("the RAM table was page-locked"))
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
-    ckpt = Checkpoint(tables32, model_types=("mole_tables",))
+    ckpt = open_checkpoint(tables32)
     store = TableStore(ckpt, torch.device("cuda"), torch.float32, tables="ram")
     assert store.cuda and store.mode == "ram" and not store.table.is_pinned()
 
@@ -296,21 +256,24 @@ def test_cli_build_writes_a_servable_folder_atomically(mole, tmp_path):
     assert json.loads(result.stdout)["stats"]["table_bytes_device"] == 0
 
 
-def test_inspect_describes_a_table_folder_and_a_mole_checkpoint_points_to_lut_build(mole, tables32):
+def test_inspect_describes_a_table_folder_and_a_mole_checkpoint(mole, tables32):
     result = run_cli("inspect", tables32, "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     layout = TableLayout.open(tables32 / TABLE_FILE)
     assert info["bytes_tables"] == layout.vocab * layout.record_nbytes
     assert info["bytes_h2d_per_decode_token"] == info["bytes_per_token_record"] == layout.record_nbytes
-    assert info["bytes_dense_gpu"] == Checkpoint(tables32, model_types=("mole_tables",)).file_bytes()
+    assert info["bytes_dense_gpu"] == open_checkpoint(tables32).file_bytes()
     assert info["layers"] == layout.layers and info["table_experts_per_layer"] == layout.experts
     plan = run_cli("inspect", tables32, "--vram", "1GiB")
     assert plan.returncode == 2 and "a table folder has no expert slots to plan" in plan.stderr
-    for command in (("inspect", mole[0]), ("generate", mole[0], "hi")):
-        result = run_cli(*command)
-        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
-        assert "`moe-offload lut build` turns a MoLE checkpoint into tables" in result.stderr
+    # The MoLE checkpoint itself is a model family: its routed experts are served like Mixtral's.
+    result = run_cli("inspect", mole[0], "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    cfg = mole[1].cfg
+    assert info["experts_per_layer"] == info["experts_per_token"] == cfg.num_local_experts
+    assert info["bytes_per_expert"] == 3 * cfg.hidden_size * cfg.intermediate_size * 4  # float32 w1, w2, w3
 
 
 def test_an_interrupted_build_leaves_nothing(mole, tmp_path):
@@ -402,7 +365,7 @@ def test_src_that_is_not_a_mole_checkpoint_is_one_line_exit_2(tmp_path):
 ])
 def test_config_fields_of_the_wrong_type_are_refused_naming_the_field(field, value):
     with pytest.raises(UserError, match=f"field '{field}'"):
-        tiny_config(**{field: value})
+        tiny_mole_config(**{field: value})
 
 
 @pytest.mark.parametrize("field, value", [
@@ -411,7 +374,7 @@ def test_config_fields_of_the_wrong_type_are_refused_naming_the_field(field, val
 ])
 def test_config_json_with_a_bool_or_zero_count_is_refused_naming_the_field(field, value):
     """Without head_dim in config.json it is hidden_size // heads: a bad count is named, not divided by."""
-    raw = {**tiny_config().to_dict(), field: value}
+    raw = {**tiny_mole_config().to_dict(), field: value}
     del raw["head_dim"]
     with pytest.raises(UserError, match=f"field '{field}' must be a positive"):
         MoLEConfig.from_dict(raw)
@@ -439,7 +402,7 @@ def test_table_that_does_not_match_vocab_layers_experts_d_is_one_line_exit_2(mol
 
     # A consistent table file, but built for another shape of model.
     other = tmp_path / "other_src"
-    save_model(MoLEForCausalLM(tiny_config(num_local_experts=2, num_experts_per_tok=2)).init_weights(), other)
+    save_model(MoLEForCausalLM(tiny_mole_config(num_local_experts=2, num_experts_per_tok=2)).init_weights(), other)
     build_tables(other, tmp_path / "other", bits=32)
     swapped = tmp_path / "swapped"
     shutil.copytree(tables32, swapped)

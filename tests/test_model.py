@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload.checkpoint import Checkpoint
+from offload.models import expected_shapes, open_checkpoint
 from offload.generate import Sampling, decode_one, generate_ids, prefill
 from offload.runtime import build_model
 from offload.store import ExpertStore
@@ -21,8 +21,8 @@ SHAPES = {
 
 
 def ours(folder, context=128):
-    ckpt = Checkpoint(folder)
-    ckpt.validate()
+    ckpt = open_checkpoint(folder)
+    ckpt.validate(expected_shapes(ckpt.config))
     store = ExpertStore(ckpt, torch.device("cpu"), torch.float32)
     return build_model(ckpt, store, torch.device("cpu"), torch.float32, context)
 

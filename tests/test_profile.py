@@ -14,8 +14,10 @@ import offload
 from conftest import run_cli
 from offload.demo import DEMO_DIR
 from offload.inspect import memory_plan
-from offload.profile import (ARTIFACTS, TIME_PARTS, copy_time_hidden, exposed_time, load_schema, merged,
-                             overlap_length, profile, profile_runtime, schema_errors, total_length, write)
+from offload.profile import ARTIFACTS, TIME_PARTS, profile, profile_runtime
+from offload.profile.profiler import copy_time_hidden, exposed_time, merged, overlap_length, total_length
+from offload.profile.run import write
+from offload.profile.schema import load_schema, schema_errors
 
 PROMPT = "The for statement is used to iterate"
 NEW = 8
@@ -292,7 +294,7 @@ def test_a_bad_max_new_tokens_is_refused_before_loading_and_leaves_no_folder(tmp
 
 
 def test_a_profile_replaces_an_earlier_one_whole_or_not_at_all(profiled, tmp_path, monkeypatch):
-    import offload.plots
+    import offload.profile.plots
 
     result, _ = profiled
     out = tmp_path / "prof"
@@ -305,7 +307,7 @@ def test_a_profile_replaces_an_earlier_one_whole_or_not_at_all(profiled, tmp_pat
         (folder / "latency.png").write_bytes(b"half")
         raise KeyboardInterrupt  # Ctrl-C while the plots are written
 
-    monkeypatch.setattr(offload.plots, "write_plots", plots_then_fail)
+    monkeypatch.setattr(offload.profile.plots, "write_plots", plots_then_fail)
     with pytest.raises(KeyboardInterrupt):
         write(result, out)
     assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before  # the first profile, whole
@@ -362,7 +364,7 @@ def test_the_gpu_verdict_says_how_much_copying_hid_under_compute():
 def test_the_cpu_bandwidth_probe_copies_from_more_than_a_cache_holds(folder, budgets, monkeypatch):
     """One small blob copied again and again comes from the cache, far faster than the cold RAM a miss reads:
     on a CPU the probe takes its copies in turn from COLD_BYTES of distinct blobs."""
-    from offload import profile as profile_module
+    from offload.profile import record as profile_module
 
     seen = []
     real = profile_module.copy_bandwidth

@@ -275,10 +275,11 @@ REAL_EXPERTS = [(0, 0), (2, 5), (3, 7)]  # (layer, expert): from three of the de
 
 def test_error_on_real_demo_experts_is_no_worse_than_hqq_at_no_more_bits():
     """The trained demo model's expert matrices (w1, w3 [320, 192], w2 [192, 320]) rather than synthetic ones."""
-    from offload.checkpoint import Checkpoint, expert_names
+    from offload.models import open_checkpoint
+    from offload.models.mixtral import expert_names
     from offload.runtime import resolve_model_path
 
-    ckpt = Checkpoint(resolve_model_path("demo"))
+    ckpt = open_checkpoint(resolve_model_path("demo"))
     try:
         mats = {f"L{layer}.E{e}.w{i}": ckpt.read(name, dtype=torch.float32)
                 for layer, e in REAL_EXPERTS for i, name in zip((1, 2, 3), expert_names(layer, e))}

@@ -89,12 +89,12 @@ def test_a_host_tier_that_holds_every_expert_is_filled_at_load(tiny_checkpoint):
 def test_a_shard_truncated_before_the_host_tier_is_filled_is_a_clean_error(tmp_path, tiny_checkpoint):
     import shutil
 
-    from offload.checkpoint import Checkpoint
+    from offload.models import open_checkpoint
     from offload.store import ExpertStore
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_checkpoint, folder)
-    store = ExpertStore(Checkpoint(folder), torch.device("cpu"), torch.float32, vram=budget(folder, 3), context=256)
+    store = ExpertStore(open_checkpoint(folder), torch.device("cpu"), torch.float32, vram=budget(folder, 3), context=256)
     shard = folder / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated since it was opened"):
@@ -103,7 +103,7 @@ def test_a_shard_truncated_before_the_host_tier_is_filled_is_a_clean_error(tmp_p
 
 
 def test_a_read_failing_while_load_fills_the_host_tier_is_a_clean_error(tiny_checkpoint, monkeypatch):
-    from offload.sources import CheckpointExperts
+    from offload.store.sources import CheckpointExperts
 
     reads = []
     real = CheckpointExperts.read_into
@@ -132,7 +132,7 @@ def test_with_cpu_experts_the_reader_speed_does_not_decide_where_an_expert_runs(
     tokens, with a fast and a slow disk)."""
     import time
 
-    from offload.sources import CheckpointExperts
+    from offload.store.sources import CheckpointExperts
 
     real = CheckpointExperts.read_into
     plan = _plan("demo")
@@ -214,7 +214,7 @@ def test_a_shard_truncated_while_running_is_a_clean_error(tmp_path, tiny_checkpo
 def test_a_runtime_used_again_after_a_failed_read_is_bit_identical(tiny_checkpoint, reference, monkeypatch, failure):
     """A read that fails (a disk error, or Ctrl-C while waiting for it, as in a notebook) must not leave a
     device slot mapped to an expert whose bytes never arrived: the next run would take it for a hit."""
-    from offload.sources import CheckpointExperts
+    from offload.store.sources import CheckpointExperts
 
     blob = reference[3].layout.nbytes
     rt = offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, 3), ram=2 * blob,
@@ -261,7 +261,7 @@ def test_the_reader_runs_reads_wanted_now_before_reads_ahead():
     as a read-ahead (promoted); each read runs once."""
     import threading
 
-    from offload.store import Reader
+    from offload.store.reader import Reader
 
     gate, order = threading.Event(), []
     reader = Reader()
@@ -283,7 +283,7 @@ def test_reader_threads_end_at_exit_after_the_read_in_progress():
     finalization aborts the process instead."""
     import threading
 
-    from offload.store import Reader, _stop_readers
+    from offload.store.reader import Reader, _stop_readers
 
     started, gate, done = threading.Event(), threading.Event(), []
     reader = Reader()
@@ -377,7 +377,7 @@ def test_a_refused_page_lock_clears_the_last_cuda_error_it_left(monkeypatch, tmp
 def test_a_vram_budget_above_what_the_gpu_has_free_is_refused_before_allocating(tiny_checkpoint, monkeypatch):
     """Free is what the driver reports plus what torch's caching allocator holds unused (this process can
     reuse it). Faked here: the check runs before anything is allocated on the device."""
-    from offload.checkpoint import Checkpoint
+    from offload.models import open_checkpoint
     from offload.store import ExpertStore
 
     MiB = 1 << 20
@@ -385,7 +385,7 @@ def test_a_vram_budget_above_what_the_gpu_has_free_is_refused_before_allocating(
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 512 * MiB)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 256 * MiB)
     with pytest.raises(UserError, match=r"--vram 2.00 GiB is more than cuda has free \(1.25 GiB\)"):
-        ExpertStore(Checkpoint(tiny_checkpoint), torch.device("cuda"), torch.float32, vram="2GiB", context=256)
+        ExpertStore(open_checkpoint(tiny_checkpoint), torch.device("cuda"), torch.float32, vram="2GiB", context=256)
 
 
 def test_cpu_expert_decision_compares_two_measured_costs_and_reports_them(tiny_checkpoint, monkeypatch):

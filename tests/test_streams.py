@@ -199,7 +199,8 @@ def test_close_waits_for_prefetch_copies_nobody_waited_for(tmp_path, monkeypatch
 
 def test_the_profilers_cuda_timing_under_simulated_streams(tiny_checkpoint, reference, monkeypatch):
     """The profiler's CUDA branch: timing events on both streams, read after each token's sync."""
-    from offload.profile import load_schema, profile_runtime, schema_errors
+    from offload.profile import profile_runtime
+    from offload.profile.schema import load_schema, schema_errors
     from quant import pinned
     from test_store import FakeCudart
 

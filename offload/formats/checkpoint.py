@@ -1,4 +1,4 @@
-"""A Hugging Face Mixtral model folder, read lazily: config, safetensors shards, tokenizer files.
+"""A Hugging Face model folder, read lazily: config.json and the safetensors shards.
 
 Only the safetensors headers are read when a checkpoint is opened. Every tensor's name, dtype, shape and
 byte range are known from them, so the folder is validated up front (missing shard, wrong shape, truncated
@@ -13,16 +13,15 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from quant.blob import is_count
+from quant.errors import UserError, shown
 from quant.files import pread_exactly
-
-from .config import MIXTRAL_MODEL_TYPES, ModelConfig, shown
-from .errors import UserError
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -89,55 +88,14 @@ def _location(path: Path, name: str, info, base: int, size: int) -> TensorLocati
     return TensorLocation(path, dtype, tuple(shape), base + begin, end - begin)
 
 
-def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
-    """Hub names of one expert's w1 (gate), w2 (down) and w3 (up) projections."""
-    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
-    return f"{p}.w1.weight", f"{p}.w2.weight", f"{p}.w3.weight"
-
-
-def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The tensors every model of this layout holds outside its feed-forward layers, with their shapes."""
-    D, V = cfg.hidden_size, cfg.vocab_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, D)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        shapes.update({
-            f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,),
-            f"{p}.self_attn.q_proj.weight": (q, D), f"{p}.self_attn.k_proj.weight": (kv, D),
-            f"{p}.self_attn.v_proj.weight": (kv, D), f"{p}.self_attn.o_proj.weight": (D, q),
-        })
-    return shapes
-
-
-def attention_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The attention projections (q, k, v, o of every layer): the dense weights `convert --dense-bits` quantizes."""
-    return {name: shape for name, shape in dense_shapes(cfg).items() if ".self_attn." in name}
-
-
-def moe_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Mixtral's sparse blocks: one router and E experts per layer."""
-    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
-    shapes = {}
-    for i in range(cfg.num_hidden_layers):
-        shapes[f"model.layers.{i}.block_sparse_moe.gate.weight"] = (E, D)
-        for e in range(E):
-            w1, w2, w3 = expert_names(i, e)
-            shapes.update({w1: (F, D), w2: (D, F), w3: (F, D)})
-    return shapes
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Mixtral checkpoint must hold, with its shape."""
-    return {**dense_shapes(cfg), **moe_shapes(cfg)}
-
-
 class Checkpoint:
-    """A model folder opened for lazy reading. `read(name)` loads one tensor; nothing is read up front."""
+    """A model folder opened for lazy reading. `read(name)` loads one tensor; nothing is read up front.
 
-    def __init__(self, path: str | os.PathLike, model_types: tuple[str, ...] = MIXTRAL_MODEL_TYPES):
+    `read_config(raw, source)` turns config.json into the caller's config object (`self.config`); it runs
+    before the shards are indexed, so a folder of the wrong kind is refused by its config first. This layer
+    knows no model family: offload.models.open_checkpoint passes the family's reader."""
+
+    def __init__(self, path: str | os.PathLike, read_config: Callable[[dict, str], object] | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"{self.path}: no such model folder")
@@ -152,7 +110,7 @@ class Checkpoint:
             raise UserError(f"{config_path}: not valid JSON ({exc})") from None
         if not isinstance(self.raw_config, dict):
             raise UserError(f"{config_path}: expected a JSON object")
-        self.config = ModelConfig.from_dict(self.raw_config, source=str(config_path), model_types=model_types)
+        self.config = read_config(self.raw_config, str(config_path)) if read_config else None
         self.locations = self._index()
         self._files: dict[Path, object] = {}
         self._lock = threading.Lock()
@@ -190,9 +148,8 @@ class Checkpoint:
                 raise UserError(f"{self.path / weight_map[missing[0]]}: does not hold tensor {missing[0]} named by the index")
         return locations
 
-    def validate(self, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
-        """Check every tensor the model needs is present with the right shape (headers only)."""
-        shapes = expected_shapes(self.config) if shapes is None else shapes
+    def validate(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Check every tensor in `shapes` is present with that shape (headers only)."""
         for name, shape in shapes.items():
             loc = self.locations.get(name)
             if loc is None:

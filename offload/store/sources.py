@@ -2,7 +2,8 @@
 
 A source reads expert (layer, e) into a blob buffer (a host slot) and knows the blob's layout and how to
 run it, and how the folder stores its attention projections (`dense_format`: None for plain weights).
-`CheckpointExperts` reads a Hugging Face checkpoint's separate w1/w2/w3 tensors; `BlobFileExperts` reads
+`CheckpointExperts` reads a Hugging Face checkpoint's separate w1/w2/w3 tensors (named by the model's
+family); `BlobFileExperts` reads
 whole quantized blobs written by `moe-offload convert`.
 """
 
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import torch
 
+import quant
 from quant.blob import BlobLayout
+from quant.errors import UserError
 from quant.files import pread_exactly
 
-from .checkpoint import Checkpoint, expert_names, moe_shapes
-from .errors import UserError
-from .model import expert_ffn
+from ..formats.checkpoint import Checkpoint
+from ..formats.converted import EXPERTS_FILE, FILE_HEADER, INFO_FILE, dense_format, read_experts_header, read_info
+from ..models import expert_shapes, family
+from ..models.moe import expert_ffn
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -25,13 +29,14 @@ class CheckpointExperts:
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
         cfg = ckpt.config
-        ckpt.validate(moe_shapes(cfg))  # headers only: a folder missing experts fails here, naming the tensor
+        ckpt.validate(expert_shapes(cfg))  # headers only: a folder missing experts fails here, naming the tensor
         self.ckpt, self.dtype = ckpt, dtype
+        self.names = family(cfg).expert_names
         self.dense_format = None
         self.layout = BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dtype)
-        self.file_dtype = ckpt.locations[expert_names(0, 0)[0]].dtype
+        self.file_dtype = ckpt.locations[self.names(0, 0)[0]].dtype
         for key in ((i, e) for i in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)):
-            for name in expert_names(*key):
+            for name in self.names(*key):
                 loc = ckpt.locations[name]
                 if loc.dtype != self.file_dtype or not loc.dtype.is_floating_point:
                     raise UserError(f"{loc.file}: tensor {name} is {loc.dtype}; every expert weight must be a "
@@ -43,7 +48,7 @@ class CheckpointExperts:
         """Fill `blob` (a host slot, header already written) with expert `key`; returns bytes read from disk."""
         views = self.layout.views(blob)
         total = 0
-        for part, name in zip(("w1", "w2", "w3"), expert_names(*key)):
+        for part, name in zip(("w1", "w2", "w3"), self.names(*key)):
             rec = self.layout.record(part)
             if self.direct:
                 self.ckpt.read_into(name, blob[rec.offset:rec.offset + rec.nbytes])
@@ -56,19 +61,16 @@ class CheckpointExperts:
         return expert_ffn(x, views["w1"].to(x.dtype), views["w2"].to(x.dtype), views["w3"].to(x.dtype))
 
     def expected_shapes(self) -> dict:
-        return moe_shapes(self.ckpt.config)
+        """The tensors the experts are read from (the routers are the family's dense tensors)."""
+        return expert_shapes(self.ckpt.config)
 
 
 class BlobFileExperts:
     """Reads quantized expert blobs from a converted folder's experts.bin: one pread per expert."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, info: dict):
-        import quant
-
-        from .convert import EXPERTS_FILE, FILE_HEADER, dense_format, read_experts_header
-
         cfg = ckpt.config
-        self.ckpt, self.dtype, self.quant = ckpt, dtype, quant
+        self.ckpt, self.dtype = ckpt, dtype
         self.dense_format = dense_format(info)
         self.path = ckpt.path / EXPERTS_FILE
         index = read_experts_header(self.path)
@@ -98,18 +100,15 @@ class BlobFileExperts:
         return blob.numel()
 
     def compute(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return self.quant.expert_forward(self.layout, views, x)
+        return quant.expert_forward(self.layout, views, x)
 
     def expected_shapes(self) -> dict:
-        cfg = self.ckpt.config
-        return {f"model.layers.{i}.block_sparse_moe.gate.weight": (cfg.num_local_experts, cfg.hidden_size)
-                for i in range(cfg.num_hidden_layers)}
+        """None: every expert is in experts.bin, whose header and layout were checked above."""
+        return {}
 
 
 def open_source(ckpt: Checkpoint, dtype: torch.dtype):
     """The expert source of a folder: quantized blobs if it was converted, else the checkpoint's tensors."""
-    from .convert import INFO_FILE, read_info
-
     if (ckpt.path / INFO_FILE).is_file():
         return BlobFileExperts(ckpt, dtype, read_info(ckpt.path))
     return CheckpointExperts(ckpt, dtype)

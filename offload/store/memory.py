@@ -6,8 +6,11 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from .config import ModelConfig
-from .errors import UserError
+import quant
+from quant.errors import UserError
+
+from ..models import family
+from ..models.config import ModelConfig
 
 
 def human(n: float) -> str:
@@ -85,18 +88,13 @@ def device_bytes_free(device) -> int:
 # ---- what the device tier must hold besides experts (one definition, used by the store and by `inspect`) ----
 
 def dense_bytes(cfg: ModelConfig, itemsize: int, dense_format: tuple[int, int] | None = None) -> int:
-    """Every weight that is not an expert (embeddings, attention, norms, routers, lm_head), at `itemsize`;
-    with a dense format (bits, group size), the attention projections as quantized bytes."""
-    import quant
-
-    from .checkpoint import attention_shapes, dense_shapes, moe_shapes
-
-    shapes = {**dense_shapes(cfg), **{k: v for k, v in moe_shapes(cfg).items() if k.endswith("gate.weight")}}
-    quantized = attention_shapes(cfg) if dense_format else {}
+    """Every weight that is not a routed expert (embeddings, attention, norms, routers, lm_head, a family's
+    shared parts), at `itemsize`; with a dense format (bits, group size), the attention projections as
+    quantized bytes."""
+    fam = family(cfg)
+    quantized = fam.attention_shapes(cfg) if dense_format else {}
     total = 0
-    for name, shape in shapes.items():
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
+    for name, shape in fam.dense_shapes(cfg).items():
         if name in quantized:
             total += quant.quantized_nbytes(shape, *dense_format)
         else:

@@ -21,111 +21,27 @@ Dimension legend: T tokens, D hidden, F expert ffn, N blob bytes.
 
 from __future__ import annotations
 
-import atexit
-import itertools
 import os
-import queue
 import resource
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
 from quant import pinned
+from quant.errors import UserError
 from quant.units import parse_bytes
 
+from ..formats.checkpoint import Checkpoint
 from .cache import POLICIES, SlotTable
-from .checkpoint import Checkpoint
-from .errors import UserError
 from .memory import device_bytes_free, human, plan_memory
-from .model import MoE
-from .profile import median_time
+from .reader import Reader
 from .sources import open_source
+from .timing import median_time
 
 Key = tuple[int, int]  # (layer, expert)
-
-
-class Reader:
-    """The disk reader: one thread running reads in priority order, so a read the model waits for now
-    (priority 0) goes before reads ahead for later layers (priority = how many layers ahead), and a
-    queued read-ahead that becomes wanted now moves up (`promote`). The thread starts with the first read
-    and ends at `shutdown`, or when the reader is collected (it holds only the queue, not the reader), or
-    at interpreter exit (`_stop_readers`)."""
-
-    def __init__(self) -> None:
-        self.queue: queue.PriorityQueue = queue.PriorityQueue()
-        self.order = itertools.count()  # equal priorities run in submission order
-        self.waiting: dict[Future, tuple[int, Callable, tuple]] = {}  # queued, not started: priority, call
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    def submit(self, priority: int, fn: Callable, *args) -> Future:
-        fut: Future = Future()
-        with self.lock:
-            if self.thread is None:
-                self.thread = threading.Thread(target=_read_in_order, args=(self.queue, self.waiting, self.lock),
-                                               name="expert-reader", daemon=True)
-                self.thread.start()
-                weakref.finalize(self, self.queue.put, (float("inf"), -1, None))
-                _running.add(self)
-            self.waiting[fut] = (priority, fn, args)
-            self.queue.put((priority, next(self.order), fut))
-        return fut
-
-    def promote(self, fut: Future, priority: int) -> None:
-        """Queue `fut`'s read again at `priority` if that is sooner; whichever entry comes up first runs it."""
-        with self.lock:
-            queued = self.waiting.get(fut)
-            if queued is None or queued[0] <= priority:
-                return
-            self.waiting[fut] = (priority, *queued[1:])
-            self.queue.put((priority, next(self.order), fut))
-
-    def shutdown(self, drop_queued: bool = False, timeout: float | None = None) -> None:
-        """Run what is queued (or, with `drop_queued`, only the read in progress), then stop the thread;
-        `timeout`: wait at most that long for it."""
-        if self.thread is not None:
-            self.queue.put((-float("inf") if drop_queued else float("inf"), next(self.order), None))
-            self.thread.join(timeout)
-            if self.thread.is_alive():
-                return
-            self.thread = None  # a later read starts another
-        _running.discard(self)
-
-
-_running: weakref.WeakSet[Reader] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_readers() -> None:
-    """At exit (Ctrl-C included), end every reader thread still running before the interpreter finalizes.
-    A daemon thread still inside torch's C++ when that happens is torn down there, which aborts the process
-    ("terminate called without an active exception") instead of letting it exit with its status."""
-    for reader in list(_running):
-        reader.shutdown(drop_queued=True, timeout=10.0)  # a read stuck on a dead disk must not hang the exit
-
-
-def _read_in_order(jobs: queue.PriorityQueue, waiting: dict, lock: threading.Lock) -> None:
-    """The reader thread's loop: the next read by priority, until a None job. It keeps nothing of a read
-    once it is done, so an unclosed store can still be collected (and this thread ended with it)."""
-    while True:
-        fut = jobs.get()[2]
-        if fut is None:
-            return
-        with lock:
-            queued = waiting.pop(fut, None)
-        # None: an earlier entry of this read (it was promoted) ran it already.
-        if queued is not None and fut.set_running_or_notify_cancel():
-            try:
-                fut.set_result(queued[1](*queued[2]))
-            except BaseException as exc:  # the thread that waits for it re-raises it
-                fut.set_exception(exc)
-                del exc
-        del fut, queued
 
 
 class Stats:
@@ -179,7 +95,7 @@ class ExpertStore:
         self.profiler = None
         self.measured: dict | None = None  # the costs `--cpu-experts auto` compared on a GPU
         self.peak_before = 0  # CUDA: the allocator's peak before its counters were last reset by the profiler
-        self.gates: dict[int, torch.Tensor] = {}  # router weights, kept for router-ahead prefetch
+        self.routers: dict = {}  # layer -> the model's router, for router-ahead prefetch (`attach`)
 
         free = device_bytes_free(device) if self.cuda else None
         self.plan = plan_memory(
@@ -233,10 +149,9 @@ class ExpertStore:
     def expected_shapes(self) -> dict:
         return self.source.expected_shapes()
 
-    def layer_ffn(self, layer: int, read) -> MoE:
-        gate = read(f"model.layers.{layer}.block_sparse_moe.gate.weight")
-        self.gates[layer] = gate
-        return MoE(self.cfg, layer, gate, self)
+    def attach(self, routers: dict) -> None:
+        """The model's routers by layer (`Transformer.routers()`), which prefetch applies ahead of time."""
+        self.routers = routers
 
     def prepare(self, layer: int, h: torch.Tensor, experts: list[int]) -> None:
         """Plan this layer's experts (hit / copy / CPU), start every move, then prefetch the next K layers."""
@@ -269,12 +184,13 @@ class ExpertStore:
         """Router-ahead: the residual stream changes slowly, so layer L+j's router applied to layer L's
         hidden state picks most of the experts L+j will use. Guesses already in host RAM are copied to
         the device now; the others are read from disk into RAM (never blocking this thread)."""
-        ahead = range(layer + 1, min(layer + 1 + self.prefetch, self.cfg.num_hidden_layers))
+        ahead = [nxt for nxt in range(layer + 1, min(layer + 1 + self.prefetch, self.cfg.num_hidden_layers))
+                 if nxt in self.routers]
         if not ahead:
             return
-        logits = torch.stack([F.linear(h, self.gates[nxt]) for nxt in ahead])  # [K, T, E]
-        # One host sync for all K guesses (on a GPU each .tolist() waits for the compute stream).
-        guesses = torch.topk(logits, self.cfg.num_experts_per_tok, dim=-1).indices.flatten(1).tolist()
+        # Each layer's own router picks its guess; one host sync for all K guesses (on a GPU each .tolist()
+        # waits for the compute stream).
+        guesses = torch.stack([self.routers[nxt].choose(h) for nxt in ahead]).flatten(1).tolist()  # [K, T*k]
         for nxt, guess in zip(ahead, guesses):
             for e in sorted(set(guess)):
                 key = (nxt, e)

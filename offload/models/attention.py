@@ -1,0 +1,72 @@
+"""Grouped-query attention with rotary positions over a KV cache preallocated once for the whole context.
+
+Dimension legend: T tokens in this step, D hidden, H query heads, K key/value heads, Hd head dim,
+L layers, S cache length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .linear import linear, parts
+from .rotary import apply_rope
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated once for `length` positions: [L, K, S, Hd] each."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, length: int, device, dtype):
+        shape = (layers, kv_heads, length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = length
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class Attention:
+    """Grouped-query attention for one layer; writes this step's keys/values into the shared KV cache.
+
+    `window`: a sliding window (no query sees a key `window` or more positions back), or None."""
+
+    def __init__(self, layer: int, heads: int, kv_heads: int, head_dim: int, window: int | None, wq, wk, wv, wo):
+        self.layer, self.heads, self.kv_heads, self.head_dim, self.window = layer, heads, kv_heads, head_dim, window
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+
+    def dense_tensors(self) -> list[torch.Tensor]:
+        return [t for w in (self.wq, self.wk, self.wv, self.wo) for t in parts(w)]
+
+    def __call__(self, x: torch.Tensor, pos: int, cache: KVCache, cos, sin) -> torch.Tensor:
+        T = x.shape[0]
+        H, K, Hd = self.heads, self.kv_heads, self.head_dim
+        q = linear(x, self.wq).view(T, H, Hd).transpose(0, 1)  # [H, T, Hd]
+        k = linear(x, self.wk).view(T, K, Hd).transpose(0, 1)  # [K, T, Hd]
+        v = linear(x, self.wv).view(T, K, Hd).transpose(0, 1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        end = pos + T
+        cache.k[self.layer, :, pos:end] = k
+        cache.v[self.layer, :, pos:end] = v
+        # The sliding window: no query sees a key more than `window - 1` positions back, so the keys before
+        # the window of the step's first query are never read.
+        window = self.window
+        first = max(0, pos - window + 1) if window else 0
+        keys = cache.k[self.layer, :, first:end][None]    # [1, K, S, Hd]; SDPA groups the H // K queries
+        values = cache.v[self.layer, :, first:end][None]  # per key head itself (enable_gqa), no copies
+        mask, causal = None, False
+        if T > 1:
+            if pos == 0 and not (window and T > window):
+                causal = True  # the plain lower-triangular mask: SDPA builds it inside its fused kernels
+            else:
+                qpos = torch.arange(pos, end, device=x.device)[:, None]
+                kpos = torch.arange(first, end, device=x.device)[None, :]
+                mask = kpos <= qpos
+                if window:
+                    mask &= qpos - kpos < window
+        # One token attends to every key it is given (the window was cut above), so decode needs no mask.
+        # A batch dimension of 1: SDPA's fused CUDA kernels take 4-D inputs only.
+        out = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=H != K)[0]  # [H, T, Hd]
+        return linear(out.transpose(0, 1).reshape(T, H * Hd), self.wo)

@@ -1,0 +1,108 @@
+"""The sparse feed-forward block: a router picks experts per token, an expert provider runs them, shared
+experts (when a family has them) run densely beside them.
+
+Experts do not live here: the block asks an `ExpertProvider` for the output of expert (layer, e) on the
+tokens routed to it, so tiers, caches, prefetch and CPU fallback all live behind that one seam
+(offload/store/) and the forward never mentions them.
+
+Dimension legend: T tokens in this step, D hidden, E experts, k experts per token, F expert ffn.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class ExpertProvider(Protocol):
+    """Whoever owns the experts. The MoE block calls `prepare` once per layer, then `run` per expert."""
+
+    def prepare(self, layer: int, h: torch.Tensor, experts: list[int]) -> None:
+        """Layer `layer` is about to run `experts` (sorted) on router input h [T, D]; start what can start."""
+
+    def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert (layer, expert) applied to x [t, D] -> [t, D], in x's dtype and on x's device."""
+
+
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert: w2(silu(w1 x) * w3 x). x [t, D]; w1 (gate), w3 (up) [F, D]; w2 (down) [D, F]."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+class SwiGLU:
+    """A dense SwiGLU FFN on the device (a shared expert, or a dense MLP layer)."""
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor):
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def dense_tensors(self) -> list[torch.Tensor]:
+        return [self.w1, self.w2, self.w3]
+
+    def __call__(self, h: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return expert_ffn(h, self.w1, self.w2, self.w3)
+
+
+class SoftmaxRouter:
+    """Softmax over the E router logits (in float32), top-k, renormalized over the k when `renormalize`
+    (Mixtral) or not (a softmax over every expert, k = E, as MoLE's router)."""
+
+    def __init__(self, weight: torch.Tensor, k: int, renormalize: bool = True):
+        self.weight, self.k, self.renormalize = weight, k, renormalize  # weight [E, D]
+
+    def dense_tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, D] -> (weights [T, k] in h's dtype, expert ids [T, k])."""
+        probs = F.softmax(F.linear(h, self.weight), dim=-1, dtype=torch.float32)  # [T, E]
+        weights, ids = torch.topk(probs, self.k, dim=-1)                         # [T, k]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(h.dtype), ids
+
+    def choose(self, h: torch.Tensor) -> torch.Tensor:
+        """The expert ids [T, k] this router would pick for h [T, D] (softmax keeps the logits' order):
+        what router-ahead prefetch guesses with a later layer's router."""
+        return torch.topk(F.linear(h, self.weight), self.k, dim=-1).indices
+
+
+class MoE:
+    """Routed experts behind the provider, weighted by the router, plus an optional dense `shared` part.
+
+    The experts read h, or `expert_input(token_ids)` [T, D] where a family feeds them something else
+    (MoLE's experts read the token's normalized embedding)."""
+
+    def __init__(self, layer: int, router: SoftmaxRouter, experts: ExpertProvider, shared: SwiGLU | None = None,
+                 expert_input: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.layer, self.router, self.experts, self.shared = layer, router, experts, shared
+        self.expert_input = expert_input
+        self.last_routing: torch.Tensor | None = None  # [T, k] expert ids of the latest call, for stats/profiling
+
+    def dense_tensors(self) -> list[torch.Tensor]:
+        tensors = self.router.dense_tensors() + (self.shared.dense_tensors() if self.shared else [])
+        return tensors + getattr(self.expert_input, "dense_tensors", lambda: [])()
+
+    def __call__(self, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.router(h)  # [T, k]
+        k = ids.shape[1]
+        self.last_routing = ids
+        x = h if self.expert_input is None else self.expert_input(token_ids)  # [T, D]
+        # Group the tokens by expert, so each needed expert is fetched and run once for the whole step.
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        used, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        used, counts = used.tolist(), counts.tolist()
+        self.experts.prepare(self.layer, h, used)
+        out = torch.zeros_like(h)
+        start = 0
+        for e, n in zip(used, counts):
+            slots = order[start:start + n]          # positions in the flattened [T*k] routing
+            start += n
+            tokens = slots // k
+            y = self.experts.run(self.layer, e, x[tokens])                # [n, D]
+            out.index_add_(0, tokens, y * weights.flatten()[slots, None])
+        if self.shared is not None:
+            out = out + self.shared(h)
+        return out
