@@ -187,3 +187,48 @@ def test_running_out_of_gpu_memory_is_one_line_and_exit_2(capsys):
 def test_no_command_shows_the_help():
     result = run_cli()
     assert result.returncode == 0 and "Usage: moe-offload" in result.stdout and "generate" in result.stdout
+
+
+# ---- sampling options through the command line -----------------------------------------------------------
+
+def sampled_through_the_cli(folder, *options: str) -> tuple[list[int], list[torch.Tensor]]:
+    """The tokens `generate --json` samples with `options`, and the model's logits [V] at each of those steps
+    (teacher-forced through the Python API on the same tokens)."""
+    from offload.generate import decode_one, prefill
+
+    result = run_cli("generate", folder, "The quick brown fox", "-n", "12", "--json", *options)
+    assert result.returncode == 0, result.stderr
+    tokens = json.loads(result.stdout)["tokens"]
+    rt = offload.load(folder, device="cpu", context=64)
+    ids = rt.encode("The quick brown fox")
+    logits = [prefill(rt.model, torch.tensor(ids))]
+    for i, token in enumerate(tokens[:-1]):
+        logits.append(decode_one(rt.model, token, len(ids) + i))
+    return tokens, logits
+
+
+def test_top_k_through_the_cli_draws_only_among_the_k_most_likely(tiny_checkpoint):
+    tokens, logits = sampled_through_the_cli(tiny_checkpoint, "--temperature", "1.5", "--top-k", "3", "--seed", "4")
+    assert all(t in logits[i].topk(3).indices.tolist() for i, t in enumerate(tokens))
+    assert any(t != int(logits[i].argmax()) for i, t in enumerate(tokens))  # it sampled, it was not greedy
+
+
+def test_top_p_through_the_cli_draws_only_from_the_nucleus(tiny_checkpoint):
+    from test_generate import drawable
+
+    tokens, logits = sampled_through_the_cli(tiny_checkpoint, "--temperature", "1.5", "--top-p", "0.5", "--seed", "4")
+    nuclei = [drawable(torch.softmax(step.double(), -1).tolist(), 1.5, 0, 0.5) for step in logits]
+    assert all(t in nucleus for t, nucleus in zip(tokens, nuclei))
+    assert any(len(nucleus) > 1 for nucleus in nuclei) and any(t != int(step.argmax()) for t, step in zip(tokens, logits))
+
+
+def test_the_seed_through_the_cli_gives_the_python_apis_tokens(tiny_checkpoint):
+    from offload.generate import Sampling
+
+    result = run_cli("generate", tiny_checkpoint, "The quick brown fox", "-n", "12", "--json", "--temperature", "1",
+                     "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    rt = offload.load(tiny_checkpoint, device="cpu")
+    ids = rt.encode("The quick brown fox")
+    assert json.loads(result.stdout)["tokens"] == list(rt.generate_ids(ids, 12, Sampling(temperature=1.0, seed=5)))
+    assert json.loads(result.stdout)["tokens"] != list(rt.generate_ids(ids, 12, Sampling(temperature=1.0, seed=0)))

@@ -199,3 +199,56 @@ def test_prefetch_reads_in_flight_count_in_the_run_that_started_them(tiny_checkp
     store.reset_stats()  # a new run starts while that read is still going
     read.result()
     assert store.stats()["bytes_disk"] == 0
+
+
+# ---- which tokens sampling can ever draw, against a reference written out here -----------------------------
+
+# Eight tokens with these probabilities at temperature 1 (logits are their logs): no cumulative sum below
+# lands within 0.01 of a top_p used, so float rounding cannot move a token across a cut.
+PROBS = [0.30, 0.22, 0.16, 0.12, 0.09, 0.06, 0.03, 0.02]
+
+
+def drawable(probs: list[float], temperature: float, top_k: int, top_p: float) -> set[int]:
+    """The tokens that may be drawn, as transformers' warpers define them, in their order: temperature, then
+    the k most likely, then the smallest most-likely-first prefix of those (renormalized) whose mass reaches
+    top_p, so the token that crosses top_p is kept."""
+    weights = [p ** (1 / temperature) for p in probs]  # softmax(log p / T), up to its normalization
+    order = sorted(range(len(probs)), key=lambda i: -weights[i])
+    if top_k:
+        order = order[:top_k]
+    total, mass, kept = sum(weights[i] for i in order), 0.0, set()
+    for i in order:
+        kept.add(i)
+        mass += weights[i] / total
+        if mass >= top_p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, expected", [
+    (1.0, 0, 1.0, {0, 1, 2, 3, 4, 5, 6, 7}),
+    (1.0, 3, 1.0, {0, 1, 2}),
+    (1.0, 1, 1.0, {0}),
+    (1.0, 0, 0.5, {0, 1}),          # 0.30 < 0.5, then 0.52: the token that crosses top_p is kept
+    (1.0, 0, 0.75, {0, 1, 2, 3}),   # 0.68, then 0.80
+    (1.0, 5, 0.7, {0, 1, 2}),       # top-5 renormalized: 0.337, 0.584, 0.764; without the top-k cut, 4 tokens
+    (2.0, 0, 0.6, {0, 1, 2, 3}),    # a higher temperature flattens the distribution: more tokens reach 0.6
+])
+def test_sampling_draws_exactly_the_tokens_top_k_and_top_p_allow(temperature, top_k, top_p, expected):
+    assert drawable(PROBS, temperature, top_k, top_p) == expected  # the reference agrees with the hand count
+    logits = torch.tensor(PROBS).log() + 3.0  # any shift: softmax does not see it
+    s = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    generator = torch.Generator().manual_seed(0)
+    # Every kept token has probability >= 0.02 (0.98**600 < 1e-5 that one is never drawn); a dropped one, 0.
+    drawn = {sample(logits, s, generator) for _ in range(600)}
+    assert drawn == expected
+
+
+def test_a_seed_gives_the_same_tokens_and_another_seed_others(rt):
+    ids = rt.encode(PROMPT)
+    runs = {seed: list(rt.generate_ids(ids, 10, Sampling(temperature=1.0, seed=seed))) for seed in range(4)}
+    torch.manual_seed(12345)  # the global generator is not what a seeded run draws from
+    assert list(rt.generate_ids(ids, 10, Sampling(temperature=1.0, seed=2))) == runs[2]
+    assert len({tuple(tokens) for tokens in runs.values()}) == 4
+    greedy = list(rt.generate_ids(ids, 10))
+    assert all(tokens != greedy for tokens in runs.values())
