@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -50,12 +49,12 @@ sys.path.insert(0, str(REPO / "tests"))
 import offload  # noqa: E402
 import quant  # noqa: E402
 from common import RESULTS, device_name, save_record  # noqa: E402
-from hqq_ref import hqq_bits_per_param, hqq_dequantize, relative_error  # noqa: E402
+from hqq_ref import hqq_bits_per_param, hqq_dequantize, hqq_folder, relative_error  # noqa: E402
 from offload.models import open_checkpoint  # noqa: E402
 from offload.models.decoder import attention_shapes  # noqa: E402
 from offload.models.mixtral import expert_names  # noqa: E402
 from offload.convert import convert  # noqa: E402
-from offload.formats.converted import COPIED, DENSE_GROUP_SIZE, INFO_FILE, dense_format  # noqa: E402
+from offload.formats.converted import DENSE_GROUP_SIZE, INFO_FILE, dense_format  # noqa: E402
 from offload.store.memory import dense_bytes  # noqa: E402
 from offload.demo import corpus  # noqa: E402
 from offload.runtime import resolve_model_path  # noqa: E402
@@ -84,26 +83,6 @@ def perplexity(folder: Path) -> dict:
         nll += float(F.cross_entropy(logits.float(), x[1:], reduction="sum"))
         count += len(chunk)
     return {"ppl": math.exp(nll / count), "tokens": count, "seconds": round(time.perf_counter() - start, 2)}
-
-
-def hqq_folder(src: Path, dst: Path, bits: int, group_size: int, errors: list) -> Path:
-    """A Mixtral folder like src with every expert weight replaced by HQQ's reconstruction (float32)."""
-    ckpt = open_checkpoint(src)
-    dst.mkdir(parents=True)
-    for name in COPIED:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    tensors = {name: ckpt.read(name, dtype=torch.float32) for name in ckpt.locations}
-    cfg = ckpt.config
-    for layer in range(cfg.num_hidden_layers):
-        for e in range(cfg.num_local_experts):
-            for name in expert_names(layer, e):
-                w = tensors[name]
-                tensors[name] = hqq_dequantize(w, bits, group_size).contiguous()
-                errors.append(relative_error(w, tensors[name]))
-    ckpt.close()
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 def our_errors(src: Path, bits: int, group_size: int) -> list[float]:

@@ -18,6 +18,9 @@ Importable from benchmarks too (`sys.path` gets tests/ or `from tests.hqq_ref im
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 
@@ -46,6 +49,34 @@ def hqq_linear_dequantize(weight: torch.Tensor, bits: int, group_size: int) -> t
 def hqq_bits_per_param(bits: int, group_size: int) -> float:
     """HQQ's storage per weight counted as codes plus fp16 scale and fp16 zero per group."""
     return bits + 32 / group_size
+
+
+def hqq_folder(src: Path, dst: Path, bits: int, group_size: int, errors: list | None = None) -> Path:
+    """A model folder like src (a Mixtral checkpoint) with every expert weight replaced by HQQ's reconstruction,
+    all weights float32; each expert matrix's relative error is appended to `errors` when given."""
+    from safetensors.torch import save_file
+
+    from offload.formats.converted import COPIED
+    from offload.models import open_checkpoint
+    from offload.models.mixtral import expert_names
+
+    ckpt = open_checkpoint(src)
+    dst.mkdir(parents=True)
+    for name in COPIED:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    tensors = {name: ckpt.read(name, dtype=torch.float32) for name in ckpt.locations}
+    cfg = ckpt.config
+    for layer in range(cfg.num_hidden_layers):
+        for e in range(cfg.num_local_experts):
+            for name in expert_names(layer, e):
+                w = tensors[name]
+                tensors[name] = hqq_dequantize(w, bits, group_size).contiguous()
+                if errors is not None:
+                    errors.append(relative_error(w, tensors[name]))
+    ckpt.close()
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
