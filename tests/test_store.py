@@ -441,3 +441,29 @@ def test_planning_a_vram_budget_above_what_is_free_still_works(tiny_checkpoint, 
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     plan = memory_plan(tiny_checkpoint, device="cuda", dtype="float32", context=256, vram=10**15)["plan"]
     assert plan["vram_budget"] == 10**15 and plan["device_slots"] == plan["experts_total"]
+
+
+def test_a_per_layer_cache_keeps_each_layer_to_its_share_and_changes_no_result(tiny_checkpoint, reference):
+    """`per_layer_cache=True` (mixtral-offloading's policy, kept for bench_offload's comparison): the device slots
+    are split between the layers (7 slots over 3 layers: 3, 2, 2), a layer's miss evicts only its own experts,
+    and what is generated is what the global cache generates."""
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, 7), prefetch=1,
+                      per_layer_cache=True)
+    store, table = rt.store, rt.store.dev_table
+    held = []
+    inner = store.run
+
+    def run_and_count(layer, e, x):
+        held.append([sum(1 for key in table.key_of if key is not None and key[0] == n) for n in range(3)])
+        return inner(layer, e, x)
+
+    store.run = run_and_count
+    ids = rt.encode(PROMPT)
+    logits = [prefill(rt.model, torch.tensor(ids))]
+    for i in range(12):
+        logits.append(decode_one(rt.model, int(logits[-1].argmax()), len(ids) + i))
+    assert torch.equal(torch.stack(logits), reference[1])
+    assert all(count[0] <= 3 and count[1] <= 2 and count[2] <= 2 for count in held)
+    assert held[-1] == [3, 2, 2] and store.stats()["expert_misses"] > 0
+    with pytest.raises(UserError, match="a per-layer cache needs at least 6 device slots"):  # 3 layers x top-2
+        offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, 5), per_layer_cache=True)
