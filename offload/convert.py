@@ -139,7 +139,9 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
 
     layout = quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, bits, group_size)
     stride = (layout.nbytes + STRIDE_ALIGN - 1) // STRIDE_ALIGN * STRIDE_ALIGN
-    L, E = cfg.num_hidden_layers, cfg.num_local_experts
+    # Blobs of the layers with experts, in layer order (formats/converted.py): a dense layer has none.
+    layers, E = cfg.moe_layers, cfg.num_local_experts
+    L = len(layers)
     workers = workers or max(1, min(E, os.cpu_count() or 1))
 
     def one(key):
@@ -151,9 +153,9 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
         write_experts_header(f, L, E, stride, layout.nbytes)
         f.truncate(FILE_HEADER + L * E * stride)
         done = 0
-        for layer in range(L):  # one layer in flight at a time: memory stays bounded by E experts
-            for (l, e), blob in pool.map(one, [(layer, e) for e in range(E)]):
-                f.seek(FILE_HEADER + (l * E + e) * stride)
+        for i, layer in enumerate(layers):  # one layer in flight at a time: memory stays bounded by E experts
+            for (_, e), blob in pool.map(one, [(layer, e) for e in range(E)]):
+                f.seek(FILE_HEADER + (i * E + e) * stride)
                 f.write(blob.numpy().tobytes())
                 done += 1
                 if progress:

@@ -15,7 +15,7 @@ from .formats.converted import dense_format
 from .models import open_checkpoint
 from .runtime import (check_context, check_device_name, check_dtype_name, open_checked, resolve_device,
                       resolve_dtype, resolve_model_path)
-from .store.memory import dense_bytes, device_bytes_free, expected_traffic, plan_memory
+from .store.memory import dense_bytes, device_bytes_free, device_capability, expected_traffic, plan_memory
 from .store.sources import open_source
 
 
@@ -28,7 +28,7 @@ def describe(path: str | os.PathLike | None) -> dict:
     cfg = ckpt.config
     file_dtype = ckpt.locations["model.embed_tokens.weight"].dtype
     width = file_dtype.itemsize
-    n_experts = cfg.num_hidden_layers * cfg.num_local_experts
+    n_experts = cfg.experts_total
     dense_params, expert_params = dense_bytes(cfg, 1), n_experts * cfg.expert_params
     out = {
         "path": str(ckpt.path),
@@ -51,7 +51,7 @@ def describe(path: str | os.PathLike | None) -> dict:
         "bytes_per_expert": source.layout.nbytes if info else cfg.expert_params * width,
         "bytes_dense_gpu": dense_bytes(cfg, width, fmt),
         "bytes_all_experts": n_experts * (source.layout.nbytes if info else cfg.expert_params * width),
-        "expert_uses_per_token": cfg.num_hidden_layers * cfg.num_experts_per_tok,
+        "expert_uses_per_token": len(cfg.moe_layers) * cfg.num_experts_per_tok,
     }
     if info:
         out["quantized"] = f"experts {info['bits']}-bit (group {info['group_size']}), attention " + (
@@ -91,8 +91,10 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     context = min(context, cfg.max_position_embeddings)
     source = open_source(ckpt, dt)
     free = device_bytes_free(dev) if dev.type == "cuda" and not planning_only else None
+    capability = device_capability(dev) if dev.type == "cuda" and not planning_only else None
     plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, source.layout.nbytes, free_device_bytes=free,
-                       dense_format=source.dense_format)
+                       dense_format=source.dense_format, capability=capability,
+                       quantized_experts=source.layout.kind == "quant")
     resident = plan.device_slots == plan.experts_total
     used = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.expert_pool_bytes
     return {
@@ -100,6 +102,8 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
         "blob_bytes": plan.blob_bytes, "experts_total": plan.experts_total,
         "device_tier": {"budget": plan.vram_budget, "dense_bytes": plan.dense_bytes, "kv_bytes": plan.kv_bytes,
                         "workspace_bytes": plan.margin_bytes, "expert_slots": plan.device_slots,
+                        # the attention kernel the workspace was planned for (sm_80+ assumed without the GPU)
+                        "workspace": plan.workspace.as_dict() | {"assumed_sm80": dev.type == "cuda" and capability is None},
                         "expert_pool_bytes": plan.expert_pool_bytes, "used_bytes": used,
                         "unused_bytes": plan.vram_budget - used},
         "host_tier": {"budget": plan.ram_budget, "expert_slots": plan.host_slots,
@@ -108,6 +112,6 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
                  "bytes": (plan.experts_total - plan.host_slots) * plan.blob_bytes},
         "all_experts_on_device": resident,
         # Every expert resident: after its first use nothing moves, whatever hit rate was asked for.
-        "per_token": expected_traffic(plan, cfg.num_hidden_layers, 1.0 if resident else hit_rate, bandwidth),
+        "per_token": expected_traffic(plan, len(cfg.moe_layers), 1.0 if resident else hit_rate, bandwidth),
         "plan": plan.as_dict(),
     }

@@ -140,7 +140,7 @@ def warm_up_kernels(model: Transformer, store) -> None:
     attn = model.blocks[0].attn
     zeros = lambda n: torch.zeros(1, n, dtype=model.dtype, device=model.device)  # noqa: E731  one token
     with torch.no_grad():
-        linear(zeros(model.cfg.hidden_size), attn.wq)
+        linear(zeros(model.cfg.hidden_size), attn.qkv.wq)
         linear(zeros(model.cfg.num_attention_heads * model.cfg.head_dim), attn.wo)
         if isinstance(store, ExpertStore) and store.dev_views:
             # Device slot 0 holds no expert yet (the pool fills on demand): any bytes do for a warm-up.

@@ -135,7 +135,7 @@ def test_dense_bits_keep_the_attention_projections_quantized_on_the_device(quant
     for name, folder, similarity in (("16", quantized, 1.0), ("8", dense8, 0.999), ("4", dense4, 0.99)):
         logits, rt = greedy(folder, steps=0)
         assert torch.nn.functional.cosine_similarity(reference[0], logits[0], dim=0) >= similarity - 1e-6, name
-        wq = rt.model.blocks[0].attn.wq
+        wq = rt.model.blocks[0].attn.qkv.wq
         assert isinstance(wq, torch.Tensor) if name == "16" else (isinstance(wq, quant.QuantizedTensor) and wq.bits == int(name))
         held[name] = sum(t.numel() * t.element_size() for t in rt.model.dense_tensors())
         assert rt.store.plan.dense_bytes == held[name]  # the memory plan counts what the device really holds

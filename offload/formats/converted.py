@@ -10,7 +10,8 @@
                                       written last
 
 experts.bin: bytes [0, 4096) hold MAGIC, a version and a JSON index (layers, experts, stride, blob bytes);
-blob (l, e) starts at 4096 + (l * E + e) * stride and begins with its own BlobLayout header.
+"layers" counts the layers that have experts (a model's dense layers have none), and the blob of expert e
+of the i-th of them starts at 4096 + (i * E + e) * stride and begins with its own BlobLayout header.
 
 This file holds the format's constants and readers (and the experts.bin header writer); the writing
 itself is offload/convert.py.

@@ -5,7 +5,7 @@ the runtime or the tools above it.
     parts     config.py (ModelConfig), norms.py, rotary.py, linear.py, attention.py (KV cache, GQA),
               moe.py (routers, expert FFN, the MoE block and its ExpertProvider seam), transformer.py
               (block, model), decoder.py (the Hub's Llama-style names most families share)
-    families  mixtral.py, mole.py
+    families  mixtral.py, mole.py, qwen_moe.py (Qwen2-MoE, Qwen3-MoE), olmoe.py
 
 A family module provides:
     MODEL_TYPES                      the config.json model_type values it reads
@@ -26,10 +26,10 @@ from lut import TABLE_MODEL_TYPES
 from quant.errors import UserError
 
 from ..formats.checkpoint import Checkpoint
-from . import mixtral, mole
+from . import mixtral, mole, olmoe, qwen_moe
 from .config import ModelConfig
 
-FAMILIES: dict[str, ModuleType] = {t: m for m in (mixtral, mole) for t in m.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: m for m in (mixtral, qwen_moe, olmoe, mole) for t in m.MODEL_TYPES}
 # Families whose experts the expert store serves (and `convert` quantizes); table folders have none.
 EXPERT_MODEL_TYPES = tuple(t for t in FAMILIES if t not in TABLE_MODEL_TYPES)
 
@@ -62,7 +62,7 @@ def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         return {}
     D, F, names = cfg.hidden_size, cfg.intermediate_size, family(cfg).expert_names
     shapes = {}
-    for i in range(cfg.num_hidden_layers):
+    for i in cfg.moe_layers:
         for e in range(cfg.num_local_experts):
             w1, w2, w3 = names(i, e)
             shapes.update({w1: (F, D), w2: (D, F), w3: (F, D)})

@@ -34,6 +34,14 @@ class ModelConfig:
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
+    # What families vary in the shared parts (offload/models/decoder.py and moe.py):
+    norm_topk_prob: bool = True              # renormalize the top-k router weights over the k
+    attention_bias: tuple[str, ...] = ()     # projections among q, k, v, o that carry a bias
+    qk_norm: str | None = None               # RMSNorm on q and k before rotary: "head" (per head) or "whole"
+    layer_types: tuple[str, ...] = ()        # per layer "full_attention" | "sliding_attention"; () all alike
+    dense_layers: tuple[int, ...] = ()       # layers with a dense MLP instead of routed experts
+    dense_intermediate_size: int = 0         # that MLP's ffn width
+    shared_intermediate_size: int = 0        # a dense shared expert beside the routed ones (0: none)
     source: str = "config.json"
 
     def __post_init__(self) -> None:
@@ -65,11 +73,40 @@ class ModelConfig:
         need(self.num_experts_per_tok <= self.num_local_experts, "num_experts_per_tok",
              f"({self.num_experts_per_tok}) must not exceed num_local_experts ({self.num_local_experts})")
         need(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+        need(isinstance(self.norm_topk_prob, bool), "norm_topk_prob",
+             f"must be true or false, got {shown(self.norm_topk_prob)}")
+        need(not self.layer_types or (len(self.layer_types) == self.num_hidden_layers and set(self.layer_types)
+                                      <= {"full_attention", "sliding_attention"}), "layer_types",
+             f"must list \"full_attention\" or \"sliding_attention\" for each of the {self.num_hidden_layers} layers, "
+             f"got {shown(list(self.layer_types))}")
+        need(all(is_count(i) and i < self.num_hidden_layers for i in self.dense_layers), "mlp_only_layers",
+             f"must list layer indices below num_hidden_layers ({self.num_hidden_layers}), "
+             f"got {shown(list(self.dense_layers))}")
+        for name in ("dense_intermediate_size", "shared_intermediate_size"):
+            need(is_count(getattr(self, name)), name, f"must be a non-negative integer, got {shown(getattr(self, name))}")
+        need(not self.dense_layers or self.dense_intermediate_size > 0, "intermediate_size",
+             "must be a positive integer: it is the ffn width of the dense layers")
+        need(len(self.moe_layers) > 0, "mlp_only_layers", "leaves no layer with experts: this is a dense model")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The layers whose feed-forward part is routed experts (the expert store serves these)."""
+        return tuple(i for i in range(self.num_hidden_layers) if i not in self.dense_layers)
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window, or None when it attends to the whole context."""
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window or None
 
     @property
     def expert_params(self) -> int:
         """Parameters of one routed expert (gate, up: [F, D]; down: [D, F])."""
         return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def experts_total(self) -> int:
+        return len(self.moe_layers) * self.num_local_experts
 
 
 class Fields:
@@ -85,6 +122,22 @@ class Fields:
         if required and default is None:
             raise UserError(f"{self.source}: missing field '{name}'")
         return default
+
+    def flag(self, name: str, default: bool) -> bool:
+        """A true/false field; anything else is refused by name (a string "false" would read as true)."""
+        value = self.raw.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise UserError(f"{self.source}: field '{name}' must be true or false, got {shown(value)}")
+        return value
+
+    def expect(self, name: str, allowed: tuple, default=None) -> None:
+        """A field this runtime implements only for some values: any other is refused by name."""
+        value = self.raw.get(name, default)
+        if value not in allowed:
+            raise UserError(f"{self.source}: field '{name}' is {shown(value)}; this runtime implements "
+                            f"{' or '.join(shown(a) for a in allowed)}")
 
     def mapping(self, name: str) -> dict:
         """A field that holds a JSON object (absent or null: empty), so `.get` on it cannot fail."""
@@ -120,6 +173,7 @@ def decoder_fields(f: Fields, default_rope_theta: float = 1e6) -> dict:
         raise UserError(f"{source}: a pre-quantized checkpoint (quantization_config: "
                         f"{quantization.get('quant_method', '?')}) is not supported; "
                         f"start from the float model (moe-offload convert quantizes its experts)")
+    f.expect("hidden_act", ("silu",), default="silu")  # every family's experts here are SiLU-gated (SwiGLU)
     tie = raw.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise UserError(f"{source}: field 'tie_word_embeddings' must be true or false, got {shown(tie)}")

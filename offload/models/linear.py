@@ -8,9 +8,12 @@ import torch.nn.functional as F
 import quant
 
 
-def linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w.T for a weight tensor, or for a weight kept quantized on the device."""
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else quant.linear(x, w)
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) for a weight tensor, or for a weight kept quantized on the device."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = quant.linear(x, w)
+    return y if bias is None else y + bias
 
 
 def parts(w) -> tuple[torch.Tensor, ...]:

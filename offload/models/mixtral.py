@@ -42,6 +42,6 @@ def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def build(cfg: ModelConfig, w: Weights, experts: ExpertProvider, context: int) -> Transformer:
     def ffn(i: int) -> MoE:
-        return MoE(i, SoftmaxRouter(w(router_name(i)), cfg.num_experts_per_tok), experts)
+        return MoE(i, SoftmaxRouter(w(router_name(i)), cfg.num_experts_per_tok, cfg.norm_topk_prob), experts)
 
     return build_decoder(cfg, w, ffn, context)

@@ -19,7 +19,6 @@ Dimension legend: T tokens, D hidden, N experts, F expert ffn, Fs shared ffn.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -39,12 +38,7 @@ MODEL_TYPES = (MOLE_MODEL_TYPE, *TABLE_MODEL_TYPES)
 __all__ = ["MODEL_TYPES", "config", "dense_shapes", "attention_shapes", "expert_names", "build"]
 
 
-@dataclass(frozen=True)
-class MoLEModelConfig(ModelConfig):
-    shared_intermediate_size: int = 0
-
-
-def config(raw: dict, source: str) -> MoLEModelConfig:
+def config(raw: dict, source: str) -> ModelConfig:
     m = MoLEConfig.from_dict(raw, source=source, model_types=MODEL_TYPES)  # MoLE's own checks, by field
     fields = decoder_fields(Fields(raw, source))  # refuses what no family implements (rope scaling, ...)
     fields.update(hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
@@ -52,9 +46,9 @@ def config(raw: dict, source: str) -> MoLEModelConfig:
                   head_dim=m.head_dim, rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta,
                   vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
                   tie_word_embeddings=m.tie_word_embeddings, bos_token_id=m.bos_token_id)
-    return MoLEModelConfig(**fields, intermediate_size=m.intermediate_size, num_local_experts=m.num_local_experts,
-                           num_experts_per_tok=m.num_local_experts,
-                           shared_intermediate_size=m.shared_intermediate_size)
+    return ModelConfig(**fields, intermediate_size=m.intermediate_size, num_local_experts=m.num_local_experts,
+                       num_experts_per_tok=m.num_local_experts, norm_topk_prob=False,
+                       shared_intermediate_size=m.shared_intermediate_size)
 
 
 def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
@@ -63,7 +57,7 @@ def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
     return f"{p}.w1.weight", f"{p}.w2.weight", f"{p}.w3.weight"
 
 
-def dense_shapes(cfg: MoLEModelConfig) -> dict[str, tuple[int, ...]]:
+def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor that lives on the compute device: the decoder's, each layer's shared FFN and router, and
     (before the experts became tables) the experts' input norm."""
     D, Fs, N = cfg.hidden_size, cfg.shared_intermediate_size, cfg.num_local_experts
@@ -117,14 +111,14 @@ class TableMoLE:
         return mix(shared, gates, self.tables.rows(self.layer))  # rows [T, N, D]
 
 
-def build(cfg: MoLEModelConfig, w: Weights, experts: ExpertProvider | TableRows, context: int) -> Transformer:
+def build(cfg: ModelConfig, w: Weights, experts: ExpertProvider | TableRows, context: int) -> Transformer:
     """`experts`: the expert store ("mole") or the table store ("mole_tables")."""
     def ffn(i: int):
         p = f"model.layers.{i}.mole"
         shared = SwiGLU(w(f"{p}.shared.w1.weight"), w(f"{p}.shared.w2.weight"), w(f"{p}.shared.w3.weight"))
         if cfg.model_type != MOLE_MODEL_TYPE:
             return TableMoLE(i, shared, w(f"{p}.router.weight"), experts)
-        router = SoftmaxRouter(w(f"{p}.router.weight"), cfg.num_local_experts, renormalize=False)
+        router = SoftmaxRouter(w(f"{p}.router.weight"), cfg.num_local_experts, renormalize=cfg.norm_topk_prob)
         source = EmbeddingInput(w("model.embed_tokens.weight"), w(f"{p}.expert_norm.weight"), cfg.rms_norm_eps)
         return MoE(i, router, experts, shared=shared, expert_input=source)
 

@@ -142,7 +142,7 @@ def plan_memory(cfg: ModelConfig, itemsize: int, device: str, vram: int | None, 
     return MemoryPlan.make(
         device=device, vram=vram, ram=ram, dense_bytes=dense or dense_bytes(cfg, itemsize, dense_format),
         kv_bytes=kv_bytes(cfg, context, itemsize), margin_bytes=workspace_bytes(cfg, context, itemsize, cuda),
-        blob_bytes=blob_bytes, experts_total=cfg.num_hidden_layers * cfg.num_local_experts,
+        blob_bytes=blob_bytes, experts_total=cfg.experts_total,
         experts_per_token=cfg.num_experts_per_tok, free_device_bytes=free_device_bytes)
 
 

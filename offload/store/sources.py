@@ -34,13 +34,14 @@ class CheckpointExperts:
         self.names = family(cfg).expert_names
         self.dense_format = None
         self.layout = BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dtype)
-        self.file_dtype = ckpt.locations[self.names(0, 0)[0]].dtype
-        for key in ((i, e) for i in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)):
+        first = (cfg.moe_layers[0], 0)
+        self.file_dtype = ckpt.locations[self.names(*first)[0]].dtype
+        for key in ((i, e) for i in cfg.moe_layers for e in range(cfg.num_local_experts)):
             for name in self.names(*key):
                 loc = ckpt.locations[name]
                 if loc.dtype != self.file_dtype or not loc.dtype.is_floating_point:
                     raise UserError(f"{loc.file}: tensor {name} is {loc.dtype}; every expert weight must be a "
-                                    f"float of one dtype (layer 0's expert 0 is {self.file_dtype})")
+                                    f"float of one dtype (expert {first} is {self.file_dtype})")
         # Same dtype on disk as in compute: read straight into the blob. Otherwise stage and convert.
         self.direct = self.file_dtype == dtype
 
@@ -74,9 +75,11 @@ class BlobFileExperts:
         self.dense_format = dense_format(info)
         self.path = ckpt.path / EXPERTS_FILE
         index = read_experts_header(self.path)
-        if (index["layers"], index["experts"]) != (cfg.num_hidden_layers, cfg.num_local_experts):
+        # Blobs of the layers with experts only, in layer order: a model's dense layers have none.
+        self.index_of = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+        if (index["layers"], index["experts"]) != (len(cfg.moe_layers), cfg.num_local_experts):
             raise UserError(f"{self.path}: holds {index['layers']} x {index['experts']} experts, config.json says "
-                            f"{cfg.num_hidden_layers} x {cfg.num_local_experts}")
+                            f"{len(cfg.moe_layers)} x {cfg.num_local_experts} (layers with experts x experts)")
         self.stride, self.base, self.experts = index["stride"], FILE_HEADER, index["experts"]
         with open(self.path, "rb") as f:
             f.seek(self.base)
@@ -91,7 +94,7 @@ class BlobFileExperts:
 
     def read_into(self, key: Key, blob: torch.Tensor) -> int:
         layer, e = key
-        offset = self.base + (layer * self.experts + e) * self.stride
+        offset = self.base + (self.index_of[layer] * self.experts + e) * self.stride
         pread_exactly(self.ckpt.fileno(self.path), memoryview(blob.numpy()), offset, self.path,  # closed with ckpt
                       f"expert {key}")
         # Every blob carries the same header; a mismatch means the file is corrupt at this expert.

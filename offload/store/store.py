@@ -381,7 +381,7 @@ class ExpertStore:
         cfg, plan = self.cfg, self.plan
         if plan.host_slots < plan.experts_total:
             return
-        keys = [(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)]
+        keys = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_local_experts)]
         todo: list[tuple[Key, int]] = []
         pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="expert-fill")
         try:
