@@ -212,7 +212,9 @@ def _plan_table(plan: dict):
     table.add_column("bytes", justify="right")
     table.add_row("device", "dense weights (embeddings, attention, norms, routers, lm_head)", b(d["dense_bytes"]))
     table.add_row("device", "KV cache", b(d["kv_bytes"]))
-    table.add_row("device", "workspace (full-context prefill)", b(d["workspace_bytes"]))
+    ws = d["workspace"]
+    table.add_row("device", f"workspace (prefill of up to {ws['chunk_tokens']} tokens, {ws['backend']} attention"
+                            f"{', sm_80+ assumed' if ws['assumed_sm80'] else ''})", b(d["workspace_bytes"]))
     table.add_row("device", f"{d['expert_slots']} of {plan['experts_total']} expert slots x {b(plan['blob_bytes'])}",
                   b(d["expert_pool_bytes"]))
     table.add_row("device", f"unused of the {b(d['budget'])} budget", b(d["unused_bytes"]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -35,9 +35,15 @@ class Sampling:
             raise UserError(f"--seed must be between {SEED_MIN} and {SEED_MAX}, got {self.seed}")
 
 
-def prefill(model: Transformer, prompt: torch.Tensor) -> torch.Tensor:
-    """Run the whole prompt [T] in one pass; logits of its last position [V]."""
-    return model.forward(prompt, 0)[-1]
+def prefill(model: Transformer, prompt: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Run the prompt [T] in one pass, or in passes of `chunk` tokens (the memory plan's, where attention
+    memory grows with tokens x keys: offload.store.memory.Workspace.prefill_chunk); logits of its last
+    position [V]."""
+    T = prompt.shape[0]
+    chunk = chunk or T
+    for start in range(0, T, chunk):
+        logits = model.forward(prompt[start:start + chunk], start)
+    return logits[-1]
 
 
 def decode_one(model: Transformer, token: int, pos: int) -> torch.Tensor:
@@ -87,19 +93,20 @@ def check_request(model: Transformer, prompt_ids: list[int], max_new_tokens: int
 
 
 def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sampling,
-                 stop_ids: set[int] = frozenset()) -> Iterator[int]:
+                 stop_ids: set[int] = frozenset(), prefill_chunk: Callable[[int], int] | None = None) -> Iterator[int]:
     """Generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens. A request
     that cannot run (`check_request`) raises here, before any step; the steps run as the ids are taken."""
     check_request(model, prompt_ids, max_new_tokens)
-    return _steps(model, prompt_ids, max_new_tokens, s, stop_ids)
+    return _steps(model, prompt_ids, max_new_tokens, s, stop_ids, prefill_chunk)
 
 
 def _steps(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sampling,
-           stop_ids: set[int]) -> Iterator[int]:
+           stop_ids: set[int], prefill_chunk: Callable[[int], int] | None = None) -> Iterator[int]:
     generator = None
     if s.seed is not None:
         generator = torch.Generator().manual_seed(s.seed)
-    logits = prefill(model, torch.tensor(prompt_ids, device=model.device))
+    chunk = prefill_chunk(len(prompt_ids)) if prefill_chunk else 0
+    logits = prefill(model, torch.tensor(prompt_ids, device=model.device), chunk)
     pos = len(prompt_ids)
     for i in range(max_new_tokens):
         token = sample(logits, s, generator)

@@ -104,6 +104,7 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
                         "workspace_bytes": plan.margin_bytes, "expert_slots": plan.device_slots,
                         # the attention kernel the workspace was planned for (sm_80+ assumed without the GPU)
                         "workspace": plan.workspace.as_dict() | {"assumed_sm80": dev.type == "cuda" and capability is None},
+                        "workspace": plan.workspace.as_dict() | {"assumed_sm80": dev.type == "cuda" and capability is None},
                         "expert_pool_bytes": plan.expert_pool_bytes, "used_bytes": used,
                         "unused_bytes": plan.vram_budget - used},
         "host_tier": {"budget": plan.ram_budget, "expert_slots": plan.host_slots,

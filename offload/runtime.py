@@ -113,7 +113,7 @@ def build_model(ckpt: Checkpoint, store, device: torch.device, dtype: torch.dtyp
     cfg = ckpt.config
     model = family(cfg).build(cfg, DenseWeights(ckpt, device, dtype, dense_format), store, context)
     if isinstance(store, ExpertStore):
-        store.attach(model.routers())
+        store.attach(model.routers(), lambda: [*model.dense_tensors(), model.cache.k, model.cache.v, model.cos, model.sin])
     return model
 
 
@@ -169,7 +169,10 @@ class Runtime:
         One generation at a time: they share the KV cache, so starting another ends this one (its next
         step raises UserError) rather than letting both continue on each other's keys and values."""
         self._check_open()
-        tokens = generate_ids(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids)
+        # The memory plan's workspace holds a prefill of its chunk size: a longer prompt goes in chunks.
+        plan = getattr(self.store, "plan", None)  # an expert store's; a table store plans no workspace
+        chunk = plan.workspace.prefill_chunk if plan is not None and plan.workspace else None
+        tokens = generate_ids(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, chunk)
         return self._timed(prompt_ids, tokens)
 
     def _check_open(self) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 import psutil
+import torch
 
 import quant
 from quant.errors import UserError
+from quant.expert import GPU_ROW_BLOCK_ELEMS, ROW_BLOCK_ELEMS
 
 from ..models import family
 from ..models.config import ModelConfig
@@ -26,6 +29,12 @@ def default_ram_budget() -> int:
     return int(psutil.virtual_memory().available * 0.8)
 
 
+# Default --vram on a GPU: what is free less this much. Memory the caching allocator never sees arrives after
+# the plan: cuBLAS/cuBLASLt handles and their lazily loaded kernels, Triton's modules, the CPU-expert probe.
+# bench/gpu_session.sh measures what they took (`headroom` in its record); this keeps room for it.
+DEFAULT_HEADROOM = 1 << 30
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How the device budget splits: dense weights + KV cache + workspace margin + expert slots."""
@@ -41,25 +50,32 @@ class MemoryPlan:
     experts_per_token: int
     device_slots: int
     host_slots: int
+    workspace: Workspace | None = None  # what margin_bytes is made of (None: a margin given as a number)
 
     @property
     def expert_pool_bytes(self) -> int:
         return self.device_slots * self.blob_bytes
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"expert_pool_bytes": self.expert_pool_bytes}
+        """The plan's numbers (the workspace's parts are `workspace.as_dict()`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workspace"}
+        return out | {"expert_pool_bytes": self.expert_pool_bytes}
 
     @classmethod
     def make(cls, device: str, vram: int | None, ram: int | None, dense_bytes: int, kv_bytes: int,
              margin_bytes: int, blob_bytes: int, experts_total: int, experts_per_token: int,
-             free_device_bytes: int | None) -> "MemoryPlan":
+             free_device_bytes: int | None, workspace: Workspace | None = None) -> "MemoryPlan":
         """Check the budgets and size both expert pools; raise UserError with the numbers when they cannot work."""
         fixed = dense_bytes + kv_bytes + margin_bytes
-        if vram is None:
-            # Default: what the device has free (CUDA), or room for every expert (CPU slot pool).
-            vram = free_device_bytes if free_device_bytes is not None else fixed + experts_total * blob_bytes
+        default = vram is None
+        if default:
+            # Default: what the device has free less a headroom (CUDA), or room for every expert (CPU slot pool).
+            vram = (max(0, free_device_bytes - DEFAULT_HEADROOM) if free_device_bytes is not None
+                    else fixed + experts_total * blob_bytes)
         if vram < fixed + blob_bytes:
-            raise UserError(f"--vram {human(vram)} cannot hold the dense part ({human(dense_bytes)}) + KV cache "
+            what = (f"what the GPU has free ({human(free_device_bytes)}) less {human(DEFAULT_HEADROOM)} of headroom "
+                    f"for CUDA's libraries ({human(vram)})" if default else f"--vram {human(vram)}")
+            raise UserError(f"{what} cannot hold the dense part ({human(dense_bytes)}) + KV cache "
                             f"({human(kv_bytes)}) + workspace ({human(margin_bytes)}) + one expert ({human(blob_bytes)}): "
                             f"need at least {human(fixed + blob_bytes)}")
         device_slots = min(experts_total, (vram - fixed) // blob_bytes)
@@ -73,7 +89,7 @@ class MemoryPlan:
                             f"the host tier needs to stream one layer's experts from disk")
         host_slots = min(experts_total, ram // blob_bytes)
         return cls(device, vram, ram, dense_bytes, kv_bytes, margin_bytes, blob_bytes, experts_total,
-                   experts_per_token, int(device_slots), int(host_slots))
+                   experts_per_token, int(device_slots), int(host_slots), workspace)
 
 
 def device_bytes_free(device) -> int:
@@ -83,6 +99,15 @@ def device_bytes_free(device) -> int:
 
     reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return torch.cuda.mem_get_info(device)[0] + reserved_unused
+
+
+def device_capability(device) -> tuple[int, int] | None:
+    """A CUDA device's compute capability (it decides the attention kernel), or None where torch cannot
+    read one (a CPU build told there is a GPU): the plan then assumes sm_80 or newer."""
+    try:
+        return torch.cuda.get_device_capability(device)
+    except (AssertionError, RuntimeError):
+        return None
 
 
 # ---- what the device tier must hold besides experts (one definition, used by the store and by `inspect`) ----
@@ -106,9 +131,10 @@ def dense_bytes(cfg: ModelConfig, itemsize: int, dense_format: tuple[int, int] |
 
 
 def kv_bytes(cfg: ModelConfig, context: int, itemsize: int) -> int:
-    """The preallocated KV cache: keys and values [L, K, S, Hd]."""
+    """What the context sizes on the device: the preallocated KV cache, keys and values [L, K, S, Hd], and
+    the rotary tables cos, sin [S, Hd]."""
     S = min(context, cfg.max_position_embeddings)
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * S * cfg.head_dim * itemsize
+    return 2 * (cfg.num_hidden_layers * cfg.num_key_value_heads + 1) * S * cfg.head_dim * itemsize
 
 
 def check_table_vram(store, context: int) -> None:
@@ -126,24 +152,167 @@ def check_table_vram(store, context: int) -> None:
                         + " + ".join(f"{k} ({human(v)})" for k, v in parts.items()) + f": need at least {human(need)}")
 
 
-def workspace_bytes(cfg: ModelConfig, context: int, itemsize: int, cuda: bool) -> int:
-    """Workspace for a full-context prefill: the experts' [T, F] intermediates and the attention scores
-    [H, T, T], plus the CUDA allocator's slack."""
-    T = min(context, cfg.max_position_embeddings)
-    act = (3 * T * cfg.intermediate_size + cfg.num_attention_heads * T * T + 4 * T * cfg.hidden_size) * itemsize
-    return act + (256 << 20 if cuda else 0)
+# ---- the workspace: what a prefill builds on the device besides weights, KV cache and expert slots -------
+
+# Library workspaces that torch's matmuls take from the caching allocator, once per (handle, stream) running
+# them (the compute stream only: copies use no library): cuBLAS's is 32 MiB on sm_90 and 8 MiB before it
+# (CUBLAS_WORKSPACE_CONFIG's default), cuBLASLt's up to as much again. Counted at the larger sizes.
+CUBLAS_WORKSPACE = 32 << 20
+CUBLASLT_WORKSPACE = 32 << 20
+# The caching allocator rounds blocks up (large ones to 2 MiB segments) and cannot always reuse a freed
+# block for a larger request: slack for that fragmentation.
+ALLOCATOR_SLACK = 256 << 20
+# The most that one prefill forward's quadratic attention temporaries (the math kernel's float32 scores
+# [H, C, S], masks [C, S]) may take: a longer prompt is prefilled in chunks of fewer tokens.
+QUADRATIC_BYTES = 1 << 30
+# torch's CPU attention kernel: per thread, a block of scores against every key (measured: ~320 bytes per
+# key, whatever the head dim) and partial outputs; half types also convert keys and values to float32.
+CPU_ATTENTION_PER_KEY = 512
+CPU_ATTENTION_PER_THREAD = 64 << 10
+# Dequantizing a block of weights (quant.quantize.dequantize_parts) holds float32 codes, codes - zero and
+# the scaled result at once: 12 bytes per weight, plus the block at the compute dtype.
+DEQUANT_BYTES_PER_WEIGHT = 12
+HALF = (torch.float16, torch.bfloat16)
+
+
+def attention_backend(cfg: ModelConfig, dtype: torch.dtype, device_type: str, context: int,
+                      capability: tuple[int, int] | None = None) -> str:
+    """The kernel torch's scaled_dot_product_attention runs a prefill's attention with, called as
+    offload/models/attention.py calls it (grouped query heads, a causal prompt or an explicit mask):
+
+      cpu        torch's CPU kernel (any dtype, masks and grouped heads): blocked, no [T, S] scores
+      flash      fp16/bf16 on sm_80 or newer, head dim a multiple of 8 up to 256, and no mask (a prompt
+                 within the sliding window): memory linear in the tokens
+      efficient  where every query head has its own key head (torch runs grouped heads on flash and math
+                 only), on any GPU torch supports: linear, plus a [T, S] bias when masked
+      math       everything else (float32 with grouped heads, GPUs before sm_80, masks): float32 scores
+                 [H, T, S] and keys and values expanded per head, which chunked prefill keeps bounded
+
+    `capability`: the GPU's (major, minor); None plans for sm_80 or newer (planning without the GPU)."""
+    if device_type == "cpu":
+        return "cpu"
+    masked = cfg.sliding_window is not None and context > cfg.sliding_window
+    if (dtype in HALF and (capability or (8, 0)) >= (8, 0) and cfg.head_dim % 8 == 0 and cfg.head_dim <= 256
+            and not masked):
+        return "flash"
+    if cfg.num_attention_heads == cfg.num_key_value_heads and cfg.head_dim % 8 == 0:
+        return "efficient"
+    return "math"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """What a prefill needs on the device besides weights, KV cache and expert slots, in bytes, for the
+    attention kernel it was planned for, and how a prompt is cut so that it stays within it.
+
+    Parts (each an upper bound for its phase; their sum is what the plan reserves):
+      activations  hidden states, q/k/v and their rotary temporaries, the MoE block's gathered tokens and its
+                   expert intermediates [T, F] (all of one forward's tokens routed to one expert, at worst)
+      attention    the attention kernel's own temporaries
+      dequant      a block of quantized expert weights, or a whole quantized attention projection
+                   (`--dense-bits`), dequantized for a prefill
+      library      cuBLAS/cuBLASLt workspaces and the caching allocator's slack (CUDA only)"""
+
+    backend: str
+    chunk_tokens: int     # the most tokens one prefill forward takes
+    activations: int
+    attention: int
+    dequant: int
+    library: int
+    pair_bytes: int = 0   # quadratic attention bytes per (query, key) pair; 0: memory linear in the tokens
+    quadratic_bytes: int = QUADRATIC_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.attention + self.dequant + self.library
+
+    def prefill_chunk(self, prompt_tokens: int) -> int:
+        """Tokens per prefill forward for a prompt of `prompt_tokens`: all of them where attention memory is
+        linear; else as many as keep the last chunk's [chunk, prompt] temporaries within `quadratic_bytes`."""
+        if not self.pair_bytes:
+            return prompt_tokens
+        return max(1, min(prompt_tokens, self.quadratic_bytes // (self.pair_bytes * prompt_tokens)))
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"total": self.total}
+
+
+def plan_workspace(cfg: ModelConfig, context: int, dtype: torch.dtype, device_type: str,
+                   capability: tuple[int, int] | None = None, quantized_experts: bool = False,
+                   dense_format: tuple[int, int] | None = None, threads: int | None = None,
+                   quadratic_bytes: int | None = None) -> Workspace:
+    """The Workspace of a prefill of up to `context` tokens (see `Workspace` for its parts; `attention_backend`
+    for the kernels). Dimension legend: C tokens of one forward, S keys, D hidden, F widest ffn, H, K query
+    and key/value heads, Hd head dim, E experts, k experts per token. `quadratic_bytes`: the chunks'
+    budget (default QUADRATIC_BYTES)."""
+    quadratic_bytes = quadratic_bytes or QUADRATIC_BYTES
+    s = dtype.itemsize
+    S = min(context, cfg.max_position_embeddings)
+    D, H, K, Hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    Wq, Wkv = H * Hd, K * Hd
+    F = max(cfg.intermediate_size, cfg.shared_intermediate_size, cfg.dense_intermediate_size)
+    backend = attention_backend(cfg, dtype, device_type, S, capability)
+    window = cfg.sliding_window is not None and S > cfg.sliding_window
+
+    # Quadratic bytes per (query, key) pair, where a mask or the math kernel's scores make them. The mask
+    # attention.py builds: bool [C, S], and for a window an int64 distance and a bool comparison on the way.
+    mask = 1 + (9 if window else 0)
+    pair = {"flash": 0,
+            "cpu": 4 + mask if window else 0,                    # the mask as float32, for the CPU kernel
+            "efficient": s + mask if window else 0,              # the mask as an additive bias
+            # float32 scores, softmax, its all-masked-rows check (bool) and result, per head; the mask as float
+            "math": 13 * H + 4 + mask}[backend]
+    if pair:
+        # A prompt of P tokens runs in chunks of Workspace.prefill_chunk(P); the largest is at P = sqrt(B / pair).
+        C = max(1, min(S, math.isqrt(quadratic_bytes // pair)))
+        quadratic = max(quadratic_bytes, pair * S)  # a 1-token chunk against every key, at worst
+    else:
+        C, quadratic = S, 0
+
+    # The kernel's linear temporaries: its output [H, C, Hd] and row statistics; the math kernel also
+    # expands keys and values per head ([H, S, Hd], in the dtype, then float32) and scales a copy of the keys.
+    attention = quadratic + C * (Wq * s + 4 * H)
+    if backend == "cpu":
+        attention += (threads or torch.get_num_threads()) * (S * CPU_ATTENTION_PER_KEY + CPU_ATTENTION_PER_THREAD)
+        attention += 2 * S * Wkv * 4 if s < 4 else 0
+    if backend == "math":
+        expand = (2 * s if H != K else 0) + (8 if s < 4 else 0) + 4
+        attention += S * Wq * expand + C * Wq * (12 + s)
+
+    # Live activations of one forward, the larger of its two phases, plus the residual stream and its update.
+    qk_norm = C * (Wq + Wkv) * 8 if cfg.qk_norm else 0  # float32 statistics of q and k
+    attn_phase = C * s * (2 * D + 7 * Wq + 2 * Wkv) + qk_norm
+    experts = (5 if quantized_experts else 3) * C * F * s  # quantized: per-block products, their concatenation
+    moe_phase = C * s * 6 * D + experts + C * (E * (s + 8) + 24 * k)
+    norm_phase = C * D * (s + 8)
+    activations = 2 * C * D * s + max(attn_phase, moe_phase, norm_phase) + cfg.vocab_size * 8
+
+    # Dequantized blocks: the expert forward's row blocks (quant.expert), or a whole attention projection.
+    cuda = device_type == "cuda"
+    dequant = 0
+    if quantized_experts:
+        block = min(GPU_ROW_BLOCK_ELEMS if cuda else ROW_BLOCK_ELEMS, D * cfg.intermediate_size)
+        dequant = (DEQUANT_BYTES_PER_WEIGHT + s) * block
+    if dense_format:
+        dequant = max(dequant, (DEQUANT_BYTES_PER_WEIGHT + s) * max(Wq, Wkv) * D)
+    library = CUBLAS_WORKSPACE + CUBLASLT_WORKSPACE + ALLOCATOR_SLACK if cuda else 0
+    return Workspace(backend, C, activations, attention, dequant, library, pair, quadratic_bytes)
 
 
 def plan_memory(cfg: ModelConfig, itemsize: int, device: str, vram: int | None, ram: int | None, context: int,
                 blob_bytes: int, free_device_bytes: int | None = None, dense: int = 0,
-                dense_format: tuple[int, int] | None = None) -> MemoryPlan:
-    """The MemoryPlan of a model under these budgets, from its config alone (no weights are read)."""
-    cuda = device.startswith("cuda")
+                dense_format: tuple[int, int] | None = None, capability: tuple[int, int] | None = None,
+                quantized_experts: bool = False) -> MemoryPlan:
+    """The MemoryPlan of a model under these budgets, from its config alone (no weights are read).
+    `capability`: the CUDA device's (major, minor), which decides the attention kernel (None: sm_80+)."""
+    dtype = {4: torch.float32, 2: torch.float16}[itemsize]  # the attention kernel depends on the width only
+    ws = plan_workspace(cfg, context, dtype, torch.device(device).type, capability, quantized_experts, dense_format)
     return MemoryPlan.make(
         device=device, vram=vram, ram=ram, dense_bytes=dense or dense_bytes(cfg, itemsize, dense_format),
-        kv_bytes=kv_bytes(cfg, context, itemsize), margin_bytes=workspace_bytes(cfg, context, itemsize, cuda),
+        kv_bytes=kv_bytes(cfg, context, itemsize), margin_bytes=ws.total,
         blob_bytes=blob_bytes, experts_total=cfg.experts_total,
-        experts_per_token=cfg.num_experts_per_tok, free_device_bytes=free_device_bytes)
+        experts_per_token=cfg.num_experts_per_tok, free_device_bytes=free_device_bytes, workspace=ws)
 
 
 def expected_traffic(plan: MemoryPlan, layers: int, hit_rate: float, bandwidth: float) -> dict:

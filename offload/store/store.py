@@ -36,7 +36,7 @@ from quant.units import parse_bytes
 
 from ..formats.checkpoint import Checkpoint
 from .cache import POLICIES, SlotTable
-from .memory import device_bytes_free, human, plan_memory
+from .memory import device_bytes_free, device_capability, human, plan_memory
 from .reader import Reader
 from .sources import open_source
 from .timing import median_time
@@ -96,16 +96,19 @@ class ExpertStore:
         self.measured: dict | None = None  # the costs `--cpu-experts auto` compared on a GPU
         self.peak_before = 0  # CUDA: the allocator's peak before its counters were last reset by the profiler
         self.routers: dict = {}  # layer -> the model's router, for router-ahead prefetch (`attach`)
+        self.model_tensors: Callable[[], list[torch.Tensor]] | None = None  # the model's device tensors (`attach`)
 
         free = device_bytes_free(device) if self.cuda else None
-        self.plan = plan_memory(
-            cfg, dtype.itemsize, str(device), vram=parse_bytes(vram, "--vram"), ram=parse_bytes(ram, "--ram"),
-            context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
-            free_device_bytes=free)
+        vram = parse_bytes(vram, "--vram")
         # Here, not in the plan: `inspect` and the benchmarks plan budgets larger than what is free right now.
-        if free is not None and self.plan.vram_budget > free:
-            raise UserError(f"--vram {human(self.plan.vram_budget)} is more than {device} has free ({human(free)}); "
+        if free is not None and vram is not None and vram > free:
+            raise UserError(f"--vram {human(vram)} is more than {device} has free ({human(free)}); "
                             f"lower it, or leave it out to use what is free")
+        self.plan = plan_memory(
+            cfg, dtype.itemsize, str(device), vram=vram, ram=parse_bytes(ram, "--ram"),
+            context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
+            free_device_bytes=free, capability=device_capability(device) if self.cuda else None,
+            quantized_experts=self.layout.kind == "quant")
         N = self.layout.nbytes
 
         # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), to the
@@ -149,9 +152,12 @@ class ExpertStore:
     def expected_shapes(self) -> dict:
         return self.source.expected_shapes()
 
-    def attach(self, routers: dict) -> None:
-        """The model's routers by layer (`Transformer.routers()`), which prefetch applies ahead of time."""
+    def attach(self, routers: dict, device_tensors: Callable[[], list[torch.Tensor]] | None = None) -> None:
+        """The model's routers by layer (`Transformer.routers()`), which prefetch applies ahead of time, and
+        what lists the model's own tensors on the device (dense weights, KV cache, rotary tables), which
+        `held_device_bytes` measures."""
         self.routers = routers
+        self.model_tensors = device_tensors
 
     def prepare(self, layer: int, h: torch.Tensor, experts: list[int]) -> None:
         """Plan this layer's experts (hit / copy / CPU), start every move, then prefetch the next K layers."""
@@ -461,8 +467,18 @@ class ExpertStore:
     def peak_device_bytes(self) -> int:
         if self.cuda:
             return max(self.peak_before, int(torch.cuda.max_memory_allocated(self.device)))
-        # CPU slot pool: the runtime's own accounting of what the "device" tier holds.
-        return self.plan.dense_bytes + self.plan.kv_bytes + self.dev.numel()
+        # CPU slot pool: no allocator counts the "device" tier, so measure what it holds.
+        return self.held_device_bytes()
+
+    def held_device_bytes(self) -> int:
+        """Bytes the device tier holds now, measured from the tensors (each storage counted once, whole):
+        the expert slot pool and the model's tensors given to `attach`. Not the plan's numbers: a pool or a
+        cache allocated larger than planned shows here."""
+        tensors = [self.dev] if self.dev is not None else []
+        if self.model_tensors is not None:
+            tensors += self.model_tensors()
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+        return sum(storages.values())
 
     def stats(self) -> dict:
         out = self.stats_.as_dict()
