@@ -4,35 +4,64 @@ from __future__ import annotations
 
 import os
 
+from typing import NamedTuple
+
 import torch
 
 from lut.config import is_table_folder
 from lut.serve import describe_tables
+from quant.blob import BlobLayout
 from quant.errors import UserError
 from quant.units import parse_bytes
 
+from .formats.checkpoint import holds_weights, read_config_json
 from .formats.converted import dense_format
-from .models import open_checkpoint
-from .runtime import (check_context, check_device_name, check_dtype_name, open_checked, resolve_device,
+from .models import EXPERT_MODEL_TYPES, open_checkpoint, read_config
+from .runtime import (DTYPES, check_context, check_device_name, check_dtype_name, open_checked, resolve_device,
                       resolve_dtype, resolve_model_path)
 from .store.memory import dense_bytes, device_bytes_free, device_capability, expected_traffic, plan_memory
 from .store.sources import open_source
+
+
+class ConfigExperts(NamedTuple):
+    """The expert source a folder of config.json alone stands for: float experts, plain dense weights."""
+
+    layout: BlobLayout
+    dense_format: None = None
+
+
+def open_folder(path: str | os.PathLike | None):
+    """(config, checkpoint, expert source, conversion record) of a model folder, opened and checked
+    (runtime.open_checked); a folder holding config.json and no weights is read from its config alone
+    (checkpoint None, the experts at the config's dtype), so a model can be planned before it is fetched."""
+    folder = resolve_model_path(path)
+    if holds_weights(folder) or not (folder / "config.json").is_file():
+        ckpt, source, info = open_checked(path)
+        return ckpt.config, ckpt, source, info
+    cfg = read_config(read_config_json(folder), str(folder / "config.json"), EXPERT_MODEL_TYPES)
+    dtype = DTYPES.get(cfg.torch_dtype, torch.bfloat16)
+    return cfg, None, ConfigExperts(BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dtype)), None
 
 
 def describe(path: str | os.PathLike | None) -> dict:
     """A dict describing the model folder; unquantized byte figures use the checkpoint's dtype."""
     if is_table_folder(resolve_model_path(path)):
         return describe_tables(open_checkpoint(resolve_model_path(path)))
-    ckpt, source, info = open_checked(path)
+    cfg, ckpt, source, info = open_folder(path)
+    if ckpt is not None:
+        file_dtype = ckpt.locations["model.embed_tokens.weight"].dtype
+        ckpt.close()  # headers were all it needed
+    else:
+        file_dtype = DTYPES.get(cfg.torch_dtype, torch.bfloat16)
     fmt = dense_format(info)
-    cfg = ckpt.config
-    file_dtype = ckpt.locations["model.embed_tokens.weight"].dtype
     width = file_dtype.itemsize
     n_experts = cfg.experts_total
     dense_params, expert_params = dense_bytes(cfg, 1), n_experts * cfg.expert_params
+    active = dense_params + len(cfg.moe_layers) * cfg.num_experts_per_tok * cfg.expert_params
     out = {
-        "path": str(ckpt.path),
+        "path": str(resolve_model_path(path)),
         "model_type": cfg.model_type,  # the family that runs it (offload/models)
+        "weights": "safetensors" if ckpt else "none: config.json alone (every figure from the config)",
         "layers": cfg.num_hidden_layers,
         "experts_per_layer": cfg.num_local_experts,
         "experts_per_token": cfg.num_experts_per_tok,
@@ -43,8 +72,11 @@ def describe(path: str | os.PathLike | None) -> dict:
         "vocab_size": cfg.vocab_size,
         "checkpoint_dtype": str(file_dtype).removeprefix("torch."),
         "params_total": dense_params + expert_params,
-        "params_dense": dense_params,
+        "params_dense": dense_params,  # shared experts and dense MLP layers included
         "params_experts": expert_params,
+        "params_shared_experts": len(cfg.moe_layers) * 3 * cfg.hidden_size * cfg.shared_intermediate_size,
+        # What one token multiplies by: every dense weight (the embedding row included) and k experts per layer.
+        "params_active_per_token": active,
         "expert_fraction": round(expert_params / max(1, dense_params + expert_params), 4),
         "experts_total": n_experts,
         # A converted folder's experts are quantized blobs: their size is the blob's, header included.
@@ -81,15 +113,16 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
         raise UserError(f"--bandwidth must be positive, got {bandwidth}")
     check_plan_options(device, dtype, context)
     vram, ram = parse_bytes(vram, "--vram"), parse_bytes(ram, "--ram")
-    ckpt, _, _ = open_checked(path)
-    cfg = ckpt.config
+    cfg, ckpt, _, _ = open_folder(path)
+    if ckpt is not None:
+        ckpt.close()  # headers were all the plan needed
     planning_only = device.startswith("cuda") and not torch.cuda.is_available()
     if planning_only and vram is None:
         raise UserError("planning for a GPU on a machine without one needs --vram (the GPU's budget)")
     dev = torch.device(device) if planning_only else resolve_device(device)
     dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
     context = min(context, cfg.max_position_embeddings)
-    source = open_source(ckpt, dt)
+    source = open_source(ckpt, dt) if ckpt else ConfigExperts(BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dt))
     free = device_bytes_free(dev) if dev.type == "cuda" and not planning_only else None
     capability = device_capability(dev) if dev.type == "cuda" and not planning_only else None
     plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, source.layout.nbytes, free_device_bytes=free,
@@ -103,7 +136,6 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
         "device_tier": {"budget": plan.vram_budget, "dense_bytes": plan.dense_bytes, "kv_bytes": plan.kv_bytes,
                         "workspace_bytes": plan.margin_bytes, "expert_slots": plan.device_slots,
                         # the attention kernel the workspace was planned for (sm_80+ assumed without the GPU)
-                        "workspace": plan.workspace.as_dict() | {"assumed_sm80": dev.type == "cuda" and capability is None},
                         "workspace": plan.workspace.as_dict() | {"assumed_sm80": dev.type == "cuda" and capability is None},
                         "expert_pool_bytes": plan.expert_pool_bytes, "used_bytes": used,
                         "unused_bytes": plan.vram_budget - used},

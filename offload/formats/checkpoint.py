@@ -88,6 +88,29 @@ def _location(path: Path, name: str, info, base: int, size: int) -> TensorLocati
     return TensorLocation(path, dtype, tuple(shape), base + begin, end - begin)
 
 
+def read_config_json(folder: Path) -> dict:
+    """A model folder's config.json as a dict, or a one-line error saying why there is none."""
+    if not folder.exists():
+        raise UserError(f"{folder}: no such model folder")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder (expected a Hugging Face model folder)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path}: missing (is this a Hugging Face model folder?)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return raw
+
+
+def holds_weights(folder: Path) -> bool:
+    """Whether the folder has safetensors weights to index (a folder of config.json alone can be planned)."""
+    return (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+
+
 class Checkpoint:
     """A model folder opened for lazy reading. `read(name)` loads one tensor; nothing is read up front.
 
@@ -97,20 +120,8 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike, read_config: Callable[[dict, str], object] | None = None):
         self.path = Path(path)
-        if not self.path.exists():
-            raise UserError(f"{self.path}: no such model folder")
-        if not self.path.is_dir():
-            raise UserError(f"{self.path}: not a folder (expected a Hugging Face model folder)")
-        config_path = self.path / "config.json"
-        if not config_path.is_file():
-            raise UserError(f"{config_path}: missing (is this a Hugging Face model folder?)")
-        try:
-            self.raw_config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{config_path}: not valid JSON ({exc})") from None
-        if not isinstance(self.raw_config, dict):
-            raise UserError(f"{config_path}: expected a JSON object")
-        self.config = read_config(self.raw_config, str(config_path)) if read_config else None
+        self.raw_config = read_config_json(self.path)
+        self.config = read_config(self.raw_config, str(self.path / "config.json")) if read_config else None
         self.locations = self._index()
         self._files: dict[Path, object] = {}
         self._lock = threading.Lock()
