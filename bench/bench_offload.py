@@ -8,7 +8,15 @@ What it measures, and against what (every figure is a ratio against a baseline m
     random bf16 weights, a few layers): the same sweep, and on a GPU the measured pinned host->device
     bandwidth and the ratio of time per token to the transfer bound (bytes that had to move / bandwidth).
 
-    python bench/bench_offload.py                  # demo model + a 1-layer slice on CPU
+How: each setting loads a runtime, warms it with the request it will be timed on (the caches then hold what
+a server repeating it would hold; the all-resident baseline is warmed until a whole generation copies
+nothing, so it is resident in fact, not just in budget), then times one generation, with device syncs
+around it. Every setting, the baseline included, is measured --repeats times, interleaved (round r measures
+every setting once, each round in a rotated order), so a slow spell of a shared machine falls on all of
+them; tokens/s is the median of the repeats (best and every run are in the record) and the ratio is of
+medians. The counters (hits, bytes) are deterministic without CPU experts; the record says if they varied.
+
+    python bench/bench_offload.py --threads 1      # demo model + a 1-layer slice on CPU
     python bench/bench_offload.py --slice-layers 4 # on a GPU: more layers
     python bench/bench_offload.py --no-slice       # demo model only
 
@@ -19,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 
 import offload
-from common import PROMPT, RESULTS, device_name, save_record, sync
+from common import PROMPT, RESULTS, device_name, load_average, save_record, sync
 from offload.models import open_checkpoint
 from offload.inspect import memory_plan
 from offload.store.memory import human
@@ -51,8 +60,13 @@ def config_of(folder):
     return open_checkpoint(resolve_model_path(folder)).config
 
 
-def decode(folder, device: str, tokens: int, context: int, **options) -> dict:
-    """One warm-up generation (fills caches as a running server would have them), then a measured one.
+WARM_UP_LIMIT = 8  # generations the all-resident baseline may take to stop copying
+
+
+def decode(folder, device: str, tokens: int, context: int, until_no_copies: bool = False,
+           warm_tokens: int | None = None, **options) -> dict:
+    """Load, warm up with the request to be timed (`warm_tokens` of it if given; repeated until a whole
+    generation copies nothing, when `until_no_copies`), then time one generation of `tokens` tokens.
 
     Counters are of the decode steps only, as tokens/s is: prefill uses nearly every expert of every layer,
     and would inflate the bytes per token and deflate the hit rate. Missed experts are copied, never
@@ -60,7 +74,10 @@ def decode(folder, device: str, tokens: int, context: int, **options) -> dict:
     options.setdefault("cpu_experts", "never")
     rt = offload.load(folder, device=device, context=context, **options)
     ids = rt.encode(PROMPT)
-    list(rt.generate_ids(ids, max_new_tokens=4))
+    for warm_ups in range(1, WARM_UP_LIMIT + 1):
+        list(rt.generate_ids(ids, max_new_tokens=warm_tokens or tokens))
+        if not until_no_copies or rt.stats()["bytes_h2d"] == 0:
+            break
     sync(device)
     after_prefill = {}
     for i, _ in enumerate(rt.generate_ids(ids, max_new_tokens=tokens)):
@@ -68,51 +85,76 @@ def decode(folder, device: str, tokens: int, context: int, **options) -> dict:
             after_prefill = rt.store.stats_.as_dict()
     sync(device)
     s = rt.stats()
+    rt.close()
     d = {k: s[k] - after_prefill.get(k, 0) for k in Stats.FIELDS}
     uses = d["expert_hits"] + d["expert_misses"]
     decoded = max(1, s["new_tokens"] - 1)
     return {
         "device_slots": s["device_slots"], "host_slots": s["host_slots"], "prefetch": s["prefetch"],
+        "warm_up_generations": warm_ups, "bytes_h2d_whole_generation": s["bytes_h2d"],
         "hit_rate": round(d["expert_hits"] / max(1, uses), 4),
         "prefetch_issued": d["prefetch_issued"], "prefetch_hits": d["prefetch_hits"],
         "prefetch_accuracy": round(d["prefetch_hits"] / d["prefetch_issued"], 4) if d["prefetch_issued"] else None,
         "bytes_h2d_per_token": d["bytes_h2d"] // decoded, "bytes_disk_per_token": d["bytes_disk"] // decoded,
-        "tokens_per_s": s["tokens_per_s"], "prefill_s": s["prefill_s"],
+        "decode_steps": decoded, "tokens_per_s": s["tokens_per_s"], "prefill_s": s["prefill_s"],
         "cpu_expert_calls": d["cpu_expert_calls"], "peak_vram_bytes": s["peak_vram_bytes"],
         "blob_bytes": s["blob_bytes"],
     }
 
 
+def repeated(runs: list[dict]) -> dict:
+    """One setting's repeats as one row: the first run's counters, tokens/s as median, best and every run."""
+    speeds = [r["tokens_per_s"] for r in runs]
+    timed = ("tokens_per_s", "prefill_s", "peak_vram_bytes")
+    counters = [{k: v for k, v in r.items() if k not in timed} for r in runs]
+    return {**counters[0], "counters_varied": any(c != counters[0] for c in counters[1:]),
+            "tokens_per_s": statistics.median(speeds), "best_tokens_per_s": max(speeds), "runs_tokens_per_s": speeds,
+            "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+            "peak_vram_bytes": max((r["peak_vram_bytes"] or 0) for r in runs) or None}
+
+
 def sweep(folder, device: str, slot_counts: list[int], prefetches: list[int], tokens: int, context: int,
-          bandwidth: float | None, label: str, dtype: str = "auto", into: dict | None = None, save=lambda: None) -> dict:
-    """The all-resident baseline, then every (slots, prefetch) row, filled into `into` (returned) with
-    `save()` after each row."""
+          bandwidth: float | None, label: str, repeats: int, dtype: str = "auto", into: dict | None = None,
+          save=lambda: None) -> dict:
+    """The all-resident baseline and every (slots, prefetch) setting, each measured `repeats` times in
+    interleaved rounds; rows filled into `into` (returned), with `save()` after each round."""
     total = slot_counts[-1]
-    base = decode(folder, device, tokens, context, vram=vram_for(folder, device, total, context, dtype), prefetch=0,
-                  dtype=dtype)
-    rows: list[dict] = []
+    settings = [("baseline", total, 0)] + [("row", slots, p) for slots in slot_counts for p in prefetches]
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(settings))}
     result = into if into is not None else {}
-    result.update(baseline_all_resident=base, sweep=rows)
-    for slots in slot_counts:
-        for p in prefetches:
-            row = decode(folder, device, tokens, context, vram=vram_for(folder, device, slots, context, dtype),
-                         prefetch=p, dtype=dtype)
-            row["speed_vs_all_resident"] = round(row["tokens_per_s"] / base["tokens_per_s"], 4) if base["tokens_per_s"] else None
+    for r in range(repeats):
+        order = list(range(len(settings)))
+        order = order[r % len(order):] + order[:r % len(order)]  # rotated: no setting always runs first
+        for i in order:
+            kind, slots, p = settings[i]
+            runs[i].append(decode(folder, device, tokens, context, until_no_copies=kind == "baseline",
+                                  vram=vram_for(folder, device, slots, context, dtype), prefetch=p, dtype=dtype))
+        base = repeated(runs[0])
+        rows = []
+        for i, (_, slots, p) in enumerate(settings[1:], start=1):
+            row = repeated(runs[i])
+            row["speed_vs_all_resident"] = round(row["tokens_per_s"] / base["tokens_per_s"], 4)
             if bandwidth:
                 bound_s = row["bytes_h2d_per_token"] / bandwidth
                 row["transfer_bound_s_per_token"] = bound_s
                 row["time_per_token_vs_transfer_bound"] = (round((1 / row["tokens_per_s"]) / bound_s, 3)
-                                                           if bound_s > 0 and row["tokens_per_s"] else None)
+                                                           if bound_s > 0 else None)
             rows.append(row)
-            print(f"{label:>8} slots {slots:>4}/{total} prefetch {p}: hit {row['hit_rate']:.3f}  "
-                  f"h2d/token {human(row['bytes_h2d_per_token']):>11}  {row['tokens_per_s']:8.2f} tok/s  "
-                  f"({row['speed_vs_all_resident']}x of all-resident)", flush=True)
-            save()
+        result.update(repeats_done=r + 1, baseline_all_resident=base, sweep=rows)
+        save()
+        print(f"{label:>8} round {r + 1}/{repeats} done", flush=True)
+    print(f"{label:>8} all-resident: hit {base['hit_rate']:.3f} after {base['warm_up_generations']} warm-up "
+          f"generation(s), {base['tokens_per_s']:8.2f} tok/s (median)")
+    for row in result["sweep"]:
+        print(f"{label:>8} slots {row['device_slots']:>4}/{total} prefetch {row['prefetch']}: hit {row['hit_rate']:.3f}  "
+              f"h2d/token {human(row['bytes_h2d_per_token']):>11}  {row['tokens_per_s']:8.2f} tok/s  "
+              f"({row['speed_vs_all_resident']}x of all-resident)", flush=True)
     return result
 
 
 def policy_comparison(folder, device: str, slot_counts: list[int], tokens: int, context: int) -> list[dict]:
-    """Global LRU vs per-layer LRU misses at equal slot counts (prefetch off, so only the policy differs)."""
+    """Global LRU vs per-layer LRU misses at equal slot counts (prefetch off, so only the policy differs), after a
+    4-token warm-up, as offload/store/cache.py quotes them."""
     cfg = config_of(folder)
     rows = []
     for slots in slot_counts:
@@ -120,8 +162,8 @@ def policy_comparison(folder, device: str, slot_counts: list[int], tokens: int, 
             continue
         row = {"device_slots": slots}
         for name, per_layer in (("global_lru", False), ("per_layer_lru", True)):
-            r = decode(folder, device, tokens, context, vram=vram_for(folder, device, slots, context), prefetch=0,
-                       per_layer_cache=per_layer)
+            r = decode(folder, device, tokens, context, warm_tokens=4, vram=vram_for(folder, device, slots, context),
+                       prefetch=0, per_layer_cache=per_layer)
             row[name + "_hit_rate"] = r["hit_rate"]
         rows.append(row)
         print(f"  policy slots {slots}: global {row['global_lru_hit_rate']:.3f} vs per-layer {row['per_layer_lru_hit_rate']:.3f}")
@@ -178,18 +220,30 @@ def write_mixtral_slice(folder: Path, layers: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tokens", type=int, default=32,
-                    help="tokens generated per setting (the decode steps after the first are measured)")
+    ap.add_argument("--tokens", type=int, default=128,
+                    help="tokens generated per demo setting (the decode steps after the first are timed)")
+    ap.add_argument("--repeats", type=int, default=5, help="measured runs of every setting, interleaved")
+    ap.add_argument("--policy-tokens", type=int, default=32,
+                    help="tokens of the global vs per-layer LRU comparison (offload/store/cache.py quotes it at 32)")
     ap.add_argument("--slice-layers", type=int, default=None, help="layers of the Mixtral-shaped slice (default: 1 on CPU, 4 on GPU)")
-    ap.add_argument("--slice-tokens", type=int, default=None, help="decode steps for the slice (default: 4 on CPU, 16 on GPU)")
+    ap.add_argument("--slice-tokens", type=int, default=None,
+                    help="tokens per slice setting (default: 16 on CPU, 32 on GPU)")
+    ap.add_argument("--slice-repeats", type=int, default=3,
+                    help="measured runs of every slice setting (each reloads the slice: fewer than the demo's)")
     ap.add_argument("--no-slice", action="store_true", help="skip the Mixtral-shaped slice")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     gpu = device.startswith("cuda")
     bandwidth = h2d_bandwidth() if gpu else None
     record = {"benchmark": "offload", "device": device_name(device), "torch": torch.__version__,
-              "h2d_bandwidth_bytes_per_s": bandwidth, "prompt": PROMPT}
+              "h2d_bandwidth_bytes_per_s": bandwidth, "prompt": PROMPT, "repeats": args.repeats,
+              "slice_repeats": args.slice_repeats,
+              "tokens": args.tokens, "policy_tokens": args.policy_tokens,
+              "load_average_at_start": load_average()}
     if bandwidth:
         print(f"pinned host->device bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
@@ -202,13 +256,14 @@ def main() -> None:
     total = cfg.num_hidden_layers * cfg.num_local_experts
     slots = sorted({2, total // 8, total // 4, total // 2, 3 * total // 4, total})
     record["demo"] = {}
-    sweep("demo", device, slots, [0, 1, 2], args.tokens, 256, bandwidth, "demo", into=record["demo"], save=save)
-    record["demo"]["policy"] = policy_comparison("demo", device, slots, args.tokens, 256)
+    sweep("demo", device, slots, [0, 1, 2], args.tokens, 256, bandwidth, "demo", args.repeats, into=record["demo"],
+          save=save)
+    record["demo"]["policy"] = policy_comparison("demo", device, slots, args.policy_tokens, 256)
     save()
 
     if not args.no_slice:
         layers = args.slice_layers or (4 if gpu else 1)
-        tokens = args.slice_tokens or (16 if gpu else 4)
+        tokens = args.slice_tokens or (32 if gpu else 16)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "mixtral-slice"
             print(f"writing a {layers}-layer Mixtral-shaped slice (random bf16 weights) ...", flush=True)
@@ -216,9 +271,10 @@ def main() -> None:
             total = layers * 8
             slice_slots = sorted({2, 4, total // 2, total})
             # bfloat16 everywhere (as on a GPU); float32 on CPU would double every pool for no insight.
-            record["mixtral_slice"] = {"layers": layers, "dtype": "bfloat16"}
-            sweep(folder, device, slice_slots, [0, 1], tokens, 64, bandwidth, "slice", dtype="bfloat16",
+            record["mixtral_slice"] = {"layers": layers, "dtype": "bfloat16", "tokens": tokens}
+            sweep(folder, device, slice_slots, [0, 1], tokens, 64, bandwidth, "slice", args.slice_repeats, dtype="bfloat16",
                   into=record["mixtral_slice"], save=save)
+    record["load_average_at_end"] = load_average()
     save()
     print(f"wrote {out}")
 

@@ -20,6 +20,15 @@ def device_name(device: str) -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15-minute load averages (None where the OS has none): a record says how busy the
+    machine was, since other work on it slows every contender, if not evenly."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def sync(device: str) -> None:
     """Wait for queued GPU work, so a timer around it measures the work and not its launch."""
     if device.startswith("cuda"):

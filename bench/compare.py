@@ -4,20 +4,24 @@ Decodes the same prompt, greedily, the same number of tokens, with
   (a) moe-offload at its best settings under --vram: the fastest of a small sweep (prefetch 0/1/2 x CPU
       experts never/always on CPU, never/auto on a GPU), measured again after the sweep;
   (b) transformers + accelerate: `MixtralForCausalLM.from_pretrained(device_map="auto",
-      max_memory={0: VRAM, "cpu": RAM})`. Accelerate places whole decoder layers (attention and all of
-      their experts); the layers that do not fit the GPU budget stay in CPU RAM and its hooks copy their
-      weights to the GPU on every forward. Without a GPU the closest equivalent is run instead:
-      `max_memory={"cpu": VRAM}` plus an offload folder, so the CPU plays the GPU and the layers that do
-      not fit its budget are memory-mapped from disk and loaded on every forward (the next tier down);
-  (c) moe-offload with every expert resident (the upper bound; prefetch off).
-and reports decode tokens/s of each (the best of --repeats measured runs after one warm-up run, the run
-least disturbed by other load on the machine; all runs are kept in the record; the first token, from
-prefill, is not counted), the ratios a/b and a/c, and (a)'s time per token against its
-transfer bound (the bytes it moved per decode token over the host->device bandwidth, from
-offload.profile). Every figure is a ratio against a baseline measured in the same run; absolute times mean
-something only on a GPU, with the device named.
+      max_memory={0: VRAM, "cpu": RAM})`, the same VRAM and RAM budgets as (a). Accelerate places whole
+      decoder layers (attention and all of their experts); the layers that do not fit the GPU budget stay
+      in CPU RAM and its hooks copy their weights to the GPU on every forward. Without a GPU there is no
+      like-for-like run of it: `max_memory={"cpu": VRAM}` plus an offload folder makes the CPU play the GPU,
+      and the layers beyond that budget are memory-mapped from disk and reloaded on every forward, while
+      (a) keeps every expert in RAM; it is recorded, labelled as what it is, not as the headline;
+  (c) moe-offload with every expert resident (the upper bound; prefetch off);
+  (b') transformers without offloading (the whole model on the device), when it fits.
+and reports decode tokens/s of each (the best and the median of --repeats measured runs after one warm-up
+run; the best is the run least disturbed by other load on the machine; all runs are kept in the record; the
+first token, from prefill, is not counted), the ratios, and (a)'s time per token against its transfer bound
+(the bytes it moved per decode token over the host->device bandwidth, from offload.profile). The headline
+ratio compares like with like: on a GPU a/b (the same budgets); on a CPU a/b' (every weight of both in RAM:
+what it measures is the runtime's own cost of serving experts through its slots and store against
+transformers' forward). Every figure is a ratio against a baseline measured in the same run; absolute
+times mean something only on a GPU, with the device named.
 
-    python bench/compare.py                                      # CPU: the demo model, 1/4 of experts fit
+    python bench/compare.py --threads 1 --repeats 10 --tokens 48 # CPU: the demo model, 1/4 of experts fit
     python bench/compare.py --slice-layers 4 --vram 6GiB         # GPU: a Mixtral-shaped slice
 
 Writes bench/results/compare-<device slug>.json (e.g. compare-cpu-x86-64-1-threads.json; --out FILE to choose).
@@ -31,6 +35,7 @@ import argparse
 import gc
 import json
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, bench_offload, when run as a program
 
 import offload  # noqa: E402
-from common import PROMPT, RESULTS, device_name, save_record, sync  # noqa: E402
+from common import PROMPT, RESULTS, device_name, load_average, save_record, sync  # noqa: E402
 from offload.models import open_checkpoint  # noqa: E402
 from offload.inspect import memory_plan  # noqa: E402
 from offload.store.memory import default_ram_budget, human  # noqa: E402
@@ -84,7 +89,7 @@ def ours(folder, device: str, tokens: int, repeats: int, context: int, logits: d
     # The counters cover the last measured generation, prefill included (its copies too).
     return {"options": {k: v for k, v in options.items() if k not in ("vram", "ram", "dtype")},
             "cpu_experts_decided": s["cpu_experts"], "cpu_expert_costs": s["cpu_expert_costs"], "dtype": dtype,
-            "tokens_per_s": max(speeds),
+            "tokens_per_s": max(speeds), "median_tokens_per_s": statistics.median(speeds),
             "runs_tokens_per_s": speeds, "tokens": out, "device_slots": s["device_slots"],
             "hit_rate_with_prefill": round(s["expert_hits"] / uses, 4) if uses else None,
             "cpu_expert_calls": s["cpu_expert_calls"],
@@ -149,8 +154,9 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
             what = f"device_map='auto', max_memory={{{home}: {human(vram)}, 'cpu': {human(ram)}}}"
         else:
             max_memory = {"cpu": vram}
-            what = (f"CPU-only equivalent: device_map='auto', max_memory={{'cpu': {human(vram)}}}, layers beyond "
-                    f"the budget offloaded to disk (offload_folder)")
+            what = (f"accelerate with disk offload, not like for like: device_map='auto', max_memory={{'cpu': "
+                    f"{human(vram)}}}, the layers beyond it reloaded from an offload folder every forward, while "
+                    f"(a) holds every expert in RAM")
         placed = dict(device_map="auto", max_memory=max_memory, offload_folder=offload_dir) if vram else \
             dict(device_map={"": home})
         model = MixtralForCausalLM.from_pretrained(ckpt.path, dtype=dtype, **placed).eval()
@@ -178,7 +184,8 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
             placement.setdefault(str(where), []).append(name)
         del model
         release(device)
-    return {"what": what, "tokens_per_s": max(speeds), "runs_tokens_per_s": speeds, "tokens": out,
+    return {"what": what, "tokens_per_s": max(speeds), "median_tokens_per_s": statistics.median(speeds),
+            "runs_tokens_per_s": speeds, "tokens": out,
             "placement": placement, "peak_vram_bytes": peak}
 
 
@@ -189,6 +196,7 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
     """Run every contender; each result goes into `record` and `save()` is called after it, so a run cut
     short (a time limit on a lent GPU, a failing transformers) keeps what it measured."""
     record = {} if record is None else record
+    ram = ram or default_ram_budget()  # one RAM budget, given to (a), (b) and (c) alike
     plan = memory_plan(folder, device=device, dtype=dtype, context=context, ram=ram, vram=vram or 10**15)["plan"]
     fixed = plan["dense_bytes"] + plan["kv_bytes"] + plan["margin_bytes"]
     if vram is None:  # default: a quarter of the experts fit
@@ -255,7 +263,11 @@ def compare(folder, device: str, vram: int | None, ram: int | None, tokens: int,
 
     record.update({
         "b_accelerate": hf, "b_reference_transformers_no_offload": hf_all,
+        # Like for like: on a GPU (a) and (b) get the same budgets; on a CPU (b) reloads layers from disk while
+        # (a) holds every expert in RAM, so the comparison that measures the runtime is against (b').
+        "headline": "a_vs_b" if gpu else "a_vs_b_no_offload",
         "a_vs_b": ratio(best["tokens_per_s"], speed(hf)),
+        "a_vs_b_no_offload": ratio(best["tokens_per_s"], speed(hf_all)),
         "c_vs_b_no_offload": ratio(speed(resident), speed(hf_all)),
         "a_vs_c": ratio(best["tokens_per_s"], speed(resident)),
         "same_tokens": {"a_c": same(best, resident), "a_b": same(best, hf)},
@@ -327,7 +339,8 @@ def main() -> None:
     gpu = device.startswith("cuda")
     tokens = args.tokens or (16 if gpu else 32)
     name = device_name(device)
-    record = {"benchmark": "compare", "device": name, "torch": torch.__version__, "prompt": PROMPT}
+    record = {"benchmark": "compare", "device": name, "torch": torch.__version__, "prompt": PROMPT,
+              "load_average_at_start": load_average()}
     vram, ram = parse_bytes(args.vram, "--vram"), parse_bytes(args.ram, "--ram")
     slug = re.sub(r"[^a-z0-9]+", "-", ("gpu " if gpu else "") + name.lower()).strip("-")
     out = args.out or RESULTS / f"compare-{slug}.json"
@@ -350,37 +363,49 @@ def main() -> None:
         record["model"] = label
         compare(folder if folder == "demo" else Path(folder), device, vram, ram, tokens, args.repeats, args.context,
                 args.dtype, skip_hf=args.no_hf, record=record, save=save)
+    record["load_average_at_end"] = load_average()
+    save()
     print("\n" + markdown_table(record, str(out)))
     print(f"wrote {out}")
 
 
 def markdown_table(record: dict, path: str) -> str:
-    """A saved record as the README's Performance table: the setting, then one row per contender."""
+    """A saved record as the README's Performance table: the setting, then one row per contender, the
+    like-for-like pair first (on a CPU (a) and (b'), both with every weight in RAM; on a GPU (a) and (b))."""
     a, b, c = record.get("a_moe_offload_best"), record.get("b_accelerate"), record.get("c_all_resident")
     b_all = record.get("b_reference_transformers_no_offload")
     if not a:
         raise SystemExit(f"compare: error: {path} has no (a) result (a run cut short before it)")
+    headline = record.get("headline", "a_vs_b")
 
     def num(r):
         return f"{r['tokens_per_s']:.1f}" if r and "tokens_per_s" in r else ("failed" if r else "not run")
 
+    def median(r):
+        runs = (r or {}).get("runs_tokens_per_s")
+        return f"{statistics.median(runs):.1f}" if runs else ""
+
     def ratios(*pairs):
-        return ", ".join(f"{name} = {record[key]:.2f}" for name, key in pairs if record.get(key) is not None)
+        return ", ".join((f"**{name} = {record[key]:.2f}**" if key == headline else f"{name} = {record[key]:.2f}")
+                         for name, key in pairs if record.get(key) is not None)
 
     cpu = "CPU experts " + {"on": "auto (on)", "off": "auto (off)"}.get(a["cpu_experts_decided"],
                                                                         a["cpu_experts_decided"])
+    b_row = (f"| (b) transformers + accelerate: {b['what'] if b and 'what' in b else (b or {}).get('error', '')} | "
+             f"{num(b)} | {median(b)} | |")
+    c_b = ratios(("c/b'", "c_vs_b_no_offload"))
+    b_all_row = f"| (b') transformers, no offloading | {num(b_all)} | {median(b_all)} | {c_b} |"
+    a_ratios = ratios(("a/b'", "a_vs_b_no_offload"), ("a/b", "a_vs_b"), ("a/c", "a_vs_c"))
+    rows = [f"| (a) moe-offload, best settings (prefetch {a['options'].get('prefetch')}, {cpu}) | {num(a)} | "
+            f"{median(a)} | {a_ratios} |"]
+    rows += [b_all_row] * bool(b_all) if headline == "a_vs_b_no_offload" else [b_row]
+    rows.append(f"| (c) moe-offload, every expert resident | {num(c)} | {median(c)} | |")
+    rows += [b_row] if headline == "a_vs_b_no_offload" else [b_all_row] * bool(b_all)
     lines = [f"{record['model']}, {record['dtype']}, `--vram` {human(record['vram_budget'])} ("
              f"{record.get('device_slots', '?')} of {record['experts_total']} expert slots), on {record['device']}, "
-             f"{record['tokens']} new tokens, best of {record['repeats']} (`{path}`):", "",
-             "| run | decode tok/s | ratio |", "| --- | ---: | --- |",
-             f"| (a) moe-offload, best settings (prefetch {a['options'].get('prefetch')}, {cpu}) | {num(a)} | "
-             f"{ratios(('a/b', 'a_vs_b'), ('a/c', 'a_vs_c'))} |",
-             f"| (b) transformers + accelerate: {b['what'] if b and 'what' in b else (b or {}).get('error', '')} | "
-             f"{num(b)} | |",
-             f"| (c) moe-offload, every expert resident | {num(c)} | |"]
-    if b_all:
-        c_b = ratios(("c/b'", "c_vs_b_no_offload"))
-        lines.append(f"| (b') transformers, no offloading | {num(b_all)} | {c_b} |")
+             f"{record['tokens']} new tokens, {record['repeats']} runs each after a warm-up (`{path}`):", "",
+             "| run | decode tok/s, best | median | ratios of the best (headline in bold) |",
+             "| --- | ---: | ---: | --- |", *rows]
     tb = record.get("a_transfer_bound") or {}
     if tb.get("time_per_token_vs_transfer_bound"):
         hidden = tb.get("decode_copy_hidden_fraction")
@@ -403,6 +428,8 @@ def markdown_table(record: dict, path: str) -> str:
              for pair, v in (record.get("prompt_logits") or {}).items() if v for x, y in [pair.split("_")]]
     if agree:
         lines += ["", "Prompt logits, same top token at how many positions: " + "; ".join(agree) + "."]
+    if tb.get("profiled_verdict"):
+        lines += ["", f"`moe-offload profile`'s verdict on (a)'s settings: `{tb['profiled_verdict']}`."]
     return "\n".join(lines)
 
 
