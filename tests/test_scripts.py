@@ -41,6 +41,16 @@ def test_train_demo_writes_a_mixtral_folder_the_runtime_generates_with(tmp_path)
         assert len(list(rt.generate_ids(rt.encode("The for statement"), 4))) == 4
 
 
+def test_train_finegrained_writes_a_qwen3_moe_folder_the_runtime_generates_with(tmp_path):
+    result = script("train_finegrained.py", "--out", tmp_path / "q", *FEW_STEPS, "--eval-every", "0")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "q" / "train.json").read_text())
+    assert report["params"]["one_expert"] == 3 * 192 * 80 and report["heldout_loss"] < math.log(4096)
+    with offload.load(tmp_path / "q", device="cpu") as rt:
+        assert rt.config.model_type == "qwen3_moe" and rt.config.num_local_experts == 32
+        assert len(list(rt.generate_ids(rt.encode("The for statement"), 4))) == 4
+
+
 def test_an_out_folder_no_training_run_wrote_is_refused_before_training_and_kept(tmp_path):
     notes, model = tmp_path / "notes", tmp_path / "downloaded-model"
     for folder, name in ((notes, "keep.txt"), (model, "config.json")):  # the user's files, a model from the Hub
