@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch.torch_version import TorchVersion
 
 from lut import TABLE_MODEL_TYPES
 from lut.serve import TableStore
@@ -27,6 +28,16 @@ from .store.sources import open_source
 from .tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The oldest torch the code runs on (pyproject.toml's floor says the same; tests/test_runtime.py checks both):
+# attention passes enable_gqa to scaled_dot_product_attention, new in torch 2.5.
+TORCH_FLOOR = "2.5"
+
+
+def check_torch() -> None:
+    """An older torch fails deep in the first forward (a TypeError from SDPA): refuse it by name instead."""
+    if TorchVersion(torch.__version__) < TORCH_FLOOR:  # compared as versions: "2.10" is newer than "2.5"
+        raise UserError(f"torch {torch.__version__} is older than the {TORCH_FLOOR} moe-offload needs "
+                        f"(scaled_dot_product_attention's enable_gqa): pip install 'torch>={TORCH_FLOOR}'")
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
@@ -243,10 +254,14 @@ class Runtime:
         return out
 
     def close(self) -> None:
-        """Stop the store's reader and close every file the runtime holds open (also on `with ... as rt`)."""
+        """Stop the store's reader, close every file the runtime holds open (also on `with ... as rt`), and
+        give back the memory it holds: the store's pinned host tier and device slot pool, the model's weights
+        and KV cache. A notebook keeps `rt` referenced after its `with` block, and a second `load` in the same
+        process needs that memory. `stats()` still answers afterwards."""
         self.closed = True
         self.store.close()
         self.ckpt.close()
+        self.model = None  # a generation started before and run after stops at its first step (_timed)
 
     def __enter__(self) -> "Runtime":
         return self
@@ -261,7 +276,9 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
     the expert store.
 
     When every expert fits in the host RAM budget, they are all read in now; `progress(done, total)` is
-    called before the first and after each."""
+    called before the first and after each. On a GPU the host tier is page-locked first (seconds for tens
+    of GB), counted by the same `progress` a host slot at a time, ahead of the experts."""
+    check_torch()
     ckpt = open_checkpoint(resolve_model_path(path))
     cfg = ckpt.config
     dev = resolve_device(device)
@@ -280,7 +297,7 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
             store = TableStore(ckpt, dev, dt, **{k: v for k, v in store_options.items() if k not in experts_only})
             check_table_vram(store, context)
         else:
-            store = ExpertStore(ckpt, dev, dt, context=context, **store_options)
+            store = ExpertStore(ckpt, dev, dt, context=context, progress=progress, **store_options)
         fmt = dense_format(read_info(ckpt.path))
         ckpt.validate({**stored_dense_shapes(ckpt, fmt), **store.expected_shapes()})
         model = build_model(ckpt, store, dev, dt, context, fmt)

@@ -467,3 +467,101 @@ def test_a_per_layer_cache_keeps_each_layer_to_its_share_and_changes_no_result(t
     assert held[-1] == [3, 2, 2] and store.stats()["expert_misses"] > 0
     with pytest.raises(UserError, match="a per-layer cache needs at least 6 device slots"):  # 3 layers x top-2
         offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, 5), per_layer_cache=True)
+
+
+class RegisteringCudart(FakeCudart):
+    """A stand-in libcudart that, like the real one, refuses to register pages already registered
+    (cudaErrorHostMemoryAlreadyRegistered) and keeps the ranges registered now."""
+
+    def __init__(self):
+        super().__init__()
+        self.registered: dict[int, int] = {}
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append(("register", ptr, size))
+        if any(p < ptr + size and ptr < p + n for p, n in self.registered.items()):
+            return 712
+        self.registered[ptr] = size
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0 if self.registered.pop(ptr, None) is not None else 713  # cudaErrorHostMemoryNotRegistered
+
+
+def test_unpinning_waits_for_its_own_device_only_and_unregisters_even_when_that_wait_fails(monkeypatch):
+    """A sync of every visible GPU creates contexts on idle ones (and fails on exclusive-process GPUs); a
+    failed sync that skipped cudaHostUnregister left the freed range registered, and the next registration
+    of those pages failed with 'already registered'."""
+    import gc
+
+    from quant import pinned
+
+    fake, synced = RegisteringCudart(), []
+
+    def synchronize(device=None):
+        synced.append(device)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(pinned, "_cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    t = pinned.empty((4, 1000), pin=True, device=torch.device("cuda", 1))
+    ptr = t.data_ptr()
+    assert fake.registered == {ptr: 4000}
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        pinned.release(t)
+    assert synced == [torch.device("cuda", 1)]  # the store's device, not every visible one
+    assert fake.registered == {}                 # unregistered although the wait failed ...
+    assert fake.cudaHostRegister(ptr, 4000, pinned.PORTABLE) == 0  # ... so the pages can be registered again
+    fake.cudaHostUnregister(ptr)
+    del t
+    gc.collect()
+    assert synced == [torch.device("cuda", 1)] and fake.calls[-1] == ("unregister", ptr)  # unlocked once only
+
+
+def test_a_host_tier_is_page_locked_in_pieces_of_whole_slots_counted_by_the_progress(tiny_checkpoint, monkeypatch):
+    """Locking tens of GB takes seconds: the host tier is registered a piece at a time (whole slots, so one
+    blob's copy never spans two registrations), each piece reported by load's progress before the experts
+    are read in, to one total; close unlocks every piece."""
+    from quant import pinned
+
+    fake = RegisteringCudart()
+    blob = _plan(str(tiny_checkpoint)).blob_bytes
+    monkeypatch.setattr(pinned, "_cudart", lambda: fake)
+    monkeypatch.setattr(pinned, "PIECE_BYTES", 4 * blob + 1)  # 4 host slots a piece
+    reports = []
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, pin=True,
+                      progress=lambda done, total: reports.append((done, total)))
+    host, slots = rt.store.host, rt.store.plan.host_slots
+    registered = [(ptr - host.data_ptr(), size) for what, ptr, size in fake.calls]
+    assert slots == 18 and registered == [(i * 4 * blob, min(4, slots - 4 * i) * blob) for i in range(5)]
+    total = slots + rt.store.plan.experts_total
+    assert reports[:6] == [(0, total), (4, total), (8, total), (12, total), (16, total), (18, total)]
+    assert reports[6:] == [(slots + i, total) for i in range(rt.store.plan.experts_total + 1)]
+    rt.close()
+    assert fake.registered == {}
+
+
+def test_the_bandwidth_probe_copies_into_a_slot_of_the_pool_not_beside_it(tiny_checkpoint, reference, monkeypatch):
+    """With every device slot holding an expert, the probe takes the least recently used one's slot (which
+    that expert leaves) instead of a scratch blob outside the budget; generating afterwards is unchanged."""
+    from offload.profile import record
+
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, 3))
+    store = rt.store
+    ids = rt.encode(PROMPT)
+    prefill(rt.model, torch.tensor(ids))
+    assert not store.dev_table.free
+    lru = next(iter(store.dev_table.policy.order))
+    targets = []
+    real = record.copy_bandwidth
+    monkeypatch.setattr(record, "copy_bandwidth", lambda src, dst, min_s: (targets.append(dst), real(src, dst, min_s))[1])
+    assert record.measure_h2d(store, min_s=0) > 0
+    assert targets[0].untyped_storage().data_ptr() == store.dev.untyped_storage().data_ptr()
+    assert lru not in store.dev_table and len(store.dev_table) == 2
+    logits = [prefill(rt.model, torch.tensor(ids))]
+    for i, token in enumerate(reference[0][:-1]):
+        logits.append(decode_one(rt.model, token, len(ids) + i))
+    assert torch.equal(torch.stack(logits), reference[1])

@@ -118,7 +118,7 @@ def simulate_cuda(store, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     store.cuda = True
-    store.copy_stream = copy
+    store.copy_stream, store.guess_stream = copy, SimStream(lazy=True)
     store.ready = [SimEvent() for _ in store.dev_views]
     store.free = [SimEvent() for _ in store.dev_views]
     store._h2d = lambda slot, host: current[-1].enqueue(lambda: store.dev[slot].copy_(store.host[host]))
@@ -191,10 +191,10 @@ def test_close_waits_for_prefetch_copies_nobody_waited_for(tmp_path, monkeypatch
                       **budgets(tmp_path, 6, 8))
     simulate_cuda(rt.store, monkeypatch)
     decode(rt, steps=4)
-    copy = rt.store.copy_stream
-    assert any(not isinstance(op, Marker) for op in copy.queue)  # guesses still being copied
+    streams = rt.store.copy_streams()
+    assert any(not isinstance(op, Marker) for s in streams for op in s.queue)  # guesses still being copied
     rt.store.close()
-    assert copy.queue == []
+    assert all(s.queue == [] for s in streams)
 
 
 def test_the_profilers_cuda_timing_under_simulated_streams(tiny_checkpoint, reference, monkeypatch):
@@ -219,3 +219,152 @@ def test_the_profilers_cuda_timing_under_simulated_streams(tiny_checkpoint, refe
         assert row["copy_wait_s"] >= 0 and row["expert_s"] > 0
         assert row["copy_wait_s"] + row["expert_s"] <= row["latency_s"]
         assert 0 <= row["copy_hidden_s"] <= row["copy_s"]
+
+
+# ---- host syncs: one device-to-host transfer per layer, one per token ----------------------------------------
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops after which a host must wait for a device to have computed a value: a tensor read as a
+    Python number (item, int, bool: _local_scalar_dense) and ops whose output shape depends on the data
+    (unique, nonzero, masked_select, bincount). `tolist()` does not dispatch on a CPU tensor: counted apart."""
+
+    SYNCING = ("_local_scalar_dense", "unique", "nonzero", "masked_select", "bincount")
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.removeprefix("aten::")
+        if any(name.startswith(s) or name.startswith("_" + s) for s in self.SYNCING):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_a_decode_step_reads_the_device_once_per_layer_and_once_for_its_token(tiny_checkpoint, monkeypatch, prefetch):
+    """On a GPU each read of a device value by the host drains the compute stream (and the copies compute
+    waits on). A decode step reads once per layer (the routed experts with the router-ahead guesses, in one
+    transfer: offload.models.moe.to_host) and once to sample its token; nothing else reads on the way."""
+    from offload.models import moe
+
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=prefetch, cpu_experts="never",
+                      **budgets(tiny_checkpoint, 5, 18))
+    layers = rt.config.num_hidden_layers
+    steps = rt.generate_ids(rt.encode(PROMPT), 9)
+    next(steps)  # the prefill and its token
+    transfers, tolists = [], []
+    real_to_host, real_tolist = getattr(moe, "to_host", None), torch.Tensor.tolist
+    monkeypatch.setattr(moe, "to_host", lambda t: (transfers.append(t.numel()), real_to_host(t))[1], raising=False)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (tolists.append(t.numel()), real_tolist(t))[1])
+    with HostReads() as reads:
+        tokens = list(steps)
+    decode_steps = len(tokens)
+    assert decode_steps == 8 and rt.store.stats()["expert_misses"] > 0
+    assert reads.ops == ["_local_scalar_dense"] * decode_steps  # sampling: one number per token
+    assert len(tolists) <= layers * decode_steps            # lists to the host: at most one per layer ...
+    assert len(transfers) == layers * decode_steps          # ... the MoE block's transfer, once per layer
+    assert len(tolists) == len(transfers)
+    if prefetch:
+        assert rt.store.stats()["prefetch_issued"] > 0
+        k = rt.config.num_experts_per_tok
+        assert max(transfers) == k + min(prefetch, layers - 1) * k  # routing and the guesses, one tensor
+    assert len(transfers) + len(reads.ops) <= (layers + 1) * decode_steps
+
+
+# ---- copies needed now never wait behind router-ahead guesses -------------------------------------------------
+
+def watch_copy_order(store, monkeypatch) -> dict:
+    """Tag each simulated copy as a guess or a copy needed now, and, whenever compute waits for a slot whose
+    latest copy was needed now, note every guess copy that had to run first (on one in-order copy stream,
+    a guess queued ahead of it)."""
+    log = {"ran": [], "slot_kind": {}, "waits": 0, "guesses_waited_for": 0}
+    kind = ["demand"]
+    fill = store._fill_slot
+
+    def tagged_fill(key, slot, prefetch):
+        kind[0] = log["slot_kind"][slot] = "guess" if prefetch else "demand"
+        fill(key, slot, prefetch)
+
+    def h2d(slot, host):
+        copy_kind = kind[0]
+        torch.cuda.current_stream().enqueue(
+            lambda: (log["ran"].append(copy_kind), store.dev[slot].copy_(store.host[host])))
+
+    compute = torch.cuda.current_stream()
+
+    def wait_event(event):
+        slot = next((i for i, ready in enumerate(store.ready) if ready is event), None)
+        before = len(log["ran"])
+        event.synchronize()
+        if slot is not None and log["slot_kind"].get(slot) == "demand":
+            log["waits"] += 1
+            log["guesses_waited_for"] += log["ran"][before:].count("guess")
+
+    store._fill_slot, store._h2d = tagged_fill, h2d
+    monkeypatch.setattr(compute, "wait_event", wait_event)
+    return log
+
+
+def one_copy_stream(store, monkeypatch):
+    store.guess_stream = store.copy_stream  # guesses and copies needed now in one stream's order, as before
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_a_copy_needed_now_never_waits_behind_a_guess(tiny_checkpoint, reference, monkeypatch, prefetch):
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=prefetch, cpu_experts="never",
+                      **budgets(tiny_checkpoint, 4, 18))
+    simulate_cuda(rt.store, monkeypatch)
+    log = watch_copy_order(rt.store, monkeypatch)
+    logits = decode(rt)
+    rt.store.close()
+    assert torch.equal(logits, reference)
+    assert log["waits"] > 0 and "guess" in log["ran"]  # copies needed now were waited for; guesses were copied
+    assert log["guesses_waited_for"] == 0
+
+
+def test_the_simulation_catches_a_copy_queued_behind_a_guess(tiny_checkpoint, reference, monkeypatch):
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=2, cpu_experts="never",
+                      **budgets(tiny_checkpoint, 4, 18))
+    simulate_cuda(rt.store, monkeypatch)
+    one_copy_stream(rt.store, monkeypatch)
+    log = watch_copy_order(rt.store, monkeypatch)
+    decode(rt, steps=12)
+    rt.store.close()
+    assert log["guesses_waited_for"] > 0
+
+
+def test_guess_copies_in_flight_are_bounded_to_one_layers_worth(tiny_checkpoint, monkeypatch):
+    """Guesses queue on their own stream, but a GPU with one copy engine still runs a guess it has started
+    before a later copy: so only a layer's worth (k) of guess copies is in flight at any time."""
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=2, cpu_experts="never",
+                      **budgets(tiny_checkpoint, 6, 18))
+    simulate_cuda(rt.store, monkeypatch)
+    store, most = rt.store, []
+    fill = store._fill_slot
+
+    def counted_fill(key, slot, prefetch):
+        fill(key, slot, prefetch)
+        most.append(sum(1 for op in store.guess_stream.queue if not isinstance(op, Marker)))
+
+    store._fill_slot = counted_fill
+    decode(rt, steps=12)
+    assert store.stats()["prefetch_issued"] > 0
+    assert 0 < max(most) <= rt.config.num_experts_per_tok
+    store.close()
+
+
+def test_a_guess_never_evicts_the_next_layers_experts(tiny_checkpoint):
+    """Four slots, all full: this layer's expert in use, two experts of the next layer, a stale one of the
+    layer after. Guesses may take the stale slot, never the next layer's (nor this layer's)."""
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=2, cpu_experts="never",
+                      **budgets(tiny_checkpoint, 4, 18))
+    store = rt.store
+    for key in [(2, 5), (1, 0), (1, 1), (0, 3)]:  # least recently used first
+        store._to_device(key, protected=set(), prefetch=False)
+    store._prefetch(0, [[2], [0, 4]], needed={(0, 3)})  # layer 1 is guessed to use expert 2, layer 2 0 and 4
+    resident = set(store.dev_table.slot_of)
+    assert {(0, 3), (1, 0), (1, 1)} <= resident
+    assert (1, 2) in resident and (2, 5) not in resident  # the guess for the next layer took the stale slot
+    assert store.stats_.prefetch_issued == 1
+    rt.close()

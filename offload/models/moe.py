@@ -10,6 +10,7 @@ Dimension legend: T tokens in this step, D hidden, E experts, k experts per toke
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Protocol
 
 import torch
@@ -17,10 +18,13 @@ import torch.nn.functional as F
 
 
 class ExpertProvider(Protocol):
-    """Whoever owns the experts. The MoE block calls `prepare` once per layer, then `run` per expert."""
+    """Whoever owns the experts. The MoE block calls `prepare` once per layer, then `run` per expert; a
+    provider may also have `guess(layer, h)`, device tensors of expert ids it wants on the host for that
+    `prepare` (router-ahead guesses), which the block brings over with its own routing in one transfer."""
 
-    def prepare(self, layer: int, h: torch.Tensor, experts: list[int]) -> None:
-        """Layer `layer` is about to run `experts` (sorted) on router input h [T, D]; start what can start."""
+    def prepare(self, layer: int, h: torch.Tensor, experts: list[int], guesses: list[list[int]] | None = None) -> None:
+        """Layer `layer` is about to run `experts` (sorted) on router input h [T, D]; start what can start.
+        `guesses`: `guess(layer, h)`'s tensors as lists, when the provider has `guess`."""
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert (layer, expert) applied to x [t, D] -> [t, D], in x's dtype and on x's device."""
@@ -68,6 +72,13 @@ class SoftmaxRouter:
         return torch.topk(F.linear(h, self.weight), self.k, dim=-1).indices
 
 
+def to_host(t: torch.Tensor) -> list[int]:
+    """The MoE block's one device -> host transfer per layer. On a GPU it waits for the compute stream to
+    produce `t` (and so, since compute waits on its slots' copies, for those copies too): a host sync, which
+    is why everything the host needs to plan the layer travels in this one tensor."""
+    return t.tolist()
+
+
 class MoE:
     """Routed experts behind the provider, weighted by the router, plus an optional dense `shared` part.
 
@@ -89,12 +100,26 @@ class MoE:
         k = ids.shape[1]
         self.last_routing = ids
         x = h if self.expert_input is None else self.expert_input(token_ids)  # [T, D]
-        # Group the tokens by expert, so each needed expert is fetched and run once for the whole step.
-        flat = ids.flatten()
-        order = torch.argsort(flat, stable=True)
-        used, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        used, counts = used.tolist(), counts.tolist()
-        self.experts.prepare(self.layer, h, used)
+        # Group the tokens by expert, so each needed expert is fetched and run once for the whole step: the
+        # positions of the flattened routing sorted by expert stay on the device; the sorted ids, and the
+        # provider's router-ahead guesses, cross to the host together (no op here has a data-dependent
+        # shape, which would sync on its own).
+        flat = ids.flatten()                                          # [T*k]
+        order = torch.argsort(flat, stable=True)                      # [T*k] positions grouped by expert
+        guess = getattr(self.experts, "guess", None)
+        ahead = guess(self.layer, h) if guess else []                 # [T, k'] per layer ahead, on the device
+        host = to_host(torch.cat([flat[order], *(g.flatten() for g in ahead)]))
+        sorted_ids, rest = host[:flat.numel()], host[flat.numel():]
+        guesses = []
+        for g in ahead:
+            guesses.append(rest[:g.numel()])
+            rest = rest[g.numel():]
+        used, counts = zip(*((e, len(list(run))) for e, run in itertools.groupby(sorted_ids)))
+        used = list(used)
+        if guess:
+            self.experts.prepare(self.layer, h, used, guesses)
+        else:
+            self.experts.prepare(self.layer, h, used)
         out = torch.zeros_like(h)
         start = 0
         for e, n in zip(used, counts):

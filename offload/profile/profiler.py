@@ -194,7 +194,8 @@ class Profiler:
         """After the run: wait for the copy stream, then turn every copy into a span and into its token's
         copy_s and copy_hidden_s."""
         if self.cuda:
-            self.store.copy_stream.synchronize()
+            for stream in self.store.copy_streams():
+                stream.synchronize()
         T = self._t
         by_row: dict[int, list[tuple[float, float]]] = {}
         for i, (_, key, prefetch, started, ended, nbytes) in self.copies:

@@ -26,20 +26,15 @@ def measure_h2d(store, min_s: float = 0.02) -> float:
     """Bytes/s of one expert blob copied host -> device slot, the copy the store makes on a miss.
 
     From a scratch blob (pinned on CUDA, as the host tier is; written first, so its pages are real) into
-    a free device slot when there is one (nothing reads it), else into a scratch blob on the device. On a
+    a device slot (`ExpertStore.scratch_slot`: a free one, else the least recently used expert's; a scratch
+    blob of its own on the device would be memory outside the budget). On a
     CPU the "device" is RAM too, and one blob copied again and again would be served from the cache
     (~100 GB/s, where a miss reads cold RAM): there the copies take their turn from enough distinct blobs to
     exceed the cache."""
     n = store.layout.nbytes
     sources = 1 if store.cuda else max(1, min(COLD_BYTES // n, 4096))
     src = pinned.empty((sources, n), pin=store.cuda).fill_(1)
-    dst = store.dev[store.dev_table.free[-1]] if store.dev_table.free else torch.empty(n, dtype=torch.uint8,
-                                                                                       device=store.device)
-    rate = copy_bandwidth(src, dst, min_s)
-    del dst, src
-    if store.cuda:
-        torch.cuda.empty_cache()  # hand a scratch blob back, so it does not count as reserved
-    return rate
+    return copy_bandwidth(src, store.scratch_slot(), min_s)
 
 
 def device_name(device: torch.device) -> str:

@@ -76,12 +76,17 @@ class SlotTable:
         # Per-layer mode: keys are (layer, expert); each layer owns a fixed share of the slots.
         self.per_layer = per_layer
         self.layer_count: dict[int, int] = {}
+        self.by_layer: dict[object, set] = {}  # (layer, expert) keys: layer -> its resident keys
 
     def __contains__(self, key: Key) -> bool:
         return key in self.slot_of
 
     def __len__(self) -> int:
         return len(self.slot_of)
+
+    def keys_of_layer(self, layer) -> set:
+        """The resident keys (layer, expert) of `layer` (a copy)."""
+        return set(self.by_layer.get(layer, ()))
 
     def lookup(self, key: Key) -> int | None:
         """The slot holding `key` (and mark it used), or None."""
@@ -121,6 +126,8 @@ class SlotTable:
         self.slot_of[key] = slot
         self.key_of[slot] = key
         self.policy.touch(key)
+        if isinstance(key, tuple):
+            self.by_layer.setdefault(key[0], set()).add(key)
         if self.per_layer:
             self.layer_count[key[0]] = self.layer_count.get(key[0], 0) + 1
 
@@ -129,6 +136,8 @@ class SlotTable:
         self.key_of[slot] = None
         self.policy.forget(key)
         self.free.append(slot)
+        if isinstance(key, tuple):
+            self.by_layer[key[0]].discard(key)
         if self.per_layer:
             self.layer_count[key[0]] -= 1
         return slot

@@ -82,7 +82,8 @@ class ExpertStore:
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, vram=None, ram=None,
                  prefetch: int = 0, cpu_experts: str = "auto", policy: str = "lru", context: int = 2048,
-                 dense_bytes: int = 0, pin: bool | None = None, per_layer_cache: bool = False):
+                 dense_bytes: int = 0, pin: bool | None = None, per_layer_cache: bool = False,
+                 progress: Callable[[int, int], None] | None = None):
         cfg = ckpt.config
         self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
         check_options(prefetch, cpu_experts, policy)
@@ -113,8 +114,14 @@ class ExpertStore:
 
         # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), to the
         # byte (quant.pinned: torch's pin_memory=True would round it up to a power of two).
+        # Page-locking tens of GB takes seconds: `progress` counts it a host slot at a time, then `fill_host`
+        # goes on counting from there, an expert at a time, to one total.
         pin = self.cuda if pin is None else pin
-        self.host = pinned.empty((self.plan.host_slots, N), pin)
+        fill = self.plan.experts_total if self.plan.host_slots >= self.plan.experts_total else 0
+        report = (lambda done, total: progress(done, total + fill)) if progress and pin else None
+        self.host = pinned.empty((self.plan.host_slots, N), pin, device=device, progress=report)
+        self.progress_base = self.plan.host_slots if report else 0  # units `progress` has counted before fill_host
+        self.held_at_close: int | None = None
         header = torch.frombuffer(bytearray(self.layout.header()), dtype=torch.uint8)
         self.host[:, : self.layout.header_nbytes] = header
         self.host_views = [self.layout.views(self.host[s]) for s in range(self.plan.host_slots)]
@@ -132,17 +139,28 @@ class ExpertStore:
             raise UserError(f"a per-layer cache needs at least {layers * cfg.num_experts_per_tok} device slots")
         self.dev_table = SlotTable(self.plan.device_slots, POLICIES[policy](), per_layer=layers)
         self.prefetched: set[Key] = set()            # on the device by prefetch, not used since
+        # Guess copies queued or running on a GPU, oldest first: (key, event recorded after the copy). At most
+        # one layer's worth at a time, so a miss of the next layer shares the copy engine with few of them.
+        self.guess_copies: list[tuple[Key, object]] = []
+        self.max_guess_copies = cfg.num_experts_per_tok
         self.plan_of: dict[Key, tuple[str, int | None]] = {}  # this layer's plan, from prepare() to run()
         if self.cuda:
             # Copies run on their own stream; a slot's `ready` event marks its copy done (compute waits on
             # it, not on the whole stream), its `free` event marks the last kernel that read it (the copy
             # stream waits on it before overwriting the slot).
-            self.copy_stream = torch.cuda.Stream(device)
-            # The slot pool was allocated on the compute stream: copies start after the work queued there
-            # (the block may have just been freed by it), and the pool's memory is not handed out again,
-            # when the store is freed, before the copy stream's writes into it are done.
-            self.copy_stream.wait_stream(torch.cuda.current_stream(device))
-            self.dev.record_stream(self.copy_stream)
+            # Two copy streams: copies of experts a layer needs now, and router-ahead guesses, so that a copy
+            # needed now is never queued behind a guess in one stream's order (guesses further ahead with
+            # --prefetch 2, wrong ones). Priorities order kernels, not copies: a GPU with one copy engine
+            # still finishes a guess copy it has started first, which is why guesses in flight are few
+            # (`max_guess_copies`) and never evict what the next layers hold (`_prefetch`).
+            self.copy_stream = torch.cuda.Stream(device, priority=-1)
+            self.guess_stream = torch.cuda.Stream(device, priority=0)
+            for stream in self.copy_streams():
+                # The slot pool was allocated on the compute stream: copies start after the work queued
+                # there (the block may have just been freed by it), and the pool's memory is not handed out
+                # again, when the store is freed, before a copy stream's writes into it are done.
+                stream.wait_stream(torch.cuda.current_stream(device))
+                self.dev.record_stream(stream)
             self.ready = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
             self.free = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
         self.cpu_wins = self._decide_cpu_experts()
@@ -159,8 +177,25 @@ class ExpertStore:
         self.routers = routers
         self.model_tensors = device_tensors
 
-    def prepare(self, layer: int, h: torch.Tensor, experts: list[int]) -> None:
-        """Plan this layer's experts (hit / copy / CPU), start every move, then prefetch the next K layers."""
+    def copy_streams(self) -> list:
+        """The CUDA streams copies run on: experts needed now, router-ahead guesses."""
+        return [self.copy_stream, self.guess_stream]
+
+    def layers_ahead(self, layer: int) -> list[int]:
+        """The next `prefetch` layers after `layer` that have routed experts (dense layers have nothing to fetch)."""
+        return [nxt for nxt in sorted(self.routers) if nxt > layer][:self.prefetch]
+
+    def guess(self, layer: int, h: torch.Tensor) -> list[torch.Tensor]:
+        """Router-ahead guesses for one decode step: the expert ids [T, k] each of the next layers' routers
+        picks for layer `layer`'s hidden state h [T, D], left on the device; the MoE block brings them to the
+        host with its own routing (one transfer) and hands them to `prepare`. None for a prefill."""
+        if not self.prefetch or h.shape[0] != 1:
+            return []
+        return [self.routers[nxt].choose(h) for nxt in self.layers_ahead(layer)]
+
+    def prepare(self, layer: int, h: torch.Tensor, experts: list[int], guesses: list[list[int]] | None = None) -> None:
+        """Plan this layer's experts (hit / copy / CPU), start every move, then prefetch the next K layers
+        (`guesses`: `guess(layer, h)` brought to the host; a caller without them costs a transfer more)."""
         needed = [(layer, e) for e in experts]
         decode = h.shape[0] == 1
         self.plan_of: dict[Key, tuple[str, int | None]] = {}
@@ -181,26 +216,31 @@ class ExpertStore:
                 self.plan_of[key] = ("cpu", None)
         for key in needed:
             if key not in self.plan_of:
-                # None when every slot holds an expert of this layer: then it is loaded when it runs.
-                self.plan_of[key] = ("miss", self._to_device(key, protected=set(needed), prefetch=False))
+                # None when every slot holds an expert of this layer: then it is loaded when it runs. Slots a
+                # guess is still being copied into are kept: overwriting one would wait for that guess.
+                protected = set(needed) | {k for k, _ in self._guesses_in_flight()}
+                self.plan_of[key] = ("miss", self._to_device(key, protected=protected, prefetch=False))
         if self.prefetch and decode:
-            self._prefetch(layer, h, set(needed))
+            if guesses is None:
+                guesses = [g.flatten().tolist() for g in self.guess(layer, h)]
+            self._prefetch(layer, guesses, set(needed))
 
-    def _prefetch(self, layer: int, h: torch.Tensor, needed: set) -> None:
+    def _prefetch(self, layer: int, guesses: list[list[int]], needed: set) -> None:
         """Router-ahead: the residual stream changes slowly, so layer L+j's router applied to layer L's
-        hidden state picks most of the experts L+j will use. Guesses already in host RAM are copied to
-        the device now; the others are read from disk into RAM (never blocking this thread)."""
-        ahead = [nxt for nxt in range(layer + 1, min(layer + 1 + self.prefetch, self.cfg.num_hidden_layers))
-                 if nxt in self.routers]
+        hidden state picks most of the experts L+j will use (`guesses`, one list per layer ahead). Guesses
+        already in host RAM are copied to the device now, a few at a time; the others are read from disk
+        into RAM (never blocking this thread). A guess never evicts this layer's experts, another guess, or
+        an expert of the next layer (the likeliest to be used next: a guess two layers ahead, or a wrong
+        one, must not push them out)."""
+        ahead = self.layers_ahead(layer)
         if not ahead:
             return
-        # Each layer's own router picks its guess; one host sync for all K guesses (on a GPU each .tolist()
-        # waits for the compute stream).
-        guesses = torch.stack([self.routers[nxt].choose(h) for nxt in ahead]).flatten(1).tolist()  # [K, T*k]
+        keep = set(needed) | {k for k, _ in self._guesses_in_flight()} | self.dev_table.keys_of_layer(ahead[0])
         for nxt, guess in zip(ahead, guesses):
             for e in sorted(set(guess)):
                 key = (nxt, e)
                 if key in self.dev_table:
+                    keep.add(key)
                     continue
                 with self.lock:
                     in_ram = key in self.host_table and key not in self.host_reads
@@ -208,8 +248,15 @@ class ExpertStore:
                 # happened to finish would make timing decide which experts run on the GPU (another rounding).
                 if not in_ram or self.cpu_wins:
                     self._start_host(key, protected=needed, ahead=nxt - layer)
-                elif self._to_device(key, protected=needed, prefetch=True) is not None:
+                elif (len(self._guesses_in_flight()) < self.max_guess_copies
+                      and self._to_device(key, protected=keep, prefetch=True) is not None):
                     self.stats_.prefetch_issued += 1
+                    keep.add(key)
+
+    def _guesses_in_flight(self) -> list[tuple[Key, object]]:
+        """Guess copies still queued or running (GPU only; on a CPU a copy is done when it returns)."""
+        self.guess_copies = [(k, done) for k, done in self.guess_copies if not done.query()]
+        return self.guess_copies
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert (layer, expert) on x [t, D], as planned by `prepare`."""
@@ -275,8 +322,8 @@ class ExpertStore:
                     return None
                 waiting = list(self.host_reads.values())
                 oldest = next(iter(self.host_busy.items()), None)
-            # Every host slot is busy: wait for the first of them to come free, then try again. The copy
-            # stream runs in order, so its oldest copy is done first; a disk read only when no copy is queued.
+            # Every host slot is busy: wait for the first of them to come free, then try again: the oldest
+            # copy queued (likely the first done); a disk read only when no copy is queued.
             t0 = time.perf_counter() if self.profiler else 0.0
             if oldest is not None:
                 slot, event = oldest
@@ -350,27 +397,47 @@ class ExpertStore:
         """Copy `key` from its host slot (read from disk first if it is not there) into device slot `slot`."""
         host = self._host_slot(key)
         prof = self.profiler
+        stream = (self.guess_stream if prefetch else self.copy_stream) if self.cuda else None
         if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                # The slot may still be read by a kernel queued on the compute stream: wait for it.
-                self.copy_stream.wait_event(self.free[slot])
-                started = prof.mark(self.copy_stream) if prof else None
+            with torch.cuda.stream(stream):
+                # The slot may still be read by a kernel queued on the compute stream, or written by its
+                # previous copy on the other copy stream: wait for both.
+                stream.wait_event(self.free[slot])
+                stream.wait_event(self.ready[slot])
+                started = prof.mark(stream) if prof else None
                 self._h2d(slot, host)
-                self.ready[slot].record(self.copy_stream)
+                self.ready[slot].record(stream)
                 done = torch.cuda.Event()
-                done.record(self.copy_stream)
+                done.record(stream)
                 with self.lock:
-                    self.host_busy.pop(host, None)  # re-inserted last: the dict stays in the stream's order
+                    self.host_busy.pop(host, None)  # re-inserted last: the dict stays in the order queued
                     self.host_busy[host] = done
+            if prefetch:
+                self.guess_copies.append((key, done))
         else:
             started = prof.mark() if prof else None
             self.dev[slot].copy_(self.host[host])
         if prof:
-            prof.copy(key, prefetch, started, prof.mark(self.copy_stream if self.cuda else None), self.layout.nbytes)
+            prof.copy(key, prefetch, started, prof.mark(stream), self.layout.nbytes)
         self.stats_.bytes_h2d += self.layout.nbytes
         self.stats_.layer(key[0], "bytes_h2d", self.layout.nbytes)
         if prefetch:
             self.prefetched.add(key)
+
+    def scratch_slot(self) -> torch.Tensor:
+        """A device slot a caller may overwrite now (the bandwidth probe), inside the budget: a free slot, else
+        the least recently used expert's, which leaves the slot table (its next use copies it again). On a
+        GPU, once no queued kernel reads the slot and no copy writes it."""
+        if self.dev_table.free:
+            slot = self.dev_table.free[-1]
+        else:
+            victim = self.dev_table.policy.victim(self.dev_table.slot_of, set())
+            slot = self.dev_table.remove(victim)
+            self.prefetched.discard(victim)
+        if self.cuda:
+            self.free[slot].synchronize()
+            self.ready[slot].synchronize()
+        return self.dev[slot]
 
     def _h2d(self, slot: int, host: int) -> None:
         """Queue the copy of host slot `host` into device slot `slot` on the current (copy) stream."""
@@ -394,13 +461,14 @@ class ExpertStore:
             for key in keys:
                 if key not in self.host_table:
                     todo.append((key, self.host_table.assign(key)[0]))  # a free slot: nothing is evicted
+            base = self.progress_base  # host slots page-locked: counted first, by the same progress
             if progress:
-                progress(0, len(todo))
+                progress(base, base + len(todo))
             reads = [pool.submit(self.source.read_into, key, self.host[slot]) for key, slot in todo]
             for done, read in enumerate(reads, 1):
                 self.stats_.bytes_disk += read.result()
                 if progress:
-                    progress(done, len(todo))
+                    progress(base + done, base + len(todo))
         except BaseException:
             # Ctrl-C or a bad shard: drop what is still queued (an exiting process would otherwise wait for
             # every read), and forget every expert of this fill, so none is used half-read.
@@ -433,7 +501,8 @@ class ExpertStore:
 
     def _run_on_cpu(self, key: Key, x: torch.Tensor) -> torch.Tensor:
         host = self._host_slot(key)
-        self.host_table.lookup(key)
+        with self.lock:  # the reader thread changes the host table (a failed read removes its expert)
+            self.host_table.lookup(key)
         self.stats_.cpu_expert_calls += 1
         x_cpu = x.to("cpu")  # [t, D]; on a GPU this waits for the compute stream to produce x
         t0 = time.perf_counter() if self.profiler else 0.0
@@ -467,8 +536,8 @@ class ExpertStore:
     def peak_device_bytes(self) -> int:
         if self.cuda:
             return max(self.peak_before, int(torch.cuda.max_memory_allocated(self.device)))
-        # CPU slot pool: no allocator counts the "device" tier, so measure what it holds.
-        return self.held_device_bytes()
+        # CPU slot pool: no allocator counts the "device" tier, so measure what it holds (held at close, after).
+        return self.held_device_bytes() if self.held_at_close is None else self.held_at_close
 
     def held_device_bytes(self) -> int:
         """Bytes the device tier holds now, measured from the tensors (each storage counted once, whole):
@@ -495,7 +564,23 @@ class ExpertStore:
         return out
 
     def close(self) -> None:
+        """Stop the reader and give back both tiers: the pinned host tier (unlocked now, not whenever the
+        runtime object is collected: a notebook keeps it referenced) and the device's slot pool, so a second
+        load in this process finds that memory. The store cannot run experts afterwards; `stats` still works."""
         self.reader.shutdown()
+        if self.dev is None:
+            return
         if self.cuda:
-            self.copy_stream.synchronize()  # prefetch copies nobody waited for (wrong guesses) end here
-
+            # Copies nobody waited for (wrong router-ahead guesses) may still read the host tier and write the
+            # pool: both are freed only after they end.
+            for stream in self.copy_streams():
+                stream.synchronize()
+        self.held_at_close = self.held_device_bytes()
+        host, self.host, self.host_views = self.host, None, []
+        pinned.release(host)
+        del host
+        self.dev, self.dev_views = None, []
+        self.routers, self.model_tensors = {}, None  # the model's tensors: the runtime drops the model
+        if self.cuda:
+            self.ready, self.free = [], []
+            torch.cuda.empty_cache()  # the pool's blocks back to the driver, not only to torch's cache
