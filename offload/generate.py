@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -35,14 +35,34 @@ class Sampling:
             raise UserError(f"--seed must be between {SEED_MIN} and {SEED_MAX}, got {self.seed}")
 
 
-def prefill(model: Transformer, prompt: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """Run the prompt [T] in one pass, or in passes of `chunk` tokens (the memory plan's, where attention
-    memory grows with tokens x keys: offload.store.memory.Workspace.prefill_chunk); logits of its last
-    position [V]."""
+@dataclass
+class CachedTokens:
+    """The token ids whose keys and values fill the KV cache's first positions, in order: what a later prompt
+    that starts with them need not run again (prefix reuse: the history of a chat). Only generation writes
+    it, and only after a forward has finished, so it never claims a position that a failed or interrupted
+    step left half-written. A forward run outside generation (`model.forward` called directly) overwrites
+    the cache behind its back: clear `ids` after one."""
+
+    ids: list[int] = field(default_factory=list)
+    reused: int = 0  # prompt tokens the latest generation took from the cache instead of prefilling them
+
+    def reusable(self, prompt_ids: list[int]) -> int:
+        """How many leading prompt tokens the cache holds already: their common prefix, short of the prompt's
+        last token, which runs in any case (its logits choose the first new token)."""
+        n, limit = 0, min(len(self.ids), len(prompt_ids) - 1)
+        while n < limit and self.ids[n] == prompt_ids[n]:
+            n += 1
+        return n
+
+
+def prefill(model: Transformer, prompt: torch.Tensor, chunk: int = 0, start: int = 0) -> torch.Tensor:
+    """Run the prompt [T] at positions start.. (0, or after a reused prefix already in the KV cache) in one
+    pass, or in passes of `chunk` tokens (the memory plan's, where attention memory grows with tokens x
+    keys: offload.store.memory.Workspace.prefill_chunk); logits of its last position [V]."""
     T = prompt.shape[0]
     chunk = chunk or T
-    for start in range(0, T, chunk):
-        logits = model.forward(prompt[start:start + chunk], start)
+    for i in range(0, T, chunk):
+        logits = model.forward(prompt[i:i + chunk], start + i)
     return logits[-1]
 
 
@@ -75,6 +95,11 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def positions_needed(prompt_tokens: int, max_new_tokens: int) -> int:
+    """KV cache positions a generation fills: the last new token is sampled, never fed back."""
+    return prompt_tokens + max_new_tokens - 1
+
+
 def check_request(model: Transformer, prompt_ids: list[int], max_new_tokens: int) -> None:
     """Raise UserError for a generation that cannot run: an empty prompt, no new tokens, or more positions
     than the KV cache holds (saying whether --context can grow or the model's own limit is reached)."""
@@ -82,8 +107,7 @@ def check_request(model: Transformer, prompt_ids: list[int], max_new_tokens: int
         raise UserError("the prompt is empty")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    # The last new token is sampled, never fed back: the cache holds prompt + max_new_tokens - 1 positions.
-    need = len(prompt_ids) + max_new_tokens - 1
+    need = positions_needed(len(prompt_ids), max_new_tokens)
     if need > model.max_seq:
         limit = model.cfg.max_position_embeddings
         fix = ("the model's limit (max_position_embeddings in config.json); lower --max-new-tokens or shorten "
@@ -93,20 +117,31 @@ def check_request(model: Transformer, prompt_ids: list[int], max_new_tokens: int
 
 
 def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sampling,
-                 stop_ids: set[int] = frozenset(), prefill_chunk: Callable[[int], int] | None = None) -> Iterator[int]:
+                 stop_ids: set[int] = frozenset(), prefill_chunk: Callable[[int, int], int] | None = None,
+                 cached: CachedTokens | None = None, reuse_prefix: bool = False) -> Iterator[int]:
     """Generated token ids one by one; stops at a stop id (not yielded) or after max_new_tokens. A request
-    that cannot run (`check_request`) raises here, before any step; the steps run as the ids are taken."""
+    that cannot run (`check_request`) raises here, before any step; the steps run as the ids are taken.
+
+    `cached` tracks what the KV cache holds; with `reuse_prefix`, the prompt tokens it holds already are
+    not prefilled again (the same tokens as a cold run: their keys and values are the ones that run wrote)."""
     check_request(model, prompt_ids, max_new_tokens)
-    return _steps(model, prompt_ids, max_new_tokens, s, stop_ids, prefill_chunk)
+    return _steps(model, prompt_ids, max_new_tokens, s, stop_ids, prefill_chunk, cached, reuse_prefix)
 
 
 def _steps(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sampling,
-           stop_ids: set[int], prefill_chunk: Callable[[int], int] | None = None) -> Iterator[int]:
+           stop_ids: set[int], prefill_chunk: Callable[[int, int], int] | None = None,
+           cached: CachedTokens | None = None, reuse_prefix: bool = False) -> Iterator[int]:
     generator = None
     if s.seed is not None:
         generator = torch.Generator().manual_seed(s.seed)
-    chunk = prefill_chunk(len(prompt_ids)) if prefill_chunk else 0
-    logits = prefill(model, torch.tensor(prompt_ids, device=model.device), chunk)
+    cached = cached if cached is not None else CachedTokens()
+    reuse = cached.reusable(prompt_ids) if reuse_prefix else 0
+    # Chunks the memory plan has room for: after a reused prefix they pass a mask and attend to it too.
+    chunk = prefill_chunk(len(prompt_ids) - reuse, reuse) if prefill_chunk else 0
+    del cached.ids[reuse:]  # the positions after the reused prefix are about to be overwritten
+    cached.reused = reuse
+    logits = prefill(model, torch.tensor(prompt_ids[reuse:], device=model.device), chunk, start=reuse)
+    cached.ids.extend(prompt_ids[reuse:])
     pos = len(prompt_ids)
     for i in range(max_new_tokens):
         token = sample(logits, s, generator)
@@ -115,4 +150,5 @@ def _steps(model: Transformer, prompt_ids: list[int], max_new_tokens: int, s: Sa
         yield token
         if i + 1 < max_new_tokens:
             logits = decode_one(model, token, pos)
+            cached.ids.append(token)
             pos += 1

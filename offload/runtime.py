@@ -18,7 +18,7 @@ from quant.errors import UserError
 
 from .formats.checkpoint import Checkpoint
 from .formats.converted import PARTIAL_MARKER, dense_format, read_info, read_quantized, stored_shapes
-from .generate import Sampling, generate_ids
+from .generate import CachedTokens, Sampling, generate_ids
 from .models import EXPERT_MODEL_TYPES, family, open_checkpoint
 from .models.linear import linear
 from .models.transformer import Transformer
@@ -167,23 +167,29 @@ class Runtime:
         self.ckpt, self.model, self.tokenizer, self.store = ckpt, model, tokenizer, store
         self.last: dict = {}
         self.active: object | None = None  # the generation that owns the KV cache now
+        self.cached = CachedTokens()  # which tokens that KV cache holds: a prompt starting with them reuses them
         self.closed = False
 
     @property
     def config(self):
         return self.ckpt.config
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, sampling: Sampling = Sampling()) -> Iterator[int]:
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+                     reuse_prefix: bool = False) -> Iterator[int]:
         """Yield generated ids; timing lands in `stats()` (also when the caller stops early). A request that
         cannot run (closed runtime, empty prompt, beyond the context) raises here, before the first token.
 
         One generation at a time: they share the KV cache, so starting another ends this one (its next
-        step raises UserError) rather than letting both continue on each other's keys and values."""
+        step raises UserError) rather than letting both continue on each other's keys and values.
+
+        `reuse_prefix`: prefill only the prompt tokens after those the KV cache holds from the generation
+        before (a chat's history); same tokens as a cold run. `stats()["prompt_tokens_reused"]` counts them."""
         self._check_open()
         # The memory plan's workspace holds a prefill of its chunk size: a longer prompt goes in chunks.
         plan = getattr(self.store, "plan", None)  # an expert store's; a table store plans no workspace
         chunk = plan.workspace.prefill_chunk if plan is not None and plan.workspace else None
-        tokens = generate_ids(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, chunk)
+        tokens = generate_ids(self.model, prompt_ids, max_new_tokens, sampling, self.tokenizer.eos_ids, chunk,
+                              self.cached, reuse_prefix)
         return self._timed(prompt_ids, tokens)
 
     def _check_open(self) -> None:
@@ -217,7 +223,7 @@ class Runtime:
                 # one yielded (a step that sampled end-of-sequence produced no token).
                 decode_s = last - first
                 self.last = {
-                    "prompt_tokens": len(prompt_ids), "new_tokens": n,
+                    "prompt_tokens": len(prompt_ids), "prompt_tokens_reused": self.cached.reused, "new_tokens": n,
                     "prefill_s": round(first - t0, 6),
                     "decode_s": round(decode_s, 6),
                     "tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else 0.0,
@@ -240,7 +246,13 @@ class Runtime:
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if not prompt or not prompt.strip():
             raise UserError("the prompt is empty")
-        ids = self.tokenizer.encode(prompt, chat=chat)
+        return self._in_vocab(self.tokenizer.encode(prompt, chat=chat))
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """A conversation [{"role", "content"}, ...] through the model's chat template, as prompt ids."""
+        return self._in_vocab(self.tokenizer.encode_messages(messages))
+
+    def _in_vocab(self, ids: list[int]) -> list[int]:
         vocab = self.config.vocab_size
         if ids and max(ids) >= vocab:
             raise UserError(f"{self.ckpt.path / 'tokenizer.json'}: the prompt encodes to id {max(ids)}, beyond the "

@@ -52,9 +52,17 @@ class Tokenizer:
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if self.add_bos else []) + ids
 
-    def apply_chat_template(self, user_message: str) -> str:
-        """The prompt as the model's chat template writes one user turn. The template comes from a model
-        folder, often downloaded: it runs sandboxed, as transformers runs it, so it cannot reach Python."""
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """A conversation ([{"role": ..., "content": ...}, ...]) as the chat template writes it, ending where
+        the assistant's answer begins, as ids (the template writes bos itself)."""
+        for m in messages:
+            check_utf8(m["content"])
+        return self.tok.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
+
+    def apply_chat_template(self, user_message: str | list[dict]) -> str:
+        """The prompt as the model's chat template writes one user turn (or a whole conversation: a list of
+        {"role", "content"} messages). The template comes from a model folder, often downloaded: it runs
+        sandboxed, as transformers runs it, so it cannot reach Python."""
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -68,7 +76,8 @@ class Tokenizer:
                                                 extensions=["jinja2.ext.loopcontrols"])
             env.globals["raise_exception"] = raise_exception
             return env.from_string(template).render(
-                messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
+                messages=[{"role": "user", "content": user_message}] if isinstance(user_message, str) else user_message,
+                add_generation_prompt=True,
                 bos_token=self.token("bos_token"), eos_token=self.token("eos_token"))
         except jinja2.TemplateError as exc:  # syntax errors, unknown filters, the sandbox's refusals
             raise UserError(f"chat template ({where}): {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
