@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -173,6 +174,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="finegrained-"))
     folder, q4 = work / "qwen3-slice", work / "qwen3-slice-q4"
     record = {"benchmark": "finegrained", "device": device_name(dev), "torch": torch.__version__,
+              "load_average_at_start": os.getloadavg(),  # a busy machine slows every contender, unevenly
               "dtype": args.dtype, "slice": {"model": "Qwen3-30B-A3B layer dimensions, random weights",
                                              "layers": args.layers, "hidden": D, "experts": E, "expert_ffn": F,
                                              "top_k": K, "vocab": V},
