@@ -291,6 +291,70 @@ def convert(
                else f"wrote {out}", err=True)
 
 
+THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice).")
+
+
+@app.command()
+@user_errors
+def serve(
+    model: str = typer.Argument("demo", help="Model folder, or 'demo'."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: loopback only; "
+                                                         "0.0.0.0 serves the network)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port)."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait while one generates; more "
+                                                          "get 503 with Retry-After."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 "
+                                                                  "routes (default: $MOE_OFFLOAD_API_KEY, which "
+                                                                  "keeps the key out of the process list)."),
+    max_body: str = typer.Option("4MiB", "--max-body", help="Largest request body; larger ones get 413."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name clients use (default: the folder's name)."),
+    threads: Optional[int] = THREADS,
+    device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
+    vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
+    prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /metrics, /health), one generation at a time."""
+    from cli.progress import progress_bar
+    from offload.serve.app import serve as run_server
+    from quant.units import parse_bytes
+
+    with progress_bar("reading experts into RAM", transient=True) as progress:
+        run_server(model, host, port, max_queue=max_queue, api_key=api_key, name=name, threads=threads,
+                   max_body=parse_bytes(max_body, "--max-body"), progress=progress,
+                   ready=lambda url: typer.echo(f"moe-offload: serving {model} at {url}", err=True),
+                   device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
+                   cpu_experts=cpu_experts)
+
+
+@app.command()
+@user_errors
+def chat(
+    model: str = typer.Argument("demo", help="Model folder, or 'demo'."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Longest answer, in tokens."),
+    temperature: float = GEN_OPTIONS["temperature"], top_k: int = GEN_OPTIONS["top_k"],
+    top_p: float = GEN_OPTIONS["top_p"], seed: Optional[int] = GEN_OPTIONS["seed"],
+    system: Optional[str] = typer.Option(None, "--system", help="A system message to start the conversation."),
+    threads: Optional[int] = THREADS,
+    device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
+    vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
+    prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
+) -> None:
+    """Chat with MODEL in the terminal (its chat template; earlier turns stay in the KV cache). /reset,
+    /stats, /exit; Ctrl-C stops an answer. A stdin that is not a terminal is read one message a line."""
+    from cli.progress import progress_bar
+    from offload.generate import Sampling
+    from offload.serve.chat import chat as run_chat
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    # The bar shows while the experts are read in and stops itself when they are, before the chat begins.
+    with progress_bar("reading experts into RAM", transient=True) as progress:
+        run_chat(model, max_new_tokens=max_new_tokens, sampling=sampling, system=system, threads=threads,
+                 write=lambda text: _write(sys.stdout, text), note=lambda text: typer.echo(text, err=True),
+                 progress=progress, device=device, dtype=dtype, context=context, vram=vram, ram=ram,
+                 prefetch=prefetch, cpu_experts=cpu_experts)
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
