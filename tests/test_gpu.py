@@ -102,6 +102,8 @@ def test_quantized_folder_decodes_through_the_fused_kernels(tiny_checkpoint, tmp
 
 
 def test_the_host_tier_is_pinned_outside_torchs_rounding_allocator(tiny_checkpoint):
+    if not hasattr(torch.cuda, "host_memory_stats"):
+        pytest.skip("torch.cuda.host_memory_stats is newer than this torch")
     reference, rt = greedy(tiny_checkpoint)
     blob = rt.store.plan.blob_bytes
     torch.cuda.synchronize()
@@ -113,3 +115,120 @@ def test_the_host_tier_is_pinned_outside_torchs_rounding_allocator(tiny_checkpoi
     assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) - before < host.numel()
     # ... and copying from it gives what copying from an all-in-RAM tier gives.
     assert torch.equal(logits, reference)
+
+
+# ---- issue 25: what only a GPU shows of the memory plan, host syncs, close() and split-K ----------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_attention_kernel_the_plan_assumes_is_the_one_torch_runs(tiny_checkpoint, dtype):
+    """The plan reserves linear memory for flash and chunks the math kernel: flash must run exactly where
+    the plan says so (a prefill's causal grouped-query attention, as offload/models/attention.py calls it)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from offload.models import open_checkpoint
+    from offload.store.memory import attention_backend
+
+    cfg = open_checkpoint(tiny_checkpoint).config
+    H, K, Hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = torch.randn(1, H, 256, Hd, device="cuda", dtype=dtype)
+    k = torch.randn(1, K, 256, Hd, device="cuda", dtype=dtype)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+        flash = True
+    except RuntimeError:
+        flash = False
+    planned = attention_backend(cfg, dtype, "cuda", 256, torch.cuda.get_device_capability())
+    assert (planned == "flash") == flash, (planned, flash)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_prefill_of_the_whole_context_allocates_less_than_the_planned_workspace(tiny_checkpoint, dtype):
+    rt = offload.load(tiny_checkpoint, device="cuda", dtype=dtype, context=512, cpu_experts="never")
+    ws = rt.store.plan.workspace
+    ids = rt.encode("The quick brown fox jumps over the lazy dog. " * 60)[:511]
+    prompt = torch.tensor(ids, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    prefill(rt.model, prompt, ws.prefill_chunk(len(ids)))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert 0 < peak <= ws.total, (ws.backend, peak, ws)
+    rt.close()
+
+
+def test_a_prompt_after_a_reused_prefix_allocates_less_than_the_planned_workspace(tiny_checkpoint):
+    """After 300 cached positions the prompt passes a mask, which flash does not take: torch runs the math
+    kernel against every key, in the plan's chunks, within the flash plan's workspace."""
+    rt = offload.load(tiny_checkpoint, device="cuda", dtype="float16", context=512, cpu_experts="never")
+    ws = rt.store.plan.workspace
+    ids = rt.encode("The quick brown fox jumps over the lazy dog. " * 60)[:510]
+    prefill(rt.model, torch.tensor(ids[:300], device="cuda"))
+    rest = torch.tensor(ids[300:], device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    prefill(rt.model, rest, ws.prefill_chunk(len(rest), 300), start=300)
+    torch.cuda.synchronize()
+    assert 0 < torch.cuda.max_memory_allocated() - base <= ws.total
+    rt.close()
+
+
+def test_a_decode_step_synchronizes_once_per_layer_and_twice_per_token(tiny_checkpoint):
+    """torch's sync debug mode warns at every operation that makes the host wait for the GPU. Per decode step:
+    one per layer (the MoE block's one transfer), one for sampling, and the sampled token's copy back to the
+    device (a blocking copy from pageable memory, on a stream that sampling has just drained)."""
+    import warnings
+
+    _, rt = greedy(tiny_checkpoint)
+    plan = rt.store.plan
+    vram = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + 3 * plan.blob_bytes  # misses every token
+    rt = offload.load(tiny_checkpoint, device="cuda", dtype="float16", context=256, prefetch=1, cpu_experts="never",
+                      vram=vram)
+    steps = rt.generate_ids(rt.encode("The quick brown fox"), 9)
+    next(steps)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tokens = list(steps)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(tokens) == 8 and syncs and rt.store.stats()["expert_misses"] > 0
+    assert len(syncs) <= (rt.config.num_hidden_layers + 2) * len(tokens)
+
+
+def test_close_gives_the_device_memory_back_and_a_second_load_works(tiny_checkpoint):
+    import gc
+
+    _, rt = greedy(tiny_checkpoint)
+    plan = rt.store.plan
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    rt.close()
+    gc.collect()
+    assert torch.cuda.memory_allocated() <= held - plan.expert_pool_bytes - plan.kv_bytes
+    logits, again = greedy(tiny_checkpoint)
+    reference, _ = greedy(tiny_checkpoint)
+    assert torch.equal(logits, reference)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (3, 64), (2, 16), (8, 64)])
+def test_split_k_gives_the_unsplit_result_on_cuda(bits, group):
+    pytest.importorskip("triton")
+    import quant
+    from quant import triton_gemv as g
+
+    q = quant.quantize(torch.randn(512, 4096, device="cuda") * 0.02, bits, group)
+    x = torch.randn(4096, device="cuda")
+    ref = quant.linear(x[None], q, fused=False)[0].float()
+    one = g.dequant_gemv(q.q, q.scale, q.zero, x, bits, group, 1)
+    split = g.dequant_gemv(q.q, q.scale, q.zero, x, bits, group)
+    assert g.splits_for(512, 4096, bits, x.device) > 1
+    for y in (one, split):
+        assert torch.allclose(y, ref, atol=1e-4 * float(ref.abs().max()))
+    again = g.dequant_gemv(q.q, q.scale, q.zero, x, bits, group)
+    assert torch.equal(split, again)  # partial sums added in a fixed order: the same bits every call

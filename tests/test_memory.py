@@ -59,7 +59,7 @@ def test_flash_plans_no_scores_and_grows_linearly_with_the_context(context):
     the experts' [T, F] intermediates (all of a prompt's tokens routed to one expert, at worst)."""
     cfg = mixtral()
     ws, twice = (plan_workspace(cfg, n, torch.bfloat16, "cuda", (9, 0)) for n in (context, 2 * context))
-    assert ws.backend == "flash" and ws.chunk_tokens == context and ws.pair_bytes == 0
+    assert ws.backend == "flash" and ws.chunk_tokens == context and ws.own.pair == 0
     assert ws.prefill_chunk(context) == context
     assert ws.activations >= 3 * context * cfg.intermediate_size * 2
     assert twice.activations == 2 * ws.activations - cfg.vocab_size * 8  # linear (the last token's logits aside)
@@ -83,19 +83,18 @@ def test_the_math_kernel_is_bounded_by_chunked_prefill(dtype, capability, contex
     cfg = mixtral()
     ws = plan_workspace(cfg, context, dtype, "cuda", capability)
     H, Hd, s = cfg.num_attention_heads, cfg.head_dim, dtype.itemsize
-    assert ws.backend == "math" and ws.pair_bytes >= 13 * H  # scores, softmax and its mask check, per head
+    assert ws.backend == "math" and ws.own.pair >= 13 * H  # scores, softmax and its mask check, per head
     expanded = context * H * Hd * (4 + (2 * s + 8 if s < 4 else 2 * s))  # keys and values per head, and float32
+    assert ws.own.per_key == ws.masked.per_key == H * Hd * (4 + (2 * s + 8 if s < 4 else 2 * s))
+    assert ws.attention >= expanded + memory.QUADRATIC_BYTES
     for P in sorted({1, 2, 100, 1000, 1597, 1598, 4000, context // 2, context}):
         if P > context:
             continue
         C = ws.prefill_chunk(P)
-        assert 1 <= C <= min(P, ws.chunk_tokens)
-        assert C == 1 or ws.pair_bytes * C * P <= ws.quadratic_bytes
-        assert ws.attention >= ws.pair_bytes * C * P + expanded
-    # Chunks are as large as the budget allows: one more token would not fit.
-    P = context
-    C = ws.prefill_chunk(P)
-    assert C == P or ws.pair_bytes * (C + 1) * P > ws.quadratic_bytes
+        assert 1 <= C <= P
+        assert C == 1 or need(ws, C, P) <= ws.activations + ws.attention  # a chunk, masked, against P keys
+        assert C == P or need(ws, C + 1, P) > ws.activations + ws.attention  # as large as fits
+    assert ws.prefill_chunk(context) < context  # the longest prompt is cut
     assert ws.total < 6 * GiB
 
 
@@ -129,6 +128,27 @@ def test_the_default_vram_keeps_a_headroom_for_what_cuda_loads_after_the_plan():
     assert plan.vram_budget == free - memory.DEFAULT_HEADROOM
     with pytest.raises(offload.UserError, match="less 1.00 GiB of headroom"):
         plan_memory(cfg, 2, "cuda", None, 64 * GiB, 4096, blob, free_device_bytes=plan.dense_bytes + plan.kv_bytes)
+
+
+def need(ws, C: int, keys: int) -> int:
+    """Activations of a C-token forward and its masked attention against `keys` keys, as the plan counts them."""
+    fixed = ws.activations - ws.per_token * ws.chunk_tokens
+    return ws.per_token * C + fixed + ws.masked.bytes(C, keys)
+
+
+@pytest.mark.parametrize("start", [1000, 16000, 32000])
+def test_a_prefill_after_a_reused_prefix_on_flash_is_chunked_into_the_plan(start):
+    """After a reused prefix (a chat's history), a prompt runs at a later position with a mask, which flash
+    does not take: torch runs the math kernel against every key. The chunks fit what the flash plan
+    reserved, so a long history costs more passes, never more memory."""
+    cfg = mixtral()
+    ws = plan_workspace(cfg, 32768, torch.bfloat16, "cuda", (9, 0))
+    assert ws.backend == "flash" and ws.masked.kernel == "math" and ws.masked.pair > 13 * cfg.num_attention_heads
+    tokens = 32768 - start
+    C = ws.prefill_chunk(tokens, start)
+    assert 1 < C < tokens
+    assert need(ws, C, start + tokens) <= ws.activations + ws.attention < need(ws, C + 1, start + tokens)
+    assert ws.prefill_chunk(32768) == 32768  # the same prompt from position 0: one pass on flash
 
 
 # ---- inspect of Mixtral-8x7B: its config, and shards that hold headers only ----------------------------------
@@ -248,6 +268,26 @@ def test_the_math_kernels_chunked_prefill_allocates_less_than_its_plan(tiny_chec
     rt.close()
 
 
+def test_after_a_reused_prefix_the_masked_chunks_allocate_less_than_the_flash_plan(tiny_checkpoint):
+    """A GPU plan for flash, and a prompt run after 300 cached positions: with a mask, which flash does not
+    take, torch runs the math kernel (forced here on the CPU), in the plan's chunks; they stay within the
+    workspace the flash plan reserved (its library workspaces aside, which the CPU has none of)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rt = offload.load(tiny_checkpoint, device="cpu", dtype="bfloat16", context=512)  # flash takes half types
+    ws = plan_workspace(rt.config, 512, torch.bfloat16, "cuda", (9, 0))
+    assert ws.backend == "flash" and ws.masked.kernel == "math"
+    prompt = long_prompt(rt, 510)
+    prefill(rt.model, prompt[:300])  # the reused prefix: its keys and values are in the cache
+    rest = prompt[300:]
+    chunk = ws.prefill_chunk(len(rest), 300)
+    assert chunk < len(rest)
+    with sdpa_kernel([SDPBackend.MATH]):
+        peak = peak_allocated(lambda: prefill(rt.model, rest, chunk, start=300))
+    assert 0 < peak <= ws.total - ws.library
+    rt.close()
+
+
 def test_a_prompt_beyond_the_sliding_window_is_prefilled_in_planned_chunks(windowed_checkpoint, monkeypatch):
     """A prompt longer than the window takes the masked path, whose [T, S] mask is quadratic: with a small
     quadratic budget the runtime's generation prefills in chunks, each within the plan, same tokens."""
@@ -256,7 +296,7 @@ def test_a_prompt_beyond_the_sliding_window_is_prefilled_in_planned_chunks(windo
     ws = rt.store.plan.workspace
     prompt = long_prompt(rt, 400)
     chunk = ws.prefill_chunk(len(prompt))
-    assert ws.pair_bytes > 0 and 1 < chunk < len(prompt)
+    assert ws.own.pair > 0 and 1 < chunk < len(prompt)
     calls = []
     forward = rt.model.forward
     rt.model.forward = lambda ids, pos, *a: (calls.append((len(ids), pos)), forward(ids, pos, *a))[1]

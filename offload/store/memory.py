@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import psutil
 import torch
@@ -175,6 +175,12 @@ DEQUANT_BYTES_PER_WEIGHT = 12
 HALF = (torch.float16, torch.bfloat16)
 
 
+def beyond_window(cfg: ModelConfig, tokens: int) -> bool:
+    """Whether a prompt of `tokens` reaches past the sliding window of a layer that has one (attention then
+    passes a mask)."""
+    return any((w := cfg.window(i)) is not None and tokens > w for i in range(cfg.num_hidden_layers))
+
+
 def attention_backend(cfg: ModelConfig, dtype: torch.dtype, device_type: str, context: int,
                       capability: tuple[int, int] | None = None) -> str:
     """The kernel torch's scaled_dot_product_attention runs a prefill's attention with, called as
@@ -191,13 +197,55 @@ def attention_backend(cfg: ModelConfig, dtype: torch.dtype, device_type: str, co
     `capability`: the GPU's (major, minor); None plans for sm_80 or newer (planning without the GPU)."""
     if device_type == "cpu":
         return "cpu"
-    masked = cfg.sliding_window is not None and context > cfg.sliding_window
+    masked = beyond_window(cfg, context)
     if (dtype in HALF and (capability or (8, 0)) >= (8, 0) and cfg.head_dim % 8 == 0 and cfg.head_dim <= 256
             and not masked):
         return "flash"
     if cfg.num_attention_heads == cfg.num_key_value_heads and cfg.head_dim % 8 == 0:
         return "efficient"
     return "math"
+
+
+@dataclass(frozen=True)
+class AttentionCost:
+    """What an attention kernel allocates for C queries against S keys, in bytes:
+    pair * C * S + per_query * C + per_key * S + fixed."""
+
+    kernel: str
+    pair: int = 0
+    per_query: int = 0
+    per_key: int = 0
+    fixed: int = 0
+
+    def bytes(self, C: int, S: int) -> int:
+        return self.pair * C * S + self.per_query * C + self.per_key * S + self.fixed
+
+
+def attention_cost(kernel: str, cfg: ModelConfig, dtype: torch.dtype, masked: bool, window: bool,
+                   threads: int) -> AttentionCost:
+    """The temporaries of `kernel` for a prefill's attention, as offload/models/attention.py calls it: `masked`
+    when it passes a mask (a chunk after the first, a prompt after a reused prefix, a prompt longer than the
+    sliding window), `window` when that mask is a sliding window's.
+
+    Every kernel: its output [H, C, Hd] and float32 row statistics [H, C]. The mask attention.py builds is
+    bool [C, S], with an int64 distance and a bool comparison on the way for a window; the kernel takes it
+    as an additive bias (float32 on the CPU, the dtype for `efficient`, float32 for `math`). The math kernel
+    adds, per head, float32 scores, their softmax, its all-masked-rows check (bool) and its result, and
+    expands keys and values per head ([H, S, Hd] in the dtype, then float32) beside a scaled copy of the
+    keys; the CPU kernel, per thread, a block of scores against every key, and for half types keys and
+    values in float32."""
+    s, H, K, Hd = dtype.itemsize, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    Wq, Wkv = H * Hd, K * Hd
+    mask = (1 + (9 if window else 0)) if masked else 0
+    bias = {"cpu": 4, "efficient": s, "math": 4, "flash": 0}[kernel] if masked else 0
+    cost = AttentionCost(kernel, pair=mask + bias, per_query=Wq * s + 4 * H)
+    if kernel == "math":
+        expand = (2 * s if H != K else 0) + (8 if s < 4 else 0) + 4
+        cost = replace(cost, pair=cost.pair + 13 * H, per_query=cost.per_query + Wq * (12 + s), per_key=Wq * expand)
+    if kernel == "cpu":
+        cost = replace(cost, per_key=threads * CPU_ATTENTION_PER_KEY + (2 * Wkv * 4 if s < 4 else 0),
+                       fixed=threads * CPU_ATTENTION_PER_THREAD)
+    return cost
 
 
 @dataclass(frozen=True)
@@ -208,30 +256,39 @@ class Workspace:
     Parts (each an upper bound for its phase; their sum is what the plan reserves):
       activations  hidden states, q/k/v and their rotary temporaries, the MoE block's gathered tokens and its
                    expert intermediates [T, F] (all of one forward's tokens routed to one expert, at worst)
-      attention    the attention kernel's own temporaries
+      attention    the attention kernel's own temporaries (`AttentionCost`)
       dequant      a block of quantized expert weights, or a whole quantized attention projection
                    (`--dense-bits`), dequantized for a prefill
-      library      cuBLAS/cuBLASLt workspaces and the caching allocator's slack (CUDA only)"""
+      library      cuBLAS/cuBLASLt workspaces and the caching allocator's slack (CUDA only)
+
+    `backend` runs a whole prompt at position 0; `masked` runs any forward given a mask (on a GPU with grouped
+    query heads: math, which flash hands masks to), sized by `prefill_chunk` into what the plan reserved."""
 
     backend: str
-    chunk_tokens: int     # the most tokens one prefill forward takes
+    chunk_tokens: int     # the most tokens one prefill forward at position 0 takes
     activations: int
     attention: int
     dequant: int
     library: int
-    pair_bytes: int = 0   # quadratic attention bytes per (query, key) pair; 0: memory linear in the tokens
-    quadratic_bytes: int = QUADRATIC_BYTES
+    per_token: int        # activations per token of a forward (`activations` = per_token * chunk_tokens + fixed)
+    own: AttentionCost
+    masked: AttentionCost
 
     @property
     def total(self) -> int:
         return self.activations + self.attention + self.dequant + self.library
 
-    def prefill_chunk(self, prompt_tokens: int) -> int:
-        """Tokens per prefill forward for a prompt of `prompt_tokens`: all of them where attention memory is
-        linear; else as many as keep the last chunk's [chunk, prompt] temporaries within `quadratic_bytes`."""
-        if not self.pair_bytes:
-            return prompt_tokens
-        return max(1, min(prompt_tokens, self.quadratic_bytes // (self.pair_bytes * prompt_tokens)))
+    def prefill_chunk(self, tokens: int, start: int = 0) -> int:
+        """Tokens per forward for a prefill of `tokens` after `start` positions already in the KV cache (0, or
+        a reused prefix): all of them in one pass where the planned kernel takes them so; else as many as keep
+        a chunk's activations and its masked attention against all start + tokens keys within the bytes the
+        plan reserved for both (at least 1)."""
+        if start == 0 and not self.own.pair and tokens <= self.chunk_tokens:
+            return tokens
+        keys = start + tokens
+        fixed = self.activations - self.per_token * self.chunk_tokens
+        room = self.activations + self.attention - fixed - self.masked.bytes(0, keys)
+        return max(1, min(tokens, room // (self.per_token + self.masked.bytes(1, keys) - self.masked.bytes(0, keys))))
 
     def as_dict(self) -> dict:
         return asdict(self) | {"total": self.total}
@@ -241,11 +298,12 @@ def plan_workspace(cfg: ModelConfig, context: int, dtype: torch.dtype, device_ty
                    capability: tuple[int, int] | None = None, quantized_experts: bool = False,
                    dense_format: tuple[int, int] | None = None, threads: int | None = None,
                    quadratic_bytes: int | None = None) -> Workspace:
-    """The Workspace of a prefill of up to `context` tokens (see `Workspace` for its parts; `attention_backend`
-    for the kernels). Dimension legend: C tokens of one forward, S keys, D hidden, F widest ffn, H, K query
-    and key/value heads, Hd head dim, E experts, k experts per token. `quadratic_bytes`: the chunks'
-    budget (default QUADRATIC_BYTES)."""
+    """The Workspace of a prefill of up to `context` tokens (see `Workspace` for its parts, `attention_backend`
+    and `attention_cost` for the kernels). Dimension legend: C tokens of one forward, S keys, D hidden, F
+    widest ffn, H, K query and key/value heads, Hd head dim, E experts, k experts per token.
+    `quadratic_bytes`: what a chunk's quadratic attention may take (default QUADRATIC_BYTES)."""
     quadratic_bytes = quadratic_bytes or QUADRATIC_BYTES
+    threads = threads or torch.get_num_threads()
     s = dtype.itemsize
     S = min(context, cfg.max_position_embeddings)
     D, H, K, Hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -253,40 +311,30 @@ def plan_workspace(cfg: ModelConfig, context: int, dtype: torch.dtype, device_ty
     Wq, Wkv = H * Hd, K * Hd
     F = max(cfg.intermediate_size, cfg.shared_intermediate_size, cfg.dense_intermediate_size)
     backend = attention_backend(cfg, dtype, device_type, S, capability)
-    window = cfg.sliding_window is not None and S > cfg.sliding_window
+    window = beyond_window(cfg, S)
+    own = attention_cost(backend, cfg, dtype, masked=window, window=window, threads=threads)
+    if device_type == "cpu" or backend != "flash":
+        masked_kernel = backend
+    else:  # flash takes no mask: torch hands a masked call to the next kernel that takes the heads as they are
+        masked_kernel = "math" if H != K else "efficient"
+    masked = attention_cost(masked_kernel, cfg, dtype, masked=True, window=window, threads=threads)
 
-    # Quadratic bytes per (query, key) pair, where a mask or the math kernel's scores make them. The mask
-    # attention.py builds: bool [C, S], and for a window an int64 distance and a bool comparison on the way.
-    mask = 1 + (9 if window else 0)
-    pair = {"flash": 0,
-            "cpu": 4 + mask if window else 0,                    # the mask as float32, for the CPU kernel
-            "efficient": s + mask if window else 0,              # the mask as an additive bias
-            # float32 scores, softmax, its all-masked-rows check (bool) and result, per head; the mask as float
-            "math": 13 * H + 4 + mask}[backend]
-    if pair:
-        # A prompt of P tokens runs in chunks of Workspace.prefill_chunk(P); the largest is at P = sqrt(B / pair).
-        C = max(1, min(S, math.isqrt(quadratic_bytes // pair)))
-        quadratic = max(quadratic_bytes, pair * S)  # a 1-token chunk against every key, at worst
+    # Where attention grows with tokens x keys, prompts run in chunks: the largest at P = sqrt(B / pair).
+    if own.pair:
+        C = max(1, min(S, math.isqrt(quadratic_bytes // own.pair)))
+        # A prompt's chunks keep their [C, P] part within the budget; a 1-token chunk against every key, at worst.
+        attention = max(quadratic_bytes, own.pair * S) + own.bytes(C, S) - own.pair * C * S
     else:
-        C, quadratic = S, 0
-
-    # The kernel's linear temporaries: its output [H, C, Hd] and row statistics; the math kernel also
-    # expands keys and values per head ([H, S, Hd], in the dtype, then float32) and scales a copy of the keys.
-    attention = quadratic + C * (Wq * s + 4 * H)
-    if backend == "cpu":
-        attention += (threads or torch.get_num_threads()) * (S * CPU_ATTENTION_PER_KEY + CPU_ATTENTION_PER_THREAD)
-        attention += 2 * S * Wkv * 4 if s < 4 else 0
-    if backend == "math":
-        expand = (2 * s if H != K else 0) + (8 if s < 4 else 0) + 4
-        attention += S * Wq * expand + C * Wq * (12 + s)
+        C, attention = S, own.bytes(S, S)
 
     # Live activations of one forward, the larger of its two phases, plus the residual stream and its update.
-    qk_norm = C * (Wq + Wkv) * 8 if cfg.qk_norm else 0  # float32 statistics of q and k
-    attn_phase = C * s * (2 * D + 7 * Wq + 2 * Wkv) + qk_norm
-    experts = (5 if quantized_experts else 3) * C * F * s  # quantized: per-block products, their concatenation
-    moe_phase = C * s * 6 * D + experts + C * (E * (s + 8) + 24 * k)
-    norm_phase = C * D * (s + 8)
-    activations = 2 * C * D * s + max(attn_phase, moe_phase, norm_phase) + cfg.vocab_size * 8
+    qk_norm = (Wq + Wkv) * 8 if cfg.qk_norm else 0  # float32 statistics of q and k, per token
+    attn_phase = s * (2 * D + 7 * Wq + 2 * Wkv) + qk_norm
+    experts = (5 if quantized_experts else 3) * F * s  # quantized: per-block products, their concatenation
+    moe_phase = s * 6 * D + experts + E * (s + 8) + 24 * k
+    norm_phase = D * (s + 8)
+    per_token = 2 * D * s + max(attn_phase, moe_phase, norm_phase)
+    activations = per_token * C + cfg.vocab_size * 8  # the last position's logits, float32
 
     # Dequantized blocks: the expert forward's row blocks (quant.expert), or a whole attention projection.
     cuda = device_type == "cuda"
@@ -297,7 +345,7 @@ def plan_workspace(cfg: ModelConfig, context: int, dtype: torch.dtype, device_ty
     if dense_format:
         dequant = max(dequant, (DEQUANT_BYTES_PER_WEIGHT + s) * max(Wq, Wkv) * D)
     library = CUBLAS_WORKSPACE + CUBLASLT_WORKSPACE + ALLOCATOR_SLACK if cuda else 0
-    return Workspace(backend, C, activations, attention, dequant, library, pair, quadratic_bytes)
+    return Workspace(backend, C, activations, attention, dequant, library, per_token, own, masked)
 
 
 def plan_memory(cfg: ModelConfig, itemsize: int, device: str, vram: int | None, ram: int | None, context: int,
