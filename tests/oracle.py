@@ -5,11 +5,13 @@ after prefill and after decode steps, on the runtime's greedy path."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
 
-from conftest import write_tokenizer
+import offload
+from conftest import run_cli, write_tokenizer
 from offload.generate import decode_one, prefill
 from offload.models import expected_shapes, open_checkpoint
 from offload.runtime import build_model
@@ -70,6 +72,19 @@ def assert_logits_match(folder: Path, ref, vocab: int, steps: int = 16, atol: fl
             torch.testing.assert_close(logits, out.logits[0, -1], atol=atol, rtol=0)
             past, pos = out.past_key_values, pos + 1
     assert len(set(tops)) >= 3, f"the reference's top token barely varies ({tops}): pick another seed"
+
+
+def assert_greedy_matches(folder: Path, ref, prompt: str, n: int = 32) -> None:
+    """`n` greedy tokens equal transformers' own, through the Python API and through `generate --json`,
+    and they vary (a reference that repeats one token would prove little)."""
+    with offload.load(folder, device="cpu", dtype="float32") as rt:
+        ids = rt.encode(prompt)
+        api = list(rt.generate_ids(ids, n))
+    expected = reference_greedy(ref, ids, n)
+    assert api == expected and len(set(expected)) >= 3
+    result = run_cli("generate", folder, prompt, "--max-new-tokens", str(n), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == expected
 
 
 def reference_greedy(ref, prompt: list[int], n: int) -> list[int]:
