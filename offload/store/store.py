@@ -485,7 +485,7 @@ class ExpertStore:
         back, as `_run_on_cpu` makes it) against one blob's host->device copy."""
         if self.cpu_experts != "auto" or not self.cuda:
             return self.cpu_experts == "always"
-        scratch = pinned.empty(self.layout.nbytes, pin=True).zero_()
+        scratch = pinned.empty(self.layout.nbytes, pin=True, device=self.device).zero_()
         views = self.layout.views(scratch)
         x = torch.zeros(1, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
 
