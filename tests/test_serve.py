@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import psutil
 import pytest
 
 from conftest import REPO
+from offload.serve.completion import StopText
 
 KEY = "sk-test-moe-offload"
 CONTEXT = 128
@@ -101,6 +103,22 @@ def stream_events(server: Server, path: str, body: dict) -> list[str]:
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("pieces, stops, sent", [
+    (["Hel", "lo wo", "rld"], ["o w"], "Hell"),              # across two pieces
+    (["ab", "c", "d"], ["bcd", "cx"], "a"),                  # the earliest of several, spanning three pieces
+    (["a<", "<", "x"], ["<<<"], "a<<x"),                     # a start that came to nothing is sent at the end
+    (["STOP here"], ["STOP"], ""),                           # at the very start
+    (["xaab"], ["aab", "ab"], "x"),                          # overlapping stop strings: the earlier position
+    (["one ", "two"], [], "one two"),
+])
+def test_stop_text_sends_everything_before_the_first_stop_and_nothing_of_it(pieces, stops, sent):
+    text = StopText(stops)
+    out = [text.push(p) for p in pieces]
+    out.append(text.flush())
+    assert "".join(out) == sent
+    assert text.stopped == any(stop in "".join(pieces) for stop in stops)
 
 
 def test_models_lists_the_served_model(server):
@@ -204,6 +222,26 @@ def test_a_client_that_leaves_mid_stream_frees_the_server(server):
     assert abandoned < 50
     # Within a second on an idle machine; the bound is generous for a loaded CI runner.
     assert waited < 10
+
+
+def test_a_client_that_leaves_a_plain_request_stops_its_generation(server):
+    before = server.metrics()
+    body = json.dumps({"model": "demo", "prompt": PROMPT, "max_tokens": CONTEXT - 8, "temperature": 0}).encode()
+    host, port = server.root.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 60
+        while server.metrics()["moe_offload_generating"] == 0:  # leave once it is generating
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    done = server.client().completions.create(model="demo", prompt=PROMPT, max_tokens=1, temperature=0)
+    assert done.choices[0].finish_reason == "length"
+    after = server.metrics()
+    cancelled = 'moe_offload_requests_total{outcome="cancelled"}'
+    assert after[cancelled] == before.get(cancelled, 0) + 1
+    abandoned = after["moe_offload_completion_tokens_total"] - before["moe_offload_completion_tokens_total"] - 1
+    assert abandoned < CONTEXT - 8
 
 
 BAD = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -218,16 +219,13 @@ async def respond(engine: Engine, request: HttpRequest, body: schema.Request, id
         events = sse(job, chat, rid, created, model_id, include_usage)
         return JobStream(job, events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # Nothing is sent to a plain request's client until the end, so nothing would fail when it leaves: a task
+    # waits for the server's word that it has (the body is read, so the next message is the disconnect).
+    watcher = asyncio.create_task(cancel_on_disconnect(request, job))
     pieces: list[str] = []
     try:
         while True:
-            try:
-                kind, value = await asyncio.wait_for(job.next_event(), timeout=0.25)
-            except asyncio.TimeoutError:
-                # No stream tells us when a client of a plain request leaves: ask between waits.
-                if await request.is_disconnected():
-                    return None
-                continue
+            kind, value = await job.next_event()
             if kind == "text":
                 pieces.append(value)
             elif kind == "error":
@@ -235,7 +233,14 @@ async def respond(engine: Engine, request: HttpRequest, body: schema.Request, id
             else:
                 return whole_response(value, "".join(pieces), chat, rid, created, model_id)
     finally:
-        job.cancel()  # a no-op once it has finished; else the client is gone: stop it within a token
+        watcher.cancel()
+        job.cancel()  # a no-op once it has finished; else the handler itself was cancelled
+
+
+async def cancel_on_disconnect(request: HttpRequest, job: Job) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()  # the worker stops within a token; the handler's response goes nowhere
 
 
 def whole_response(end: Finished, text: str, chat: bool, rid: str, created: int, model_id: str) -> dict:
@@ -351,6 +356,9 @@ def serve(model: str | os.PathLike | None = "demo", host: str = "127.0.0.1", por
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
         bound = sock.getsockname()
         where = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
+        if not api_key and not ipaddress.ip_address(bound[0]).is_loopback:
+            log.warning("moe-offload: listening on %s without an API key: anyone who can reach this address can "
+                        "use the model (--api-key or $%s)", where, API_KEY_ENV)
         if ready:
             ready(f"http://{where}:{bound[1]}/v1")
         server.run(sockets=[sock])

@@ -103,7 +103,8 @@ def chat(model: str | os.PathLike | None = "demo", *, max_new_tokens: int = 256,
         torch.set_num_threads(threads)
     with load(model, progress=progress, **load_options) as rt:
         talk = Conversation(rt, max_new_tokens, sampling, system)
-        rt.encode_messages([{"role": "user", "content": "hello"}])  # no chat template: one line now, not later
+        # A model without a chat template, or one whose template refuses a system message: one line now.
+        rt.encode_messages(talk.messages + [{"role": "user", "content": "hello"}])
         interactive = stdin is sys.stdin and stdin.isatty()  # input() reads sys.stdin, with line editing
         if interactive:
             import readline  # noqa: F401  line editing and history for input()
