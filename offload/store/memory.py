@@ -330,7 +330,9 @@ def plan_workspace(cfg: ModelConfig, context: int, dtype: torch.dtype, device_ty
     # Live activations of one forward, the larger of its two phases, plus the residual stream and its update.
     qk_norm = (Wq + Wkv) * 8 if cfg.qk_norm else 0  # float32 statistics of q and k, per token
     attn_phase = s * (2 * D + 7 * Wq + 2 * Wkv) + qk_norm
-    experts = (5 if quantized_experts else 3) * F * s  # quantized: per-block products, their concatenation
+    # An expert's [T, F] intermediates: gate, up and their product; a quantized expert's row blocks of the
+    # product and their concatenation come to no more (quant.expert.expert_forward).
+    experts = 3 * F * s
     moe_phase = s * 6 * D + experts + E * (s + 8) + 24 * k
     norm_phase = D * (s + 8)
     per_token = 2 * D * s + max(attn_phase, moe_phase, norm_phase)
