@@ -13,8 +13,12 @@ a server repeating it would hold; the all-resident baseline is warmed until a wh
 nothing, so it is resident in fact, not just in budget), then times one generation, with device syncs
 around it. Every setting, the baseline included, is measured --repeats times, interleaved (round r measures
 every setting once, each round in a rotated order), so a slow spell of a shared machine falls on all of
-them; tokens/s is the median of the repeats (best and every run are in the record) and the ratio is of
-medians. The counters (hits, bytes) are deterministic without CPU experts; the record says if they varied.
+them. Speed is tokens/s of the median decode step of a run, then the median over the repeats (a burst of
+other work on a shared machine stalls a few steps, not the median one); steps are timed by
+`common.step_clock`: on a CPU with one torch thread (--threads 1) the process's CPU time, which other
+processes sharing the core do not inflate, else the wall clock. Each run's whole-generation wall-clock
+tokens/s is recorded too, with its own ratio. Ratios are against the all-resident baseline's speed of the
+same kind. The counters (hits, bytes) are deterministic without CPU experts; the record says if they varied.
 
     python bench/bench_offload.py --threads 1      # demo model + a 1-layer slice on CPU
     python bench/bench_offload.py --slice-layers 4 # on a GPU: more layers
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 
 import offload
-from common import PROMPT, RESULTS, device_name, load_average, save_record, sync
+from common import PROMPT, RESULTS, device_name, load_average, save_record, step_clock, sync
 from offload.models import open_checkpoint
 from offload.inspect import memory_plan
 from offload.store.memory import human
@@ -60,13 +64,15 @@ def config_of(folder):
     return open_checkpoint(resolve_model_path(folder)).config
 
 
+WARM_UP_MIN = 2    # warm-up generations of every setting: the baseline needs 2 to stop copying on the demo model,
+                   # and giving every setting the same number keeps the baseline from being the only one warmed twice
 WARM_UP_LIMIT = 8  # generations the all-resident baseline may take to stop copying
 
 
 def decode(folder, device: str, tokens: int, context: int, until_no_copies: bool = False,
-           warm_tokens: int | None = None, **options) -> dict:
-    """Load, warm up with the request to be timed (`warm_tokens` of it if given; repeated until a whole
-    generation copies nothing, when `until_no_copies`), then time one generation of `tokens` tokens.
+           warm_tokens: int | None = None, min_warm_ups: int = WARM_UP_MIN, **options) -> dict:
+    """Load, warm up with the request to be timed (`warm_tokens` of it if given), `min_warm_ups` times or, when
+    `until_no_copies`, until a whole generation copies nothing, then time one generation of `tokens` tokens.
 
     Counters are of the decode steps only, as tokens/s is: prefill uses nearly every expert of every layer,
     and would inflate the bytes per token and deflate the hit rate. Missed experts are copied, never
@@ -76,15 +82,17 @@ def decode(folder, device: str, tokens: int, context: int, until_no_copies: bool
     ids = rt.encode(PROMPT)
     for warm_ups in range(1, WARM_UP_LIMIT + 1):
         list(rt.generate_ids(ids, max_new_tokens=warm_tokens or tokens))
-        if not until_no_copies or rt.stats()["bytes_h2d"] == 0:
+        if warm_ups >= min_warm_ups and (not until_no_copies or rt.stats()["bytes_h2d"] == 0):
             break
     sync(device)
-    after_prefill = {}
+    after_prefill, stamps, clock = {}, [], step_clock(device)[1]
     for i, _ in enumerate(rt.generate_ids(ids, max_new_tokens=tokens)):
+        stamps.append(clock())  # each token is an int on the host: its step has finished
         if i == 0:
             after_prefill = rt.store.stats_.as_dict()
     sync(device)
     s = rt.stats()
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]  # decode steps only: the first token came from prefill
     rt.close()
     d = {k: s[k] - after_prefill.get(k, 0) for k in Stats.FIELDS}
     uses = d["expert_hits"] + d["expert_misses"]
@@ -96,18 +104,24 @@ def decode(folder, device: str, tokens: int, context: int, until_no_copies: bool
         "prefetch_issued": d["prefetch_issued"], "prefetch_hits": d["prefetch_hits"],
         "prefetch_accuracy": round(d["prefetch_hits"] / d["prefetch_issued"], 4) if d["prefetch_issued"] else None,
         "bytes_h2d_per_token": d["bytes_h2d"] // decoded, "bytes_disk_per_token": d["bytes_disk"] // decoded,
-        "decode_steps": decoded, "tokens_per_s": s["tokens_per_s"], "prefill_s": s["prefill_s"],
+        "decode_steps": decoded, "tokens_per_s": s["tokens_per_s"],
+        "step_median_tokens_per_s": round(1 / statistics.median(steps), 3) if steps else None,
+        "prefill_s": s["prefill_s"],
         "cpu_expert_calls": d["cpu_expert_calls"], "peak_vram_bytes": s["peak_vram_bytes"],
         "blob_bytes": s["blob_bytes"],
     }
 
 
 def repeated(runs: list[dict]) -> dict:
-    """One setting's repeats as one row: the first run's counters, tokens/s as median, best and every run."""
+    """One setting's repeats as one row: the first run's counters; speed as the median over runs of each run's
+    median decode step (a burst of other work on the machine stalls a few steps of a run, not its median),
+    and each run's whole-generation tokens/s (its median, best and every run)."""
     speeds = [r["tokens_per_s"] for r in runs]
-    timed = ("tokens_per_s", "prefill_s", "peak_vram_bytes")
+    timed = ("tokens_per_s", "step_median_tokens_per_s", "prefill_s", "peak_vram_bytes")
     counters = [{k: v for k, v in r.items() if k not in timed} for r in runs]
+    steps = [r["step_median_tokens_per_s"] for r in runs]
     return {**counters[0], "counters_varied": any(c != counters[0] for c in counters[1:]),
+            "step_median_tokens_per_s": statistics.median(steps), "runs_step_median_tokens_per_s": steps,
             "tokens_per_s": statistics.median(speeds), "best_tokens_per_s": max(speeds), "runs_tokens_per_s": speeds,
             "prefill_s": statistics.median(r["prefill_s"] for r in runs),
             "peak_vram_bytes": max((r["peak_vram_bytes"] or 0) for r in runs) or None}
@@ -133,28 +147,30 @@ def sweep(folder, device: str, slot_counts: list[int], prefetches: list[int], to
         rows = []
         for i, (_, slots, p) in enumerate(settings[1:], start=1):
             row = repeated(runs[i])
-            row["speed_vs_all_resident"] = round(row["tokens_per_s"] / base["tokens_per_s"], 4)
+            row["speed_vs_all_resident"] = round(row["step_median_tokens_per_s"] / base["step_median_tokens_per_s"], 4)
+            row["whole_run_speed_vs_all_resident"] = round(row["tokens_per_s"] / base["tokens_per_s"], 4)
             if bandwidth:
                 bound_s = row["bytes_h2d_per_token"] / bandwidth
                 row["transfer_bound_s_per_token"] = bound_s
-                row["time_per_token_vs_transfer_bound"] = (round((1 / row["tokens_per_s"]) / bound_s, 3)
+                row["time_per_token_vs_transfer_bound"] = (round((1 / row["step_median_tokens_per_s"]) / bound_s, 3)
                                                            if bound_s > 0 else None)
             rows.append(row)
         result.update(repeats_done=r + 1, baseline_all_resident=base, sweep=rows)
         save()
         print(f"{label:>8} round {r + 1}/{repeats} done", flush=True)
     print(f"{label:>8} all-resident: hit {base['hit_rate']:.3f} after {base['warm_up_generations']} warm-up "
-          f"generation(s), {base['tokens_per_s']:8.2f} tok/s (median)")
+          f"generation(s), {base['step_median_tokens_per_s']:8.2f} tok/s (median step)")
     for row in result["sweep"]:
         print(f"{label:>8} slots {row['device_slots']:>4}/{total} prefetch {row['prefetch']}: hit {row['hit_rate']:.3f}  "
-              f"h2d/token {human(row['bytes_h2d_per_token']):>11}  {row['tokens_per_s']:8.2f} tok/s  "
-              f"({row['speed_vs_all_resident']}x of all-resident)", flush=True)
+              f"h2d/token {human(row['bytes_h2d_per_token']):>11}  {row['step_median_tokens_per_s']:8.2f} tok/s  "
+              f"({row['speed_vs_all_resident']}x of all-resident; whole runs {row['whole_run_speed_vs_all_resident']}x)",
+              flush=True)
     return result
 
 
 def policy_comparison(folder, device: str, slot_counts: list[int], tokens: int, context: int) -> list[dict]:
-    """Global LRU vs per-layer LRU misses at equal slot counts (prefetch off, so only the policy differs), after a
-    4-token warm-up, as offload/store/cache.py quotes them."""
+    """Global LRU vs per-layer LRU misses at equal slot counts (prefetch off, so only the policy differs), after
+    one 4-token warm-up, as offload/store/cache.py quotes them."""
     cfg = config_of(folder)
     rows = []
     for slots in slot_counts:
@@ -162,7 +178,7 @@ def policy_comparison(folder, device: str, slot_counts: list[int], tokens: int, 
             continue
         row = {"device_slots": slots}
         for name, per_layer in (("global_lru", False), ("per_layer_lru", True)):
-            r = decode(folder, device, tokens, context, warm_tokens=4, vram=vram_for(folder, device, slots, context),
+            r = decode(folder, device, tokens, context, warm_tokens=4, min_warm_ups=1, vram=vram_for(folder, device, slots, context),
                        prefetch=0, per_layer_cache=per_layer)
             row[name + "_hit_rate"] = r["hit_rate"]
         rows.append(row)
@@ -243,7 +259,7 @@ def main() -> None:
               "h2d_bandwidth_bytes_per_s": bandwidth, "prompt": PROMPT, "repeats": args.repeats,
               "slice_repeats": args.slice_repeats,
               "tokens": args.tokens, "policy_tokens": args.policy_tokens,
-              "load_average_at_start": load_average()}
+              "step_clock": step_clock(device)[0], "load_average_at_start": load_average()}
     if bandwidth:
         print(f"pinned host->device bandwidth: {bandwidth / 1e9:.1f} GB/s")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,6 +29,16 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def step_clock(device: str) -> tuple[str, Callable[[], float]]:
+    """The clock decode steps are timed with, and its name. On a CPU running torch on one thread: this process's
+    CPU time, which counts the work a step did and not the time the OS gave the core to other processes (on a
+    shared machine that moves wall-clock speeds 3x between runs of one setting). Otherwise the wall clock: a
+    GPU's work is not the host's CPU time, and several CPU threads' times add up."""
+    if not device.startswith("cuda") and torch.get_num_threads() == 1:
+        return "process CPU time (one torch thread)", time.process_time
+    return "wall clock", time.perf_counter
 
 
 def sync(device: str) -> None:

@@ -12,9 +12,12 @@ Decodes the same prompt, greedily, the same number of tokens, with
       (a) keeps every expert in RAM; it is recorded, labelled as what it is, not as the headline;
   (c) moe-offload with every expert resident (the upper bound; prefetch off);
   (b') transformers without offloading (the whole model on the device), when it fits.
-and reports decode tokens/s of each (the best and the median of --repeats measured runs after one warm-up
-run; the best is the run least disturbed by other load on the machine; all runs are kept in the record; the
-first token, from prefill, is not counted), the ratios, and (a)'s time per token against its transfer bound
+and reports decode tokens/s of each (--repeats measured runs after one warm-up run: the median over them of
+each run's median decode step, which a burst of other load on a shared machine barely moves; each run's
+whole-generation tokens/s and the best of them are kept too; the first token, from prefill, is not
+counted; steps are timed by common.step_clock: with --threads 1 on a CPU the process's CPU time, which other
+processes sharing the core do not inflate, else the wall clock), the ratios, and (a)'s time per token
+against its transfer bound
 (the bytes it moved per decode token over the host->device bandwidth, from offload.profile). The headline
 ratio compares like with like: on a GPU a/b (the same budgets); on a CPU a/b' (every weight of both in RAM:
 what it measures is the runtime's own cost of serving experts through its slots and store against
@@ -46,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, bench_offload, when run as a program
 
 import offload  # noqa: E402
-from common import PROMPT, RESULTS, device_name, load_average, save_record, sync  # noqa: E402
+from common import PROMPT, RESULTS, device_name, load_average, save_record, step_clock, sync  # noqa: E402
 from offload.models import open_checkpoint  # noqa: E402
 from offload.inspect import memory_plan  # noqa: E402
 from offload.store.memory import default_ram_budget, human  # noqa: E402
@@ -63,6 +66,20 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def step_median_speed(stamps: list[float]) -> float:
+    """Tokens/s of the median decode step, from the times (common.step_clock) each token, the first one from
+    prefill, was ready."""
+    return 1 / statistics.median([b - a for a, b in zip(stamps, stamps[1:])])
+
+
+def speed_fields(whole_runs: list[float], step_medians: list[float]) -> dict:
+    """A contender's speed: `tokens_per_s`, the median over its runs of each run's median decode step (a
+    burst of other work on a shared machine stalls a few steps of a run, not its median one), which every
+    ratio uses; and each run's whole-generation decode tokens/s, with the best of them."""
+    return {"tokens_per_s": statistics.median(step_medians), "runs_step_median_tokens_per_s": step_medians,
+            "best_run_tokens_per_s": max(whole_runs), "runs_tokens_per_s": whole_runs}
+
+
 # ---- (a) and (c): this runtime ---------------------------------------------------------------------------
 
 def ours(folder, device: str, tokens: int, repeats: int, context: int, logits: dict | None = None,
@@ -72,12 +89,17 @@ def ours(folder, device: str, tokens: int, repeats: int, context: int, logits: d
     rt = offload.load(folder, device=device, context=context, **options)
     ids = rt.encode(PROMPT)
     list(rt.generate_ids(ids, 4))
-    speeds, out = [], []
+    speeds, steps, out = [], [], []
+    clock = step_clock(device)[1]
     for _ in range(repeats):
         sync(device)
-        out = list(rt.generate_ids(ids, tokens))
+        stamps, out = [], []
+        for token in rt.generate_ids(ids, tokens):
+            stamps.append(clock())  # the token is an int on the host: its step has finished
+            out.append(token)
         sync(device)
         speeds.append(rt.last["tokens_per_s"])
+        steps.append(step_median_speed(stamps))
     s = rt.stats()
     uses = s["expert_hits"] + s["expert_misses"]
     dtype = str(rt.model.dtype).removeprefix("torch.")
@@ -89,8 +111,7 @@ def ours(folder, device: str, tokens: int, repeats: int, context: int, logits: d
     # The counters cover the last measured generation, prefill included (its copies too).
     return {"options": {k: v for k, v in options.items() if k not in ("vram", "ram", "dtype")},
             "cpu_experts_decided": s["cpu_experts"], "cpu_expert_costs": s["cpu_expert_costs"], "dtype": dtype,
-            "tokens_per_s": max(speeds), "median_tokens_per_s": statistics.median(speeds),
-            "runs_tokens_per_s": speeds, "tokens": out, "device_slots": s["device_slots"],
+            **speed_fields(speeds, steps), "tokens": out, "device_slots": s["device_slots"],
             "hit_rate_with_prefill": round(s["expert_hits"] / uses, 4) if uses else None,
             "cpu_expert_calls": s["cpu_expert_calls"],
             "bytes_h2d_per_new_token_with_prefill": s["bytes_h2d"] // max(1, len(out)),
@@ -126,15 +147,18 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
     from transformers import MixtralForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
+    clock = step_clock(device)[1]
+
     class Stamps(BaseStreamer):
-        """Called with the prompt, then once per new token: the wall time of each."""
+        """Called with the prompt, then once per new token: the wall time of each, and its time by step_clock."""
 
         def __init__(self):
-            self.t = []
+            self.t, self.steps = [], []
 
         def put(self, value):
             sync(device)
             self.t.append(time.perf_counter())
+            self.steps.append(clock())
 
         def end(self):
             pass
@@ -169,13 +193,14 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
             model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
             if gpu:  # accelerate's max_memory places weights; what decoding adds on top shows in this peak
                 torch.cuda.reset_peak_memory_stats(home)
-            speeds, out = [], []
+            speeds, steps, out = [], [], []
             for _ in range(repeats):
                 stamps = Stamps()
                 result = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, streamer=stamps, **kwargs)
                 out = result[0, ids.shape[1]:].tolist()
                 # stamps[0]: the prompt; [1]: the first token (prefill); decode speed counts the tokens after it.
                 speeds.append((len(stamps.t) - 2) / (stamps.t[-1] - stamps.t[1]))
+                steps.append(step_median_speed(stamps.steps[1:]))
             peak = int(torch.cuda.max_memory_allocated(home)) if gpu else None
             if logits is not None:
                 logits[key] = model(ids, attention_mask=torch.ones_like(ids)).logits[0].float().cpu()
@@ -184,8 +209,7 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
             placement.setdefault(str(where), []).append(name)
         del model
         release(device)
-    return {"what": what, "tokens_per_s": max(speeds), "median_tokens_per_s": statistics.median(speeds),
-            "runs_tokens_per_s": speeds, "tokens": out,
+    return {"what": what, **speed_fields(speeds, steps), "tokens": out,
             "placement": placement, "peak_vram_bytes": peak}
 
 
@@ -340,7 +364,7 @@ def main() -> None:
     tokens = args.tokens or (16 if gpu else 32)
     name = device_name(device)
     record = {"benchmark": "compare", "device": name, "torch": torch.__version__, "prompt": PROMPT,
-              "load_average_at_start": load_average()}
+              "step_clock": step_clock(device)[0], "load_average_at_start": load_average()}
     vram, ram = parse_bytes(args.vram, "--vram"), parse_bytes(args.ram, "--ram")
     slug = re.sub(r"[^a-z0-9]+", "-", ("gpu " if gpu else "") + name.lower()).strip("-")
     out = args.out or RESULTS / f"compare-{slug}.json"
@@ -381,9 +405,8 @@ def markdown_table(record: dict, path: str) -> str:
     def num(r):
         return f"{r['tokens_per_s']:.1f}" if r and "tokens_per_s" in r else ("failed" if r else "not run")
 
-    def median(r):
-        runs = (r or {}).get("runs_tokens_per_s")
-        return f"{statistics.median(runs):.1f}" if runs else ""
+    def best(r):
+        return f"{r['best_run_tokens_per_s']:.1f}" if r and "best_run_tokens_per_s" in r else ""
 
     def ratios(*pairs):
         return ", ".join((f"**{name} = {record[key]:.2f}**" if key == headline else f"{name} = {record[key]:.2f}")
@@ -392,19 +415,21 @@ def markdown_table(record: dict, path: str) -> str:
     cpu = "CPU experts " + {"on": "auto (on)", "off": "auto (off)"}.get(a["cpu_experts_decided"],
                                                                         a["cpu_experts_decided"])
     b_row = (f"| (b) transformers + accelerate: {b['what'] if b and 'what' in b else (b or {}).get('error', '')} | "
-             f"{num(b)} | {median(b)} | |")
+             f"{num(b)} | {best(b)} | |")
     c_b = ratios(("c/b'", "c_vs_b_no_offload"))
-    b_all_row = f"| (b') transformers, no offloading | {num(b_all)} | {median(b_all)} | {c_b} |"
+    b_all_row = f"| (b') transformers, no offloading | {num(b_all)} | {best(b_all)} | {c_b} |"
     a_ratios = ratios(("a/b'", "a_vs_b_no_offload"), ("a/b", "a_vs_b"), ("a/c", "a_vs_c"))
     rows = [f"| (a) moe-offload, best settings (prefetch {a['options'].get('prefetch')}, {cpu}) | {num(a)} | "
-            f"{median(a)} | {a_ratios} |"]
+            f"{best(a)} | {a_ratios} |"]
     rows += [b_all_row] * bool(b_all) if headline == "a_vs_b_no_offload" else [b_row]
-    rows.append(f"| (c) moe-offload, every expert resident | {num(c)} | {median(c)} | |")
+    rows.append(f"| (c) moe-offload, every expert resident | {num(c)} | {best(c)} | |")
     rows += [b_row] if headline == "a_vs_b_no_offload" else [b_all_row] * bool(b_all)
     lines = [f"{record['model']}, {record['dtype']}, `--vram` {human(record['vram_budget'])} ("
              f"{record.get('device_slots', '?')} of {record['experts_total']} expert slots), on {record['device']}, "
-             f"{record['tokens']} new tokens, {record['repeats']} runs each after a warm-up (`{path}`):", "",
-             "| run | decode tok/s, best | median | ratios of the best (headline in bold) |",
+             f"{record['tokens']} new tokens, {record['repeats']} runs each after a warm-up (`{path}`); decode "
+             f"tok/s of the median step by {record.get('step_clock', 'wall clock')}, median over the runs, and of "
+             f"the best whole run by the wall clock:", "",
+             "| run | decode tok/s | best run | ratios (headline in bold) |",
              "| --- | ---: | ---: | --- |", *rows]
     tb = record.get("a_transfer_bound") or {}
     if tb.get("time_per_token_vs_transfer_bound"):
