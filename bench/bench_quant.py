@@ -14,6 +14,9 @@ What it measures, and against what (every figure also as a ratio against the fp3
   * storage per expert: our blob bytes (codes, fp16 scales and zeros, header) and bits/param, against
     HQQ counted as B bits per code + fp16 scale + fp16 zero per group (no header, ideal packing);
     ratios are against the fp32 expert (and bf16 as the checkpoint stores it);
+  * how close each model's logits stay to fp32's over the same text: distance (Frobenius norm of the
+    difference over that of fp32's logits centred per position) and how often the most likely next token is
+    fp32's, ours vs HQQ;
   * relative Frobenius error of every expert matrix of the demo model (mean and max), ours vs HQQ;
   * `--dense-bits` 8 and 4 (attention projections quantized, group 64) on top of 4-bit experts: held-out
     perplexity against the same conversion with fp16 attention, the dense bytes on the device against
@@ -68,21 +71,35 @@ NOTE = ("The demo model is small and memorizes its training text (see offload/de
         "(codes + fp16 scale + zero) it equals HQQ's B + 32/G.")
 
 
-def perplexity(folder: Path) -> dict:
+def perplexity(folder: Path, fp32: list | None = None) -> dict:
+    """Held-out perplexity; with `fp32` (the list this fills on the fp32 run: that run's logits per window),
+    also how close the logits are to fp32's: their distance (Frobenius norm of the difference over that of fp32's
+    logits centred per position) and how often the most likely next token is fp32's."""
     rt = offload.load(folder, device="cpu", dtype="float32", context=WINDOW + 1)
     ids = rt.tokenizer.encode(corpus("heldout"))
     bos = rt.tokenizer.bos_id
     if ids and ids[0] == bos:
         ids = ids[1:]
-    nll, count = 0.0, 0
+    nll, count, diff2, spread2, same = 0.0, 0, 0.0, 0.0, 0
     start = time.perf_counter()
-    for i in range(0, len(ids) - 1, WINDOW):
+    for w, i in enumerate(range(0, len(ids) - 1, WINDOW)):
         chunk = ids[i:i + WINDOW]
         x = torch.tensor([bos] + chunk)
-        logits = rt.model.forward(x, 0, all_logits=True)[:-1]  # position t predicts token t+1
-        nll += float(F.cross_entropy(logits.float(), x[1:], reduction="sum"))
+        logits = rt.model.forward(x, 0, all_logits=True)[:-1].float()  # position t predicts token t+1
+        nll += float(F.cross_entropy(logits, x[1:], reduction="sum"))
         count += len(chunk)
-    return {"ppl": math.exp(nll / count), "tokens": count, "seconds": round(time.perf_counter() - start, 2)}
+        if fp32 is not None and w < len(fp32):
+            ref = fp32[w]
+            diff2 += float((logits - ref).square().sum())
+            spread2 += float((ref - ref.mean(-1, keepdim=True)).square().sum())
+            same += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+        elif fp32 is not None:
+            fp32.append(logits)
+    out = {"ppl": math.exp(nll / count), "tokens": count, "seconds": round(time.perf_counter() - start, 2)}
+    if spread2:
+        out.update(logits_distance_vs_fp32=round(math.sqrt(diff2 / spread2), 5),
+                   top1_same_as_fp32=round(same / count, 4))
+    return out
 
 
 def our_errors(src: Path, bits: int, group_size: int) -> list[float]:
@@ -191,7 +208,8 @@ def main() -> None:
     params = cfg.expert_params
     fp32_bytes, bf16_bytes = 4 * params, 2 * params
     start = time.perf_counter()
-    base = perplexity(src)
+    fp32_logits: list = []
+    base = perplexity(src, fp32_logits)
     print(f"fp32: ppl {base['ppl']:.4f} over {base['tokens']} tokens", flush=True)
     result = {
         "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
@@ -211,21 +229,25 @@ def main() -> None:
             dst = convert(src, tmp / f"ours-{bits}", bits, group)
             info = json.loads((dst / INFO_FILE).read_text())
             blob = quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, bits, group).nbytes
-            ours = perplexity(dst)
+            ours = perplexity(dst, fp32_logits)
             shutil.rmtree(dst)
             hqq_err: list[float] = []
             hdst = hqq_folder(src, tmp / f"hqq-{bits}", bits, group, hqq_err)
-            hqq = perplexity(hdst)
+            hqq = perplexity(hdst, fp32_logits)
             shutil.rmtree(hdst)
             our_err = our_errors(src, bits, group)
             hqq_bytes = params * hqq_bits_per_param(bits, group) / 8
             row = {
                 "ours": {"ppl": round(ours["ppl"], 4), "ppl_vs_fp32": round(ours["ppl"] / base["ppl"], 4),
+                         "logits_distance_vs_fp32": ours["logits_distance_vs_fp32"],
+                         "top1_same_as_fp32": ours["top1_same_as_fp32"],
                          "blob_bytes": blob, "bytes_vs_fp32": round(blob / fp32_bytes, 4),
                          "bits_per_param": round(8 * blob / params, 4),
                          "weight_rel_error_mean": round(sum(our_err) / len(our_err), 5),
                          "weight_rel_error_max": round(max(our_err), 5)},
                 "hqq": {"ppl": round(hqq["ppl"], 4), "ppl_vs_fp32": round(hqq["ppl"] / base["ppl"], 4),
+                        "logits_distance_vs_fp32": hqq["logits_distance_vs_fp32"],
+                        "top1_same_as_fp32": hqq["top1_same_as_fp32"],
                         "bytes": round(hqq_bytes), "bytes_vs_fp32": round(hqq_bytes / fp32_bytes, 4),
                         "bits_per_param": hqq_bits_per_param(bits, group),
                         "weight_rel_error_mean": round(sum(hqq_err) / len(hqq_err), 5),
@@ -233,6 +255,7 @@ def main() -> None:
             }
             assert info["blob_bytes"] == blob, (info["blob_bytes"], blob)
             row["ours_ppl_vs_hqq"] = round(ours["ppl"] / hqq["ppl"], 4)
+            row["ours_logits_distance_vs_hqq"] = round(ours["logits_distance_vs_fp32"] / hqq["logits_distance_vs_fp32"], 4)
             result["widths"][key] = row
             print(f"{key}: ours ppl {ours['ppl']:.4f} ({row['ours']['bits_per_param']} b/p, err "
                   f"{row['ours']['weight_rel_error_mean']}) | HQQ ppl {hqq['ppl']:.4f} "
