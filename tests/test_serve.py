@@ -255,7 +255,13 @@ BAD = [
     ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, None),
     ("/v1/completions", {"model": "demo", "prompt": PROMPT, "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": "demo", "prompt": PROMPT, "stop": ""}, 400, "stop"),
+    ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
     ("/v1/completions", {"model": "demo", "prompt": PROMPT, "logprobs": 3}, 400, None),
+    ("/v1/completions", {"model": "demo", "prompt": PROMPT, "presence_penalty": 0.5}, 400, None),
+    ("/v1/completions", {"model": "demo", "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", [PROMPT], 400, None),
     ("/v1/completions", {"model": "demo", "prompt": [PROMPT, PROMPT]}, 400, "prompt"),
     ("/v1/completions", {"model": "demo", "prompt": [1, 99999]}, 400, "prompt"),
     ("/v1/completions", {"prompt": PROMPT}, 400, "model"),

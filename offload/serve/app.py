@@ -187,7 +187,9 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, "the request body is missing: send a JSON object")
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     param = ".".join(loc) or None
-    return ApiError(400, f"{param}: {message}" if param else message, param=param)
+    if not param:  # the body as a whole: not an object, or not sent as JSON (curl -d without a Content-Type)
+        return ApiError(400, f"the request body: {message} (send a JSON object, Content-Type: application/json)")
+    return ApiError(400, f"{param}: {message}", param=param)
 
 
 async def respond(engine: Engine, request: HttpRequest, body: schema.Request, ids: list[int], chat: bool,

@@ -86,10 +86,22 @@ class Message(BaseModel):
 
     # "developer" is OpenAI's newer name for "system"; tool and function messages need tool calls.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content):
+        # Said here in one line, instead of pydantic's one error per member of the union.
+        if isinstance(content, list):
+            kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
+            if kinds - {"text"}:
+                raise ValueError(f"only text content parts are supported, got {sorted(map(str, kinds - {'text'}))}")
+        elif not isinstance(content, str):
+            raise ValueError("content must be a string or a list of text parts")
+        return content
 
     def for_template(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
@@ -105,15 +117,17 @@ class CompletionRequest(Request):
     # One prompt: text, a list holding one text, or token ids. Several prompts would be several choices.
     prompt: str | list[str] | list[int]
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, prompt):
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             if len(prompt) != 1:
                 raise ValueError(f"one prompt per request (got {len(prompt)}): this server generates one choice")
             return prompt[0]
         if isinstance(prompt, list) and not prompt:
             raise ValueError("the prompt is empty")
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(type(p) is int for p in prompt)):
+            raise ValueError("prompt must be a string, a list of one string, or a list of token ids")
         return prompt
 
 
