@@ -4,6 +4,7 @@ and, where the wire format itself is the point, with httpx."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -22,7 +23,10 @@ import psutil
 import pytest
 
 from conftest import REPO
+import offload
+from offload.generate import Sampling
 from offload.serve.completion import StopText
+from offload.serve.engine import Busy, Engine, Job
 
 KEY = "sk-test-moe-offload"
 CONTEXT = 128
@@ -119,6 +123,32 @@ def test_stop_text_sends_everything_before_the_first_stop_and_nothing_of_it(piec
     out.append(text.flush())
     assert "".join(out) == sent
     assert text.stopped == any(stop in "".join(pieces) for stop in stops)
+
+
+def test_closing_the_engine_cancels_the_running_job_and_those_waiting():
+    rt = offload.load("demo", context=CONTEXT)
+    engine = Engine(rt, max_queue=2)
+
+    async def run():
+        jobs = [Job(rt.encode(PROMPT), 100, Sampling()) for _ in range(3)]
+        for job in jobs:
+            engine.submit(job)
+        with pytest.raises(Busy) as busy:  # one running and two waiting: the queue is full
+            engine.submit(Job(rt.encode(PROMPT), 1, Sampling()))
+        assert busy.value.retry_after >= 1
+        assert (await jobs[0].next_event())[0] == "text"  # the first one is generating
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        ends = []
+        for job in jobs:
+            while (event := await job.next_event())[0] == "text":
+                pass
+            ends.append(event[1])
+        return ends
+
+    ends = asyncio.run(run())
+    assert [end.finish_reason for end in ends] == ["cancelled"] * 3
+    assert ends[0].completion_tokens < 100 and ends[1].completion_tokens == ends[2].completion_tokens == 0
+    assert rt.closed and not engine.worker.is_alive()
 
 
 def test_models_lists_the_served_model(server):

@@ -74,7 +74,8 @@ class Engine:
     def __init__(self, rt: Runtime, max_queue: int = 16, threads: int | None = None):
         self.rt, self.max_queue, self.threads = rt, max_queue, threads
         self.metrics = Metrics()
-        self.lock = threading.Lock()  # guards admitted, running and job_s
+        self.lock = threading.Lock()  # guards admitted, running, closing and job_s
+        self.closing = False
         self.admitted = 0  # jobs accepted and not yet finished: the running one and those waiting
         self.running: Job | None = None
         self.job_s = 1.0  # a running mean of a job's seconds, for Retry-After
@@ -105,6 +106,7 @@ class Engine:
     def close(self) -> None:
         """Stop the running job within a token, drop the waiting ones, end the worker, close the runtime."""
         with self.lock:
+            self.closing = True  # the worker cancels each job still queued as it comes to it
             if self.running is not None:
                 self.running.cancel()
         self.jobs.put(None)
@@ -118,10 +120,12 @@ class Engine:
         while (job := self.jobs.get()) is not None:
             with self.lock:
                 self.running = job
+                if self.closing:
+                    job.cancel()
             t0 = time.perf_counter()
             outcome, stats, end = "cancelled", None, None
             try:
-                if not job.cancelled.is_set():  # its client left while it waited
+                if not job.cancelled.is_set():  # else its client left while it waited, or the server is stopping
                     completion = Completion(self.rt, job.prompt_ids, job.max_tokens, job.sampling, job.stop)
                     for piece in completion.pieces(job.cancelled.is_set):
                         job._emit("text", piece)
@@ -137,7 +141,8 @@ class Engine:
                 with self.lock:
                     self.running = None
                     self.admitted -= 1
-                    self.job_s = 0.8 * self.job_s + 0.2 * (time.perf_counter() - t0)
+                    if stats is not None:  # a job that ran: skipped ones say nothing about the wait
+                        self.job_s = 0.8 * self.job_s + 0.2 * (time.perf_counter() - t0)
                 self.metrics.count(outcome, stats)
                 if end is not None:
                     job._emit(*end)
