@@ -151,7 +151,8 @@ def test_closing_the_engine_cancels_the_running_job_and_those_waiting():
     assert rt.closed and not engine.worker.is_alive()
 
 
-def test_models_lists_the_served_model(server):
+def test_models_lists_the_served_model_on_loopback(server):
+    assert server.url.startswith("http://127.0.0.1:")  # no --host given: loopback only
     assert [m.id for m in server.client().models.list().data] == ["demo"]
 
 
