@@ -3,7 +3,7 @@
 Decodes the same prompt, greedily, the same number of tokens, with
   (a) moe-offload at its best settings under --vram: the fastest of a small sweep (prefetch 0/1/2 x CPU
       experts never/always on CPU, never/auto on a GPU), measured again after the sweep;
-  (b) transformers + accelerate: `MixtralForCausalLM.from_pretrained(device_map="auto",
+  (b) transformers + accelerate: `AutoModelForCausalLM.from_pretrained(device_map="auto",
       max_memory={0: VRAM, "cpu": RAM})`, the same VRAM and RAM budgets as (a). Accelerate places whole
       decoder layers (attention and all of their experts); the layers that do not fit the GPU budget stay
       in CPU RAM and its hooks copy their weights to the GPU on every forward. Without a GPU there is no
@@ -144,7 +144,8 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
     """Hugging Face's own offloading under the same budget; decode tokens/s from per-token timestamps.
     vram=None: no budget, the whole model on the device (a reference for transformers' own speed).
     With `logits`, the prompt's logits at every position land in logits[key], as in `ours`."""
-    from transformers import MixtralForCausalLM
+    # Whatever family the folder holds (Mixtral, Qwen-MoE, OLMoE): transformers' own class for it.
+    from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
     clock = step_clock(device)[1]
@@ -183,7 +184,7 @@ def accelerate_offload(folder, device: str, vram: int | None, ram: int | None, t
                     f"(a) holds every expert in RAM")
         placed = dict(device_map="auto", max_memory=max_memory, offload_folder=offload_dir) if vram else \
             dict(device_map={"": home})
-        model = MixtralForCausalLM.from_pretrained(ckpt.path, dtype=dtype, **placed).eval()
+        model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype, **placed).eval()
         # Inputs go where the model computes, not to model.device: that is the first parameter's device, which
         # is 'meta' when accelerate offloaded the embedding to disk (generate then fails on meta tensors).
         ids = ids.to(home)
