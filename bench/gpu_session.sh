@@ -9,6 +9,7 @@
 #   bash bench/gpu_session.sh checks    # later: the MoLE model on CUDA, the offload sweep, quantization, profile
 #                                       # with --cpu-experts auto
 #   bash bench/gpu_session.sh compare   # later: bench/compare's full sweep on a 4-layer slice at 6 GiB
+#   bash bench/gpu_session.sh families  # later: the fine-grained Qwen3-30B-A3B-shaped slice, the family tests
 #   bash bench/gpu_session.sh first --dry-run   # any machine: the steps, their commands and expected seconds
 #
 # Without a CUDA device a run prints its steps as --dry-run does and exits 0 (CI checks that, and that
@@ -31,9 +32,9 @@ DRY=0
 [ "${2:-}" = "--dry-run" ] && DRY=1
 case "$what" in
 first) DEADLINE=${DEADLINE:-360} ;;
-checks | compare) DEADLINE=${DEADLINE:-540} ;;
+checks | compare | families) DEADLINE=${DEADLINE:-540} ;;
 *)
-    echo "usage: [RESULTS=folder] [PACK=file.tgz] [DEADLINE=seconds] bash bench/gpu_session.sh first|checks|compare [--dry-run]" >&2
+    echo "usage: [RESULTS=folder] [PACK=file.tgz] [DEADLINE=seconds] bash bench/gpu_session.sh first|checks|compare|families [--dry-run]" >&2
     exit 2
     ;;
 esac
@@ -134,6 +135,13 @@ from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv
     else
         echo "=== bench-quant: skipped, hqq is not installed (carry its wheel: /work/.library/device/README.md)"
     fi
+    ;;
+families)
+    # 4 layers of Qwen3-30B-A3B's dimensions (128 experts of 9 MiB in bf16, top-8): time per token resident, with a
+    # quarter of the experts on the device, 4-bit, and transformers; bytes against the pinned-H2D transfer bound.
+    step finegrained 300 $py bench/bench_finegrained.py --layers 4 --device cuda --out "$RESULTS/finegrained-gpu.json"
+    # Every family's oracle and budget tests (CPU float32 by design: the families' math, not the GPU's rounding).
+    step family-tests 120 $py -m pytest -q -p no:cacheprovider tests/test_qwen_moe.py tests/test_olmoe.py
     ;;
 compare)
     # compare.py saves its record after each contender: a run stopped at the deadline keeps what it measured.
