@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-from typing import NamedTuple
-
 import torch
 
 from lut.config import is_table_folder
@@ -20,27 +18,17 @@ from .models import EXPERT_MODEL_TYPES, open_checkpoint, read_config
 from .runtime import (DTYPES, check_context, check_device_name, check_dtype_name, open_checked, resolve_device,
                       resolve_dtype, resolve_model_path)
 from .store.memory import dense_bytes, device_bytes_free, device_capability, expected_traffic, plan_memory
-from .store.sources import open_source
-
-
-class ConfigExperts(NamedTuple):
-    """The expert source a folder of config.json alone stands for: float experts, plain dense weights."""
-
-    layout: BlobLayout
-    dense_format: None = None
 
 
 def open_folder(path: str | os.PathLike | None):
     """(config, checkpoint, expert source, conversion record) of a model folder, opened and checked
     (runtime.open_checked); a folder holding config.json and no weights is read from its config alone
-    (checkpoint None, the experts at the config's dtype), so a model can be planned before it is fetched."""
+    (checkpoint, source and record None), so a model can be planned before it is fetched."""
     folder = resolve_model_path(path)
     if holds_weights(folder) or not (folder / "config.json").is_file():
         ckpt, source, info = open_checked(path)
         return ckpt.config, ckpt, source, info
-    cfg = read_config(read_config_json(folder), str(folder / "config.json"), EXPERT_MODEL_TYPES)
-    dtype = DTYPES.get(cfg.torch_dtype, torch.bfloat16)
-    return cfg, None, ConfigExperts(BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dtype)), None
+    return read_config(read_config_json(folder), str(folder / "config.json"), EXPERT_MODEL_TYPES), None, None, None
 
 
 def describe(path: str | os.PathLike | None) -> dict:
@@ -113,7 +101,7 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
         raise UserError(f"--bandwidth must be positive, got {bandwidth}")
     check_plan_options(device, dtype, context)
     vram, ram = parse_bytes(vram, "--vram"), parse_bytes(ram, "--ram")
-    cfg, ckpt, _, _ = open_folder(path)
+    cfg, ckpt, source, info = open_folder(path)
     if ckpt is not None:
         ckpt.close()  # headers were all the plan needed
     planning_only = device.startswith("cuda") and not torch.cuda.is_available()
@@ -122,12 +110,12 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     dev = torch.device(device) if planning_only else resolve_device(device)
     dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
     context = min(context, cfg.max_position_embeddings)
-    source = open_source(ckpt, dt) if ckpt else ConfigExperts(BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dt))
+    # A converted folder's blobs are what they are; float experts are planned at the compute dtype.
+    blob = source.layout.nbytes if info else BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dt).nbytes
     free = device_bytes_free(dev) if dev.type == "cuda" and not planning_only else None
     capability = device_capability(dev) if dev.type == "cuda" and not planning_only else None
-    plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, source.layout.nbytes, free_device_bytes=free,
-                       dense_format=source.dense_format, capability=capability,
-                       quantized_experts=source.layout.kind == "quant")
+    plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, blob, free_device_bytes=free,
+                       dense_format=dense_format(info), capability=capability, quantized_experts=info is not None)
     resident = plan.device_slots == plan.experts_total
     used = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.expert_pool_bytes
     return {
