@@ -12,25 +12,40 @@ of 32 slots, 0.726 vs 0.742 at 16, 0.927 vs 0.915 at 24. Per-layer cannot run at
 the tight-budget regime this runtime is for, and global LRU also lets layers with concentrated routing
 give slots to spread-out ones as the budget grows; so: global. `SlotTable(per_layer=L)` is kept for the
 comparison (`--per-layer-cache` in the benchmark).
+
+Which key to evict: `Cycle` (the default, `--cache-policy cycle`) knows that decode visits the layers in a
+cycle, so an expert's next use is its layer's cycle distance away plus whole tokens; LRU evicts exactly the
+experts the next layers are about to use. Measured against Belady's offline optimum on the same routing
+traces in bench/bench_cache.py (bench/results/cache-cpu.json); the figures are in the README.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import OrderedDict
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 Key = Hashable
 
 
 class LRU:
-    """Least recently used first. `touch` marks a use; `victim` picks whom to evict."""
+    """Least recently used first. `touch` marks a use; `victim` picks whom to evict. `visit(layer)` says a
+    layer's step begins and `admit(key)` that a key came in unasked (a prefetch): hooks for policies that
+    use them (LRU counts an admission as a use)."""
 
     def __init__(self) -> None:
         self.order: OrderedDict[Key, None] = OrderedDict()
 
+    def visit(self, layer: int) -> None:
+        pass
+
     def touch(self, key: Key) -> None:
         self.order[key] = None
         self.order.move_to_end(key)
+
+    def admit(self, key: Key) -> None:
+        self.touch(key)
 
     def forget(self, key: Key) -> None:
         self.order.pop(key, None)
@@ -59,7 +74,109 @@ class LFU(LRU):
         return min(candidates, key=lambda k: self.count[k]) if candidates else None
 
 
-POLICIES = {"lru": LRU, "lfu": LFU}
+class Cycle:
+    """Evict the resident expert whose next use is expected farthest away (Belady's choice, estimated online).
+
+    Keys are (layer, expert). Decode visits the layers in order, once per token, so an expert of layer l is
+    next wanted at the earliest `d(l)` layer steps from now (1 for the next layer, L for the one just run),
+    and otherwise a whole cycle of L steps per token it is not picked. With r the expert's use rate (uses
+    per visit of its layer, exponentially decayed by `decay` per visit, so a changed topic counts after a
+    few tokens), the expected number of visits until its next use is about 1/r, and its next use
+
+        T = d(l) + L * (1/r - 1)     layer steps from now.
+
+    An expert of the next layer used at most tokens stays; an expert of the layer just run goes before a
+    slightly rarer one the next layer is about to ask for (LRU's mistake: the oldest key is the next used).
+    Experts admitted by a prefetch are kept until their layer has run (the guess is the likeliest next
+    use). Measured: bench/bench_cache.py.
+
+    Cost: a key's rate decays with its layer's visits only, so within a layer the order of the resident
+    keys by rate changes only when one is used: each layer keeps its residents sorted by a fixed number
+    (log rate at its last use, minus that visit's decay), and a victim is the best of one candidate per
+    layer, O(layers) per eviction, not O(resident keys)."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.log_decay = math.log(decay)
+        self.decay = decay
+        self.rate: dict[Key, tuple[float, int]] = {}   # key -> (use rate at its layer's visit v, v): kept on eviction
+        self.visits: dict[int, int] = {}               # layer -> visits so far
+        self.position: dict[int, int] = {}             # layer -> its place in the cycle (layers seen, in order)
+        self.current: int | None = None                # the layer whose step runs now
+        self.sorted: dict[int, list[tuple[float, Key]]] = {}  # layer -> its resident keys, lowest rate first
+        self.rank: dict[Key, float] = {}               # resident key -> its sort number in `sorted`
+        self.expected: dict[int, set] = {}             # layer -> keys a prefetch brought in for its next visit
+
+    def visit(self, layer: int) -> None:
+        if layer not in self.visits:
+            self.visits[layer] = 0
+            self.position = {lay: i for i, lay in enumerate(sorted(self.visits))}
+        self.visits[layer] += 1
+        self.current = layer
+        self.expected.pop(layer, None)
+
+    def _rate(self, key: Key) -> float:
+        """The key's decayed use rate now (uses per visit of its layer)."""
+        r, v = self.rate.get(key, (0.0, 0))
+        return r * self.decay ** (self.visits.get(key[0], 0) - v)
+
+    def touch(self, key: Key) -> None:
+        layer = key[0]
+        v = self.visits.get(layer, 0)
+        r, last = self.rate.get(key, (0.0, -1))
+        if last != v:  # once per visit: a hit and a reload in one step are one use
+            self.rate[key] = (r * self.decay ** (v - last) + (1 - self.decay) if last >= 0 else 1 - self.decay, v)
+        self._place(key)
+
+    def admit(self, key: Key) -> None:
+        self.expected.setdefault(key[0], set()).add(key)
+        self._place(key)
+
+    def _place(self, key: Key) -> None:
+        self.forget_order(key)
+        r, v = self.rate.get(key, (0.0, 0))
+        # log(rate now) = log(r) + (visits - v) log(decay): the part that differs between keys of a layer.
+        rank = (math.log(r) if r > 0 else -1e300) - v * self.log_decay
+        self.rank[key] = rank
+        bisect.insort(self.sorted.setdefault(key[0], []), (rank, key))
+
+    def forget_order(self, key: Key) -> None:
+        rank = self.rank.pop(key, None)
+        if rank is not None:
+            keys = self.sorted[key[0]]
+            del keys[bisect.bisect_left(keys, (rank, key))]
+
+    def forget(self, key: Key) -> None:
+        self.forget_order(key)
+        self.expected.get(key[0], set()).discard(key)
+
+    def next_use(self, key: Key) -> float:
+        """Expected layer steps until `key` is used (inf for a key never used)."""
+        L = len(self.position) or 1
+        layer = key[0]
+        here = self.position.get(self.current, -1)
+        d = (self.position.get(layer, 0) - here - 1) % L + 1 if here >= 0 else 1
+        r = self._rate(key)
+        return d + L * (1 / r - 1) if r > 0 else math.inf
+
+    def victim(self, keys: Iterable[Key], protected: set) -> Key | None:
+        best, best_t, fallback = None, -1.0, None
+        for layer, resident in self.sorted.items():
+            expected = self.expected.get(layer, ())
+            for _, key in resident:  # lowest rate first: the first that may go is this layer's candidate
+                if key in protected:
+                    continue
+                if key in expected:
+                    fallback = fallback or key
+                    continue
+                t = self.next_use(key)
+                if t > best_t:
+                    best, best_t = key, t
+                break
+        return best if best is not None else fallback
+
+
+POLICIES = {"cycle": Cycle, "lru": LRU, "lfu": LFU}
+DEFAULT_POLICY = "cycle"
 
 
 class SlotTable:
@@ -88,6 +205,10 @@ class SlotTable:
         """The resident keys (layer, expert) of `layer` (a copy)."""
         return set(self.by_layer.get(layer, ()))
 
+    def visit(self, layer: int) -> None:
+        """A layer's step begins (the store's `prepare`): the policy's clock."""
+        self.policy.visit(layer)
+
     def lookup(self, key: Key) -> int | None:
         """The slot holding `key` (and mark it used), or None."""
         slot = self.slot_of.get(key)
@@ -99,33 +220,37 @@ class SlotTable:
         base, extra = divmod(self.n_slots, self.per_layer)
         return base + (1 if layer < extra else 0)
 
-    def assign(self, key: Key, protected: set = frozenset()) -> tuple[int, Key | None] | None:
-        """Give `key` a slot, evicting if full: (slot, evicted key or None); None if all slots are protected."""
+    def assign(self, key: Key, protected: set = frozenset(), use: bool = True) -> tuple[int, Key | None] | None:
+        """Give `key` a slot, evicting if full: (slot, evicted key or None); None if all slots are protected.
+        `use`: it is placed to be used now (False: a prefetch's guess)."""
         assert key not in self.slot_of
         if self.per_layer:
             layer = key[0]
             if self.layer_count.get(layer, 0) >= self._layer_share(layer):
                 same = {k for k in self.slot_of if k[0] != layer}
-                return self._evict_into(key, protected | same)
+                return self._evict_into(key, protected | same, use)
         if self.free:
             slot = self.free.pop()
-            self._place(key, slot)
+            self._place(key, slot, use)
             return slot, None
-        return self._evict_into(key, protected)
+        return self._evict_into(key, protected, use)
 
-    def _evict_into(self, key: Key, protected: set):
+    def _evict_into(self, key: Key, protected: set, use: bool):
         victim = self.policy.victim(self.slot_of, protected)
         if victim is None:
             return None
         slot = self.remove(victim)
         self.free.remove(slot)
-        self._place(key, slot)
+        self._place(key, slot, use)
         return slot, victim
 
-    def _place(self, key: Key, slot: int) -> None:
+    def _place(self, key: Key, slot: int, use: bool) -> None:
         self.slot_of[key] = slot
         self.key_of[slot] = key
-        self.policy.touch(key)
+        if use:
+            self.policy.touch(key)
+        else:
+            self.policy.admit(key)
         if isinstance(key, tuple):
             self.by_layer.setdefault(key[0], set()).add(key)
         if self.per_layer:

@@ -1,0 +1,124 @@
+"""The cache's ruler: Belady's MIN is the optimum (checked by exhaustive search on small traces), and the
+policies' replay is the store's own bookkeeping."""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+
+from offload.store.cache import POLICIES, Cycle, SlotTable
+from offload.store.optimum import optimum, replay
+
+
+def random_trace(rng: random.Random, layers: int, experts: int, k: int, tokens: int) -> list:
+    """A prefill step per layer (k+1 experts), then `tokens` decode tokens through the layer cycle."""
+    trace = [(False, layer, sorted(rng.sample(range(experts), k + 1))) for layer in range(layers)]
+    for _ in range(tokens):
+        trace += [(True, layer, sorted(rng.sample(range(experts), k))) for layer in range(layers)]
+    return trace
+
+
+def fewest_misses(trace: list, slots: int) -> int:
+    """Every eviction choice tried (the store's rule: a step's experts never evict each other): the fewest
+    misses any schedule achieves."""
+    keys = [((layer, e), i) for i, (_, layer, experts) in enumerate(trace) for e in experts]
+
+    @functools.cache
+    def best(pos: int, resident: frozenset) -> int:
+        if pos == len(keys):
+            return 0
+        key, step = keys[pos]
+        if key in resident:
+            return best(pos + 1, resident)
+        if len(resident) < slots:
+            return 1 + best(pos + 1, resident | {key})
+        protected = {(trace[step][1], e) for e in trace[step][2]}
+        options = [resident - {v} | {key} for v in resident if v not in protected] or [resident]
+        return 1 + min(best(pos + 1, r) for r in options)
+
+    return best(0, frozenset())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_belady_is_the_fewest_misses_any_eviction_schedule_achieves(seed):
+    rng = random.Random(seed)
+    layers, experts, k = rng.choice([(2, 3, 1), (3, 3, 1), (2, 4, 2), (3, 4, 2)])
+    trace = random_trace(rng, layers, experts, k, tokens=rng.randint(3, 5))
+    for slots in range(k, layers * experts + 1):
+        assert optimum(trace, slots)["misses_all"] == fewest_misses(trace, slots), (seed, slots)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_no_policy_misses_less_than_the_optimum(policy):
+    rng = random.Random(7)
+    trace = random_trace(rng, layers=4, experts=8, k=2, tokens=60)
+    for slots in (2, 4, 8, 16, 24, 32):
+        best, got = optimum(trace, slots), replay(trace, slots, policy)
+        assert got["uses"] == best["uses"] == 60 * 4 * 2
+        assert got["hits"] <= best["hits"]
+    assert replay(trace, 32, policy)["hits"] == optimum(trace, 32)["hits"]  # everything fits: only cold misses
+
+
+def test_cycle_keeps_what_the_next_layers_use_and_evicts_the_layer_just_run():
+    """LRU's failure on a layer cycle: the oldest expert is the one the next layer asks for. Cycle evicts the
+    expert of the layer just run (the farthest in the cycle) instead, at equal use rates."""
+    tables = {name: SlotTable(3, POLICIES[name]()) for name in ("cycle", "lru")}
+    for table in tables.values():
+        for layer in (0, 1, 2):  # one token through three layers, one expert each: the slots are full
+            table.visit(layer)
+            table.assign((layer, 0))
+        table.visit(0)  # the next token: layer 0 uses its expert again, and a new one
+        needed = {(0, 0), (0, 1)}
+        assert table.lookup((0, 0)) is not None
+        table.assign((0, 1), needed)
+    assert (1, 0) in tables["cycle"] and (2, 0) not in tables["cycle"]
+    assert (1, 0) not in tables["lru"]  # the oldest: exactly what layer 1 is about to ask for
+
+
+def test_cycle_prefers_to_keep_a_frequently_used_expert():
+    policy = Cycle()
+    table = SlotTable(2, policy)
+    for _ in range(10):  # expert (0, 0) is used every token; (0, 1) once
+        policy.visit(0)
+        table.lookup((0, 0)) is not None or table.assign((0, 0))
+    table.assign((0, 1))
+    policy.visit(0)
+    table.assign((0, 2), protected={(0, 2)})
+    assert (0, 0) in table and (0, 1) not in table
+
+
+def test_cycle_keeps_a_prefetched_guess_until_its_layer_has_run():
+    """A guess never used before has no use rate (its next use would look infinitely far): it is kept anyway
+    until its layer has run, unless nothing else may go."""
+    policy = Cycle()
+    table = SlotTable(3, policy)
+    policy.visit(2)
+    table.assign((2, 3))
+    policy.visit(0)
+    table.assign((0, 0))
+    table.assign((1, 5), use=False)  # a guess for layer 1
+    table.assign((0, 1), protected={(0, 0), (0, 1)})
+    assert (1, 5) in table and (2, 3) not in table
+    policy.visit(1)  # its layer ran without it: now it goes first
+    table.assign((1, 6), protected={(1, 6)})
+    assert (1, 5) not in table
+
+
+def test_cycle_finds_victims_per_layer_not_by_scanning_every_key():
+    """The victim is the best of one candidate per layer: the sorted lists stay consistent through churn."""
+    rng = random.Random(0)
+    policy = Cycle()
+    table = SlotTable(16, policy)
+    for _ in range(300):
+        for layer in range(6):
+            table.visit(layer)
+            needed = {(layer, e) for e in rng.sample(range(12), 2)}
+            for key in needed:
+                if table.lookup(key) is None:
+                    table.assign(key, needed)
+        resident = sorted(k for layer in policy.sorted.values() for _, k in layer)
+        assert resident == sorted(table.slot_of)
+        for layer in policy.sorted.values():
+            assert layer == sorted(layer)
