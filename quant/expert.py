@@ -9,8 +9,10 @@ for each of w1, w2, w3 (rows = output features, quantized along the input dimens
     {name}.zero   float16  [rows, cols / G]                       weight = (code - zero) * scale
 
 On CUDA, one token (batch-1 decode) goes through the fused dequantize + GEMV kernels of
-`quant.triton_gemv`. Otherwise the forward dequantizes a block of rows at a time and multiplies, so on
-the CPU the temporary weights stay a few MB (the whole w1 would be 235 MB in float32 for Mixtral-8x7B).
+`quant.triton_gemv`; on the CPU, up to 16 tokens go through the fused kernels of `quant.cpu_kernels`
+(the whole expert in one call). Otherwise (a prefill, or no kernels) the forward dequantizes a block of
+rows at a time and multiplies, so the temporary weights stay a few MB (the whole w1 would be 235 MB in
+float32 for Mixtral-8x7B).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .blob import BlobLayout
 from .errors import UserError
 from .kernels import fused_kernels, use_fused
@@ -67,11 +70,15 @@ def expert_forward(layout: BlobLayout, blob_views: dict[str, torch.Tensor], x: t
                    fused: bool | None = None) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) for x [T, D], dequantizing on the fly on x's device; returns [T, D] in x's dtype.
 
-    `fused` as in `quant.kernels.use_fused`: by default the Triton kernels run one token on CUDA."""
+    `fused` as in `quant.kernels.use_fused`: by default the Triton kernels run one token on CUDA; on the CPU
+    the compiled kernels run when `quant.cpu_kernels.supports` the call."""
     if layout.kind != "quant":
         raise UserError(f"expert_forward needs a quantized blob layout, got kind {layout.kind!r}")
     if use_fused(x, fused):
         return fused_kernels().expert_forward_fused(layout, blob_views, x)
+    if cpu_kernels.supports(x, layout.bits, layout.group_size):
+        return cpu_kernels.qexpert(x, blob_views, layout.bits, layout.group_size)
+
     def rows(name: str, r0: int, r1: int) -> torch.Tensor:
         return _dequantize_rows(layout, blob_views, name, r0, r1, x.dtype)
 

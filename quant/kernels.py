@@ -3,8 +3,9 @@
 # T tokens, K input features, N output features
 On CUDA, for one token (batch-1 decode), the fused Triton kernels of `quant.triton_gemv` read the packed
 codes once and dequantize them in registers: the weight's bytes are read at ~4.5 bits instead of 16.
-Everywhere else (the CPU, a prefill of many tokens, a machine without triton) torch dequantizes the
-weight and multiplies; on a GPU the temporary comes from the caching allocator and is reused.
+On the CPU, up to 16 tokens go through the compiled kernels of `quant.cpu_kernels`, which do the same
+there. Everywhere else (a prefill of many tokens, a machine without triton or a C compiler) torch
+dequantizes the weight and multiplies; on a GPU the temporary comes from the caching allocator and is reused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .errors import UserError
 from .quantize import QuantizedTensor, dequantize
 
@@ -46,4 +48,6 @@ def linear(x: torch.Tensor, w: QuantizedTensor, fused: bool | None = None) -> to
     if use_fused(x, fused):
         y = fused_kernels().dequant_gemv(w.q, w.scale, w.zero, x[0], w.bits, w.group_size)  # float32 [N]
         return y.to(x.dtype)[None]
+    if cpu_kernels.supports(x, w.bits, w.group_size):
+        return cpu_kernels.qmatmul(x, w.q, w.scale, w.zero, w.bits, w.group_size)
     return F.linear(x, dequantize(w, x.dtype))

@@ -184,8 +184,11 @@ def test_blob_round_trip_and_forward_match_dequantized_weights(weights, bits, gr
 
 
 def test_forward_in_row_blocks_and_in_bfloat16(weights, monkeypatch):
+    """The torch path (prefill, or no compiled CPU kernels): several row blocks per matrix."""
     import quant.expert
+    from quant import cpu_kernels
 
+    monkeypatch.setattr(cpu_kernels, "_torch_forced", True)
     layout = quant.expert_layout(D, FFN, 4, 64)
     blob = quant.pack_expert(*weights, 4, 64)
     w, x = quant.unpack_expert(layout, blob), torch.randn(3, D)

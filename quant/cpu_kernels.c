@@ -1,0 +1,389 @@
+/* Fused CPU kernels for group-wise quantized experts (quant/cpu_kernels.py builds and loads this file).
+ *
+ * A weight W [N, K] is stored as quant/quantize.py and quant/pack.py lay it out: per row, K codes of
+ * `bits` bits (code i at bits [i*bits, (i+1)*bits) of the row's bytes, little-endian), and per group of G
+ * columns an fp16 scale s and zero z:  W[n, k] = (code - z) * s.  The kernels compute y = x @ W.T for
+ * T tokens reading each packed byte once and never writing a dequantized matrix:
+ *
+ *     y[t, n] = sum_g s[n, g] * sum_{k in g} code[n, k] * x[t, k]  -  sum_g z[n, g] * s[n, g] * xsum[t, g]
+ *
+ * where xsum[t, g] is the sum of x[t] over group g (computed once per call). Codes become floats in
+ * registers; the sums are float32 (the result equals dequantize-then-matmul up to float rounding).
+ *
+ * With AVX-512 (F, BW) and F16C the inner loops are written with intrinsics, two rows and up to four
+ * tokens at a time; elsewhere a portable loop computes the same sums (slower, same results up to rounding).
+ * Threads: OpenMP over blocks of rows, `nthreads` per call.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
+#define MOE_AVX512 1
+#include <immintrin.h>
+#else
+#define MOE_AVX512 0
+#endif
+
+#define ROW_BLOCK 16  /* rows per OpenMP work item */
+#define TOKEN_TILE 4  /* tokens that share one decode of a row's codes */
+
+int moe_isa(void) { return MOE_AVX512 ? 512 : 0; }
+
+typedef struct {
+    int bits, G, N, K;
+    const uint8_t *q;
+    int64_t qrow; /* bytes per row of codes */
+    const uint16_t *scale, *zero;
+} Mat;
+
+/* Whether the 4-bit kernel reads x in "split" order: within every 32 columns, the 16 even columns, then
+ * the 16 odd ones (the low and high nibbles of 16 bytes). */
+static int split4(const Mat *m) { return MOE_AVX512 && m->bits == 4 && m->G % 32 == 0; }
+
+static int ngroups_padded(const Mat *m) { return (m->K / m->G + 15) / 16 * 16; }
+
+/* x [T, K] -> xp [T, K] in the order the kernel reads, and xsum [T, NGpad] (zero past the last group). */
+static void prepare_input(const Mat *m, int T, const float *x, float *xp, float *xsum)
+{
+    int NG = m->K / m->G, NGp = ngroups_padded(m);
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (int64_t)t * m->K;
+        float *pt = xp + (int64_t)t * m->K;
+        if (split4(m)) {
+            for (int b = 0; b < m->K; b += 32)
+                for (int j = 0; j < 16; j++) { pt[b + j] = xt[b + 2 * j]; pt[b + 16 + j] = xt[b + 2 * j + 1]; }
+        } else {
+            memcpy(pt, xt, sizeof(float) * m->K);
+        }
+        float *st = xsum + (int64_t)t * NGp;
+        for (int g = 0; g < NGp; g++) {
+            float s = 0.0f;
+            if (g < NG)
+                for (int k = 0; k < m->G; k++) s += xt[g * m->G + k];
+            st[g] = s;
+        }
+    }
+}
+
+#if MOE_AVX512
+
+/* 16 codes starting at byte p, in natural order, as floats (3-bit: 6 bytes; the generic byte shuffle). */
+static inline __m512 codes3(const uint8_t *p, __m512i ctl, __m512i shift)
+{
+    int lo;
+    uint16_t hi;
+    memcpy(&lo, p, 4);
+    memcpy(&hi, p + 4, 2);
+    __m128i raw = _mm_insert_epi16(_mm_cvtsi32_si128(lo), hi, 2);
+    __m512i pairs = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(raw), ctl);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(pairs, shift), _mm512_set1_epi32(7)));
+}
+
+static inline __m512 codes2(const uint8_t *p, __m512i shift)
+{
+    int v;
+    memcpy(&v, p, 4);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(v), shift), _mm512_set1_epi32(3)));
+}
+
+static inline __m512 codes4_generic(const uint8_t *p, __m512i ctl, __m512i shift)
+{
+    __m512i pairs = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadl_epi64((const __m128i *)p)), ctl);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(pairs, shift), _mm512_set1_epi32(15)));
+}
+
+/* Rows [n0, n1) for TT tokens (a constant after inlining). acc: one vector per (row of the pair, token),
+ * summed across lanes at the end; a group's partial sums (gacc) are scaled once per group. */
+static inline __attribute__((always_inline)) void
+rows_avx512(const Mat *m, int BITS, int SPLIT, int TT, int n0, int n1, const float *xp, const float *xsum, int T,
+            float *y)
+{
+    const int K = m->K, G = m->G, N = m->N, NG = K / G, NGp = ngroups_padded(m);
+    int8_t ctl_b[64];
+    int32_t sh[16], sh2[16];
+    for (int i = 0; i < 16; i++) {
+        int bit = i * BITS, byte = bit / 8;
+        ctl_b[4 * i] = (int8_t)byte;
+        ctl_b[4 * i + 1] = (int8_t)(byte + 1);
+        ctl_b[4 * i + 2] = ctl_b[4 * i + 3] = (int8_t)0x80;
+        sh[i] = bit % 8;
+        sh2[i] = 2 * i;
+    }
+    const __m512i ctl = _mm512_loadu_si512(ctl_b), shift = _mm512_loadu_si512(sh), shift2 = _mm512_loadu_si512(sh2);
+    const __m128i nib = _mm_set1_epi8(15);
+    const int64_t group_bytes = (int64_t)G * BITS / 8;
+    (void)T;
+
+    for (int n = n0; n < n1; n += 2) {
+        const int two = n + 1 < n1;
+        const uint8_t *q0 = m->q + (int64_t)n * m->qrow, *q1 = two ? q0 + m->qrow : q0;
+        const uint16_t *s0 = m->scale + (int64_t)n * NG, *z0 = m->zero + (int64_t)n * NG;
+        const uint16_t *s1 = two ? s0 + NG : s0, *z1 = two ? z0 + NG : z0;
+        __m512 a0[TOKEN_TILE], a1[TOKEN_TILE];
+        for (int t = 0; t < TT; t++) a0[t] = a1[t] = _mm512_setzero_ps();
+
+        for (int gb = 0; gb < NG; gb += 16) {
+            const int ng = NG - gb < 16 ? NG - gb : 16;
+            const __mmask16 mk = (__mmask16)((1u << ng) - 1);
+            const __m512 vs0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s0 + gb));
+            const __m512 vs1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s1 + gb));
+            const __m512 zs0 = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, z0 + gb)), vs0);
+            const __m512 zs1 = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, z1 + gb)), vs1);
+            for (int t = 0; t < TT; t++) {  /* the zero points' share: - sum_g z s xsum, lane by lane */
+                const __m512 xs = _mm512_loadu_ps(xsum + (int64_t)t * NGp + gb);
+                a0[t] = _mm512_fnmadd_ps(zs0, xs, a0[t]);
+                a1[t] = _mm512_fnmadd_ps(zs1, xs, a1[t]);
+            }
+            for (int gi = 0; gi < ng; gi++) {
+                const int g = gb + gi;
+                const uint8_t *p0 = q0 + g * group_bytes, *p1 = q1 + g * group_bytes;
+                const float *xg = xp + (int64_t)g * G;
+                __m512 g0[TOKEN_TILE], g1[TOKEN_TILE];
+                for (int t = 0; t < TT; t++) g0[t] = g1[t] = _mm512_setzero_ps();
+#define MOE_ACC(C0, C1, OFF)                                                                   \
+    do {                                                                                       \
+        const __m512 c0_ = (C0), c1_ = (C1);                                                   \
+        for (int t = 0; t < TT; t++) {                                                         \
+            const __m512 xv_ = _mm512_loadu_ps(xg + (int64_t)t * K + (OFF));                    \
+            g0[t] = _mm512_fmadd_ps(c0_, xv_, g0[t]);                                          \
+            g1[t] = _mm512_fmadd_ps(c1_, xv_, g1[t]);                                          \
+        }                                                                                      \
+    } while (0)
+                if (BITS == 8) {
+                    for (int c = 0; c < G; c += 16)
+                        MOE_ACC(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p0 + c)))),
+                                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p1 + c)))), c);
+                } else if (BITS == 4 && SPLIT) {
+                    for (int c = 0; c < G; c += 32) {
+                        const __m128i b0 = _mm_loadu_si128((const __m128i *)(p0 + c / 2));
+                        const __m128i b1 = _mm_loadu_si128((const __m128i *)(p1 + c / 2));
+                        MOE_ACC(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b0, nib))),
+                                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b1, nib))), c);
+                        MOE_ACC(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), nib))),
+                                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b1, 4), nib))), c + 16);
+                    }
+                } else if (BITS == 4) {
+                    for (int c = 0; c < G; c += 16)
+                        MOE_ACC(codes4_generic(p0 + c / 2, ctl, shift), codes4_generic(p1 + c / 2, ctl, shift), c);
+                } else if (BITS == 2) {
+                    for (int c = 0; c < G; c += 16)
+                        MOE_ACC(codes2(p0 + c / 4, shift2), codes2(p1 + c / 4, shift2), c);
+                } else {
+                    for (int c = 0; c < G; c += 16)
+                        MOE_ACC(codes3(p0 + c / 16 * 6, ctl, shift), codes3(p1 + c / 16 * 6, ctl, shift), c);
+                }
+#undef MOE_ACC
+                const __m512i lane = _mm512_set1_epi32(gi);
+                const __m512 sg0 = _mm512_permutexvar_ps(lane, vs0), sg1 = _mm512_permutexvar_ps(lane, vs1);
+                for (int t = 0; t < TT; t++) {
+                    a0[t] = _mm512_fmadd_ps(g0[t], sg0, a0[t]);
+                    a1[t] = _mm512_fmadd_ps(g1[t], sg1, a1[t]);
+                }
+            }
+        }
+        for (int t = 0; t < TT; t++) {
+            y[(int64_t)t * N + n] = _mm512_reduce_add_ps(a0[t]);
+            if (two) y[(int64_t)t * N + n + 1] = _mm512_reduce_add_ps(a1[t]);
+        }
+    }
+}
+
+#define MOE_ROWS(BITS, SPLIT, TT)                                                                  \
+    static void rows_##BITS##_##SPLIT##_##TT(const Mat *m, int n0, int n1, const float *xp,         \
+                                             const float *xsum, int T, float *y)                   \
+    {                                                                                              \
+        rows_avx512(m, BITS, SPLIT, TT, n0, n1, xp, xsum, T, y);                                   \
+    }
+#define MOE_ROWS_T(BITS, SPLIT) MOE_ROWS(BITS, SPLIT, 1) MOE_ROWS(BITS, SPLIT, 2) MOE_ROWS(BITS, SPLIT, 3) MOE_ROWS(BITS, SPLIT, 4)
+MOE_ROWS_T(8, 0)
+MOE_ROWS_T(4, 1)
+MOE_ROWS_T(4, 0)
+MOE_ROWS_T(3, 0)
+MOE_ROWS_T(2, 0)
+
+typedef void (*rows_fn)(const Mat *, int, int, const float *, const float *, int, float *);
+
+static rows_fn pick(const Mat *m, int tt)
+{
+#define MOE_PICK(BITS, SPLIT)                                                                              \
+    {                                                                                                      \
+        static const rows_fn f[4] = {rows_##BITS##_##SPLIT##_1, rows_##BITS##_##SPLIT##_2,                 \
+                                     rows_##BITS##_##SPLIT##_3, rows_##BITS##_##SPLIT##_4};                \
+        return f[tt - 1];                                                                                  \
+    }
+    switch (m->bits) {
+    case 8: MOE_PICK(8, 0)
+    case 4: if (split4(m)) MOE_PICK(4, 1) else MOE_PICK(4, 0)
+    case 3: MOE_PICK(3, 0)
+    default: MOE_PICK(2, 0)
+    }
+#undef MOE_PICK
+}
+
+/* Rows [n0, n1) of y for all T tokens, in token tiles. */
+static void rows(const Mat *m, int n0, int n1, const float *xp, const float *xsum, int T, float *y)
+{
+    const int NGp = ngroups_padded(m);
+    for (int t0 = 0; t0 < T; t0 += TOKEN_TILE) {
+        const int tt = T - t0 < TOKEN_TILE ? T - t0 : TOKEN_TILE;
+        pick(m, tt)(m, n0, n1, xp + (int64_t)t0 * m->K, xsum + (int64_t)t0 * NGp, tt, y + (int64_t)t0 * m->N);
+    }
+}
+
+#else /* portable */
+
+static inline float half_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023, bits;
+    if (e == 0) {
+        float v = ldexpf((float)mant, -24);
+        return sign ? -v : v;
+    }
+    bits = e == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((e + 112) << 23) | (mant << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void rows(const Mat *m, int n0, int n1, const float *xp, const float *xsum, int T, float *y)
+{
+    const int K = m->K, G = m->G, NG = K / G, NGp = ngroups_padded(m), mask = (1 << m->bits) - 1;
+    float codes[256];
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *qr = m->q + (int64_t)n * m->qrow;
+        for (int t = 0; t < T; t++) y[(int64_t)t * m->N + n] = 0.0f;
+        for (int g = 0; g < NG; g++) {
+            float s = half_to_float(m->scale[(int64_t)n * NG + g]), z = half_to_float(m->zero[(int64_t)n * NG + g]);
+            for (int j = 0; j < G; j++) {
+                int64_t bit = (int64_t)(g * G + j) * m->bits;
+                unsigned v = qr[bit / 8] | (bit / 8 + 1 < m->qrow ? (unsigned)qr[bit / 8 + 1] << 8 : 0u);
+                codes[j] = (float)((v >> (bit % 8)) & mask);
+            }
+            for (int t = 0; t < T; t++) {
+                const float *xt = xp + (int64_t)t * K + g * G;
+                float acc = 0.0f;
+                for (int j = 0; j < G; j++) acc += codes[j] * xt[j];
+                y[(int64_t)t * m->N + n] += s * acc - z * s * xsum[(int64_t)t * NGp + g];
+            }
+        }
+    }
+}
+
+#endif
+
+static int check(const Mat *m, int T)
+{
+    if (T < 1 || m->G < 16 || m->G > 256 || m->G % 16 || m->K % m->G || m->N < 1) return 1;
+    if (m->bits != 8 && m->bits != 4 && m->bits != 3 && m->bits != 2) return 1;
+    if (m->qrow * 8 < (int64_t)m->K * m->bits) return 1;
+    return 0;
+}
+
+/* Floats of workspace `moe_qmatmul` needs for T tokens. */
+int64_t moe_qmatmul_work(int bits, int G, int N, int K, int T)
+{
+    (void)bits; (void)N;
+    return (int64_t)T * K + (int64_t)T * ((K / G + 15) / 16 * 16);
+}
+
+/* y [T, N] = x [T, K] @ W.T. Returns 0, or 1 when the shapes are not supported (the caller falls back). */
+int moe_qmatmul(int bits, int G, int N, int K, int T, const uint8_t *q, int64_t qrow, const uint16_t *scale,
+                const uint16_t *zero, const float *x, float *y, float *work, int nthreads)
+{
+    Mat m = {bits, G, N, K, q, qrow, scale, zero};
+    if (check(&m, T)) return 1;
+    float *xp = work, *xsum = work + (int64_t)T * K;
+    prepare_input(&m, T, x, xp, xsum);
+    const int blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const int n1 = (b + 1) * ROW_BLOCK < N ? (b + 1) * ROW_BLOCK : N;
+        rows(&m, b * ROW_BLOCK, n1, xp, xsum, T, y);
+    }
+    return 0;
+}
+
+/* Floats of workspace `moe_qexpert` needs. */
+int64_t moe_qexpert_work(int bits, int G, int D, int F, int T)
+{
+    return moe_qmatmul_work(bits, G, F, D, T) + moe_qmatmul_work(bits, G, D, F, T) + 3 * (int64_t)T * F;
+}
+
+/* One SwiGLU expert: y [T, D] = w2 (silu(w1 x) * (w3 x)) with w1, w3 [F, D] and w2 [D, F], all three
+ * quantized alike; x [T, D]. One OpenMP region: gate and up rows, then the product, then the down rows. */
+int moe_qexpert(int bits, int G, int D, int F, int T,
+                const uint8_t *q1, int64_t q1row, const uint16_t *s1, const uint16_t *z1,
+                const uint8_t *q2, int64_t q2row, const uint16_t *s2, const uint16_t *z2,
+                const uint8_t *q3, int64_t q3row, const uint16_t *s3, const uint16_t *z3,
+                const float *x, float *y, float *work, int nthreads)
+{
+    Mat w1 = {bits, G, F, D, q1, q1row, s1, z1}, w2 = {bits, G, D, F, q2, q2row, s2, z2},
+        w3 = {bits, G, F, D, q3, q3row, s3, z3};
+    if (check(&w1, T) || check(&w2, T) || check(&w3, T)) return 1;
+    float *xp = work, *xsum = xp + (int64_t)T * D;
+    float *hp = work + moe_qmatmul_work(bits, G, F, D, T), *hsum = hp + (int64_t)T * F;
+    float *gate = work + moe_qmatmul_work(bits, G, F, D, T) + moe_qmatmul_work(bits, G, D, F, T);
+    float *up = gate + (int64_t)T * F, *h = up + (int64_t)T * F;
+    prepare_input(&w1, T, x, xp, xsum);
+    const int up_blocks = (F + ROW_BLOCK - 1) / ROW_BLOCK, down_blocks = (D + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int b = 0; b < 2 * up_blocks; b++) {
+            const int r = b % up_blocks, n0 = r * ROW_BLOCK, n1 = n0 + ROW_BLOCK < F ? n0 + ROW_BLOCK : F;
+            if (b < up_blocks) rows(&w1, n0, n1, xp, xsum, T, gate);
+            else rows(&w3, n0, n1, xp, xsum, T, up);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < (int64_t)T * F; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+#pragma omp single
+        prepare_input(&w2, T, h, hp, hsum);
+#pragma omp for schedule(static)
+        for (int b = 0; b < down_blocks; b++) {
+            const int n1 = (b + 1) * ROW_BLOCK < D ? (b + 1) * ROW_BLOCK : D;
+            rows(&w2, b * ROW_BLOCK, n1, hp, hsum, T, y);
+        }
+    }
+    return 0;
+}
+
+/* Bytes per second of reading `n` bytes (a multiple of 64) with `nthreads` threads, `repeats` times: the
+ * memory-read bound the benchmark compares the kernels with. Returns the best of the repeats. */
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+double moe_read_bandwidth(const uint8_t *buf, int64_t n, int nthreads, int repeats)
+{
+    double best = 0.0;
+    volatile uint64_t sink = 0;
+    for (int r = 0; r < repeats; r++) {
+        double t0 = now();
+        uint64_t total = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(^ : total)
+        for (int64_t i = 0; i < n / 4096; i++) {
+#if MOE_AVX512
+            __m512i acc = _mm512_setzero_si512();
+            for (int j = 0; j < 4096; j += 64)
+                acc = _mm512_xor_si512(acc, _mm512_loadu_si512((const void *)(buf + i * 4096 + j)));
+            total ^= (uint64_t)_mm512_reduce_add_epi64(acc);
+#else
+            const uint64_t *p = (const uint64_t *)(buf + i * 4096);
+            uint64_t acc = 0;
+            for (int j = 0; j < 512; j++) acc ^= p[j];
+            total ^= acc;
+#endif
+        }
+        double dt = now() - t0;
+        sink ^= total;
+        if (dt > 0 && n / dt > best) best = n / dt;
+    }
+    (void)sink;
+    return best;
+}

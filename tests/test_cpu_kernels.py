@@ -1,0 +1,127 @@
+"""The fused CPU kernels (quant/cpu_kernels.c) against dequantize-then-matmul, for every quantized kind.
+
+Tolerance: the kernels sum in float32 in another order than the reference (per group, then scaled), so
+outputs differ by float rounding, bounded here by 1e-5 x sum_k |x_k W_nk| (float32 activations) and, for
+bfloat16 activations whose result is rounded to bfloat16, by one bfloat16 rounding of the output (2^-8
+relative) on top. Both the AVX-512 build (when this CPU has it) and the portable build are checked.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quant
+from quant import cpu_kernels
+from quant.pack import pack
+from quant.quantize import QuantizedTensor, dequantize
+
+pytestmark = pytest.mark.skipif(cpu_kernels.path() == "torch",
+                                reason="no C compiler here: the torch path runs, tested in test_quant.py")
+
+KINDS = [(8, 64), (8, 16), (4, 64), (4, 32), (4, 16), (4, 128), (3, 64), (3, 16), (2, 16), (2, 32)]
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def lib(request):
+    if request.param == "native":
+        return cpu_kernels.load()
+    portable = cpu_kernels.load("x86-64")  # no AVX-512: the portable C loops
+    assert portable is not None and portable.moe_isa() == 0
+    return portable
+
+
+def random_quantized(n: int, k: int, bits: int, group_size: int, seed: int) -> QuantizedTensor:
+    """Random codes, scales and zero points (not fitted to a weight: every code value occurs)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=g)
+    scale = (torch.rand(n, k // group_size, generator=g) * 0.02 + 1e-3).half()
+    zero = (torch.rand(n, k // group_size, generator=g) * (2 ** bits - 1)).half()
+    return QuantizedTensor(pack(codes, bits), scale, zero, (n, k), bits, group_size)
+
+
+def assert_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y ~ x @ w.T (x, w float32) within the tolerance of the module docstring."""
+    ref = x @ w.T
+    bound = 1e-5 * (x.abs() @ w.abs().T)
+    if y.dtype == torch.bfloat16:
+        bound = bound + ref.abs() * 2 ** -8
+    err = (y.float() - ref).abs()
+    assert (err <= bound).all(), f"worst excess {(err - bound).max().item():.3g} (max |ref| {ref.abs().max().item():.3g})"
+
+
+@pytest.mark.parametrize("bits,group_size", KINDS)
+@pytest.mark.parametrize("n,groups", [(37, 3), (64, 17), (1, 1)])
+def test_matmul_equals_dequantize_then_matmul(lib, bits, group_size, n, groups):
+    """Odd and even row counts (the kernel takes rows in pairs), group counts on either side of 16 (scales
+    are read 16 groups at a time), and every token count 1..16 (tokens go in tiles of 4)."""
+    k = group_size * groups
+    qt = random_quantized(n, k, bits, group_size, seed=bits * 1000 + n + k)
+    w = dequantize(qt, torch.float32)
+    for t in range(1, 17):
+        x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
+        assert_close(cpu_kernels.qmatmul(x, qt.q, qt.scale, qt.zero, bits, group_size, lib=lib), x, w)
+    xb = torch.randn(5, k).bfloat16()
+    y = cpu_kernels.qmatmul(xb, qt.q, qt.scale, qt.zero, bits, group_size, lib=lib)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, xb.float(), w)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 64), (4, 16), (3, 32), (2, 16)])
+def test_expert_equals_the_dequantized_expert(lib, bits, group_size):
+    D, F_ = 192, 320  # multiples of every group size here, 3 and 5 groups of 64
+    gen = torch.Generator().manual_seed(bits)
+    weights = [torch.randn(*shape, generator=gen) * 0.05 for shape in ((F_, D), (D, F_), (F_, D))]
+    layout = quant.expert_layout(D, F_, bits, group_size)
+    blob = quant.pack_expert(*weights, bits, group_size)
+    w = quant.unpack_expert(layout, blob)
+    for t in (1, 3, 16):
+        x = torch.randn(t, D, generator=gen)
+        h = F.silu(x @ w["w1"].T) * (x @ w["w3"].T)
+        y = cpu_kernels.qexpert(x, layout.views(blob), bits, group_size, lib=lib)
+        assert_close(y, h, w["w2"])
+        # and what the runtime calls: quant.expert_forward routes CPU tokens through the kernels
+        if lib is cpu_kernels.load():
+            assert torch.equal(quant.expert_forward(layout, layout.views(blob), x), y)
+
+
+def test_the_kernels_are_deterministic_and_independent_of_the_thread_count():
+    qt = random_quantized(300, 512, 4, 64, seed=7)
+    x = torch.randn(4, 512)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(cpu_kernels.qmatmul(x, qt.q, qt.scale, qt.zero, 4, 64))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_more_tokens_than_the_kernels_take_go_the_torch_way():
+    qt = random_quantized(32, 64, 4, 64, seed=3)
+    x = torch.randn(cpu_kernels.MAX_TOKENS + 1, 64)
+    assert not cpu_kernels.supports(x, 4, 64) and cpu_kernels.supports(x[:16], 4, 64)
+    assert torch.allclose(quant.linear(x, qt), x @ dequantize(qt, torch.float32).T, atol=1e-5)
+
+
+def test_without_a_compiler_the_torch_path_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert cpu_kernels.load() is None
+    with cpu_kernels.torch_path():
+        assert cpu_kernels._library() is None
+        assert not cpu_kernels.supports(torch.zeros(1, 64), 4, 64)
+    assert cpu_kernels._library() is not None
+
+
+def test_a_failing_build_is_not_cached(monkeypatch, tmp_path):
+    """A compiler that fails leaves nothing in the cache folder, so a later working one builds."""
+    monkeypatch.setenv("MOE_OFFLOAD_KERNEL_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake-cc 1.0 && exit 0\necho broken >&2; exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    assert cpu_kernels.load() is None
+    assert list((tmp_path / "cache").iterdir()) == []
