@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import torch
 from torch.torch_version import TorchVersion
 
@@ -263,6 +264,7 @@ class Runtime:
         out = dict(self.last)
         out.pop("tokens", None)
         out.update(self.store.stats())
+        out["threads"] = torch.get_num_threads()
         return out
 
     def close(self) -> None:
@@ -282,15 +284,27 @@ class Runtime:
         self.close()
 
 
+def set_threads(threads: int | None = None) -> int:
+    """Use `threads` CPU threads for torch and the CPU expert kernels (quant.cpu_kernels reads torch's
+    count) in this thread; default: the physical cores. Returns the count set."""
+    if threads is None:
+        threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"--threads must be a whole number >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: str = "auto",
-         context: int = 2048, progress=None, **store_options) -> Runtime:
+         context: int = 2048, progress=None, threads: int | None = None, **store_options) -> Runtime:
     """Open a model folder of any family in offload.models (or 'demo') for generation. Extra options go to
-    the expert store.
+    the expert store. `threads`: CPU threads (`set_threads`).
 
     When every expert fits in the host RAM budget, they are all read in now; `progress(done, total)` is
     called before the first and after each. On a GPU the host tier is page-locked first (seconds for tens
     of GB), counted by the same `progress` a host slot at a time, ahead of the experts."""
     check_torch()
+    set_threads(threads)
     ckpt = open_checkpoint(resolve_model_path(path))
     cfg = ckpt.config
     dev = resolve_device(device)

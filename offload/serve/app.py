@@ -347,8 +347,9 @@ def serve(model: str | os.PathLike | None = "demo", host: str = "127.0.0.1", por
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     sock = listen(host, port)
     try:
-        rt = load(model, progress=progress, **load_options)
-        engine = Engine(rt, max_queue=max_queue, threads=threads)
+        rt = load(model, progress=progress, threads=threads, **load_options)
+        # The engine's worker thread computes: OpenMP's count set here by `load` does not carry over to it.
+        engine = Engine(rt, max_queue=max_queue, threads=rt.stats()["threads"])
     except BaseException:
         sock.close()
         raise

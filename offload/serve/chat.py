@@ -95,13 +95,7 @@ def chat(model: str | os.PathLike | None = "demo", *, max_new_tokens: int = 256,
     note = note or (lambda text: print(text, file=sys.stderr, flush=True))
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
-    with load(model, progress=progress, **load_options) as rt:
+    with load(model, progress=progress, threads=threads, **load_options) as rt:
         talk = Conversation(rt, max_new_tokens, sampling, system)
         # A model without a chat template, or one whose template refuses a system message: one line now.
         rt.encode_messages(talk.messages + [{"role": "user", "content": "hello"}])
