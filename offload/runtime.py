@@ -125,7 +125,7 @@ def build_model(ckpt: Checkpoint, store, device: torch.device, dtype: torch.dtyp
     cfg = ckpt.config
     model = family(cfg).build(cfg, DenseWeights(ckpt, device, dtype, dense_format), store, context)
     if isinstance(store, ExpertStore):
-        store.attach(model.routers(), lambda: [*model.dense_tensors(), model.cache.k, model.cache.v, model.cos, model.sin])
+        store.attach(model.routers(), lambda: [*model.dense_tensors(), *model.cache.tensors(), model.cos, model.sin])
     return model
 
 
@@ -153,7 +153,7 @@ def warm_up_kernels(model: Transformer, store) -> None:
     zeros = lambda n: torch.zeros(1, n, dtype=model.dtype, device=model.device)  # noqa: E731  one token
     with torch.no_grad():
         linear(zeros(model.cfg.hidden_size), attn.qkv.wq)
-        linear(zeros(model.cfg.num_attention_heads * model.cfg.head_dim), attn.wo)
+        linear(zeros(attn.wo.shape[1]), attn.wo)  # [D, heads x value dim]
         if isinstance(store, ExpertStore) and store.dev_views:
             # Device slot 0 holds no expert yet (the pool fills on demand): any bytes do for a warm-up.
             store.source.compute(store.dev_views[0], zeros(model.cfg.hidden_size))

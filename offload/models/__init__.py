@@ -4,8 +4,10 @@ the runtime or the tools above it.
 
     parts     config.py (ModelConfig), norms.py, rotary.py, linear.py, attention.py (KV cache, GQA),
               moe.py (routers, expert FFN, the MoE block and its ExpertProvider seam), transformer.py
-              (block, model), decoder.py (the Hub's Llama-style names most families share)
-    families  mixtral.py, mole.py, qwen_moe.py (Qwen2-MoE, Qwen3-MoE), olmoe.py
+              (block, model), decoder.py (the Hub's Llama-style names most families share), mla.py (multi-head
+              latent attention and its latent KV cache)
+    families  mixtral.py, mole.py, qwen_moe.py (Qwen2-MoE, Qwen3-MoE), olmoe.py, deepseek.py (DeepSeek-V2, V3),
+              glm4_moe.py (GLM-4.5)
 
 A family module provides:
     MODEL_TYPES                      the config.json model_type values it reads
@@ -26,10 +28,10 @@ from lut import TABLE_MODEL_TYPES
 from quant.errors import UserError
 
 from ..formats.checkpoint import Checkpoint
-from . import mixtral, mole, olmoe, qwen_moe
+from . import deepseek, glm4_moe, mixtral, mole, olmoe, qwen_moe
 from .config import ModelConfig
 
-FAMILIES: dict[str, ModuleType] = {t: m for m in (mixtral, qwen_moe, olmoe, mole) for t in m.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: m for m in (mixtral, qwen_moe, olmoe, deepseek, glm4_moe, mole) for t in m.MODEL_TYPES}
 # Families whose experts the expert store serves (and `convert` quantizes); table folders have none.
 EXPERT_MODEL_TYPES = tuple(t for t in FAMILIES if t not in TABLE_MODEL_TYPES)
 

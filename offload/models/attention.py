@@ -27,6 +27,9 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
+
 
 class QKV:
     """The query, key and value projections of one layer, each with an optional bias, and optional RMSNorms

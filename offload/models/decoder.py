@@ -27,7 +27,7 @@ import torch
 from .attention import QKV, Attention
 from .config import ModelConfig
 from .moe import SwiGLU
-from .transformer import Block, FeedForward, Transformer
+from .transformer import Block, Cache, FeedForward, RopeTables, Transformer
 
 
 class Weights(Protocol):
@@ -82,22 +82,27 @@ def qkv_projections(cfg: ModelConfig, w: Weights, layer: int, kind: type[QKV] = 
 
 
 def build_decoder(cfg: ModelConfig, w: Weights, ffn: Callable[[int], FeedForward], context: int,
-                  qkv: Callable[[int], QKV] | None = None) -> Transformer:
+                  qkv: Callable[[int], QKV] | None = None, attention: Callable[[int], Attention] | None = None,
+                  rope: RopeTables | None = None, cache: Cache | None = None) -> Transformer:
     """The Transformer, with layer i's feed-forward part `ffn(i)`; attention keeps a KV cache of `context`.
-    `qkv(i)`: a family's own q/k/v projections (default: `qkv_projections`)."""
+    `qkv(i)`: a family's own q/k/v projections (default: `qkv_projections`); `attention(i)`: a family's own
+    attention (multi-head latent attention), with the `rope` tables and `cache` it reads (Transformer's)."""
     blocks = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        wo = w.proj(f"{p}.self_attn.o_proj.weight")
-        bo = w(f"{p}.self_attn.o_proj.bias") if "o" in cfg.attention_bias else None
-        projections = qkv(i) if qkv else qkv_projections(cfg, w, i)
-        attn = Attention(i, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.window(i),
-                         projections, wo, bo)
+        if attention:
+            attn = attention(i)
+        else:
+            wo = w.proj(f"{p}.self_attn.o_proj.weight")
+            bo = w(f"{p}.self_attn.o_proj.bias") if "o" in cfg.attention_bias else None
+            projections = qkv(i) if qkv else qkv_projections(cfg, w, i)
+            attn = Attention(i, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.window(i),
+                             projections, wo, bo)
         blocks.append(Block(attn, ffn(i), w(f"{p}.input_layernorm.weight"), w(f"{p}.post_attention_layernorm.weight"),
                             cfg.rms_norm_eps))
     embed = w("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else w("lm_head.weight")
-    return Transformer(cfg, embed, blocks, w("model.norm.weight"), lm_head, context)
+    return Transformer(cfg, embed, blocks, w("model.norm.weight"), lm_head, context, rope, cache)
 
 
 # ---- the sparse block's Hub names most fine-grained families share ----------------------------------------

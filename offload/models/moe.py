@@ -131,3 +131,56 @@ class MoE:
         if self.shared is not None:
             out = out + self.shared(h)
         return out
+
+
+class GroupedRouter:
+    """DeepSeek's routers, in float32. Scores: a softmax over the E logits ("softmax", DeepSeek-V2) or a sigmoid
+    of each ("sigmoid", DeepSeek-V3, GLM-4.5). Choice: the top k of the scores plus `bias` (V3's
+    e_score_correction_bias: it steers the choice, never the weights), among the experts of the `topk_group`
+    best of `groups` equal groups, a group ranked by its best score ("max", V2's group_limited_greedy) or by
+    the sum of its two best ("top2", V3). Weights: the chosen experts' scores, renormalized over the k when
+    `renormalize`, times `scaling` (routed_scaling_factor)."""
+
+    def __init__(self, weight: torch.Tensor, k: int, scoring: str, groups: int = 1, topk_group: int = 1,
+                 group_score: str = "max", bias: torch.Tensor | None = None, renormalize: bool = False,
+                 scaling: float = 1.0):
+        self.weight, self.k, self.scoring, self.bias = weight, k, scoring, bias  # weight [E, D], bias [E]
+        self.groups, self.topk_group, self.group_score = groups, topk_group, group_score
+        self.renormalize, self.scaling = renormalize, scaling
+
+    def dense_tensors(self) -> list[torch.Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """h [T, D] -> float32 scores [T, E]."""
+        logits = F.linear(h.float(), self.weight.float())
+        return logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """Expert ids [T, k] for float32 scores [T, E]."""
+        choice = scores if self.bias is None else scores + self.bias.float()
+        if self.topk_group < self.groups:
+            T, E = choice.shape
+            grouped = choice.view(T, self.groups, E // self.groups)                   # [T, G, E/G]
+            if self.group_score == "max":
+                rank = grouped.max(dim=-1).values
+            else:
+                rank = grouped.topk(2, dim=-1).values.sum(dim=-1)                      # [T, G]
+            kept = torch.topk(rank, self.topk_group, dim=-1).indices                   # [T, topk_group]
+            keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, kept, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(E // self.groups, dim=1), float("-inf"))
+        return torch.topk(choice, self.k, dim=-1).indices
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, D] -> (weights [T, k] in h's dtype, expert ids [T, k])."""
+        scores = self.scores(h)
+        ids = self.pick(scores)
+        weights = scores.gather(1, ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.scaling).to(h.dtype), ids
+
+    def choose(self, h: torch.Tensor) -> torch.Tensor:
+        """The expert ids [T, k] the forward would pick for h [T, D], bias and groups included: what
+        router-ahead prefetch guesses with."""
+        return self.pick(self.scores(h))

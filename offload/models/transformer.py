@@ -20,6 +20,20 @@ from .moe import MoE
 from .norms import rms_norm
 from .rotary import rope_tables
 
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin [S, rotary dims]
+
+
+class Cache(Protocol):
+    """What a layer's attention keeps per position (KVCache; the latent cache of offload/models/mla.py)."""
+
+    length: int
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The device tensors that hold it (for memory accounting)."""
+
 
 class FeedForward(Protocol):
     def __call__(self, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -44,13 +58,15 @@ class Transformer:
     """The whole model. `forward(token_ids, pos)` returns logits [T, V] and advances the KV cache."""
 
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor,
-                 lm_head: torch.Tensor, max_seq: int):
+                 lm_head: torch.Tensor, max_seq: int, rope: RopeTables | None = None, cache: Cache | None = None):
+        """`rope`: a family's own cos, sin tables for positions 0..max_seq-1 (default: plain, over the head
+        dim); `cache`: a family's own cache (default: keys and values per KV head, KVCache)."""
         self.cfg, self.embed, self.blocks, self.norm, self.lm_head = cfg, embed, blocks, norm, lm_head
         self.device, self.dtype = embed.device, embed.dtype
         self.max_seq = max_seq
-        self.cos, self.sin = rope_tables(cfg.rope_theta, cfg.head_dim, max_seq, self.device, self.dtype)
-        self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_seq,
-                             self.device, self.dtype)
+        self.cos, self.sin = rope or rope_tables(cfg.rope_theta, cfg.head_dim, max_seq, self.device, self.dtype)
+        self.cache = cache or KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_seq,
+                                      self.device, self.dtype)
 
     def dense_tensors(self) -> list[torch.Tensor]:
         """Every non-expert weight on the compute device (for memory accounting)."""

@@ -283,5 +283,5 @@ def copy_time_hidden(copies, exposed) -> tuple[float, float]:
 def device_tier_bytes(rt) -> int:
     """What the runtime holds on its compute device: dense weights, KV cache, rotary tables, expert slots."""
     m = rt.model
-    tensors = {id(t): t for t in (*m.dense_tensors(), m.cache.k, m.cache.v, m.cos, m.sin, rt.store.dev)}
+    tensors = {id(t): t for t in (*m.dense_tensors(), *m.cache.tensors(), m.cos, m.sin, rt.store.dev)}
     return sum(t.numel() * t.element_size() for t in tensors.values())

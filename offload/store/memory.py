@@ -132,7 +132,10 @@ def dense_bytes(cfg: ModelConfig, itemsize: int, dense_format: tuple[int, int] |
 
 def kv_bytes(cfg: ModelConfig, context: int, itemsize: int) -> int:
     """What the context sizes on the device: the preallocated KV cache, keys and values [L, K, S, Hd], and
-    the rotary tables cos, sin [S, Hd]."""
+    the rotary tables cos, sin [S, Hd]; a family with its own cache (DeepSeek's latent one) says its own."""
+    own = getattr(family(cfg), "kv_bytes", None)
+    if own is not None:
+        return own(cfg, context, itemsize)
     S = min(context, cfg.max_position_embeddings)
     return 2 * (cfg.num_hidden_layers * cfg.num_key_value_heads + 1) * S * cfg.head_dim * itemsize
 

@@ -1,0 +1,187 @@
+"""The DeepSeek-style families against transformers on random-weight checkpoints (float32 compute, CPU):
+DeepSeek-V2 and DeepSeek-V3 (offload/models/deepseek.py, multi-head latent attention over a latent KV cache)
+and GLM-4.5 (offload/models/glm4_moe.py). Prompts are longer than 64 tokens, so decode reads a cache that
+prefill filled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli
+from oracle import assert_greedy_matches, assert_logits_match, ours, save_reference
+from safetensors.torch import load_file, save_file
+
+VOCAB = 320
+PROMPT_LEN = 70
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+              moe_intermediate_size=32, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MLA = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+
+V2 = {
+    "lite-qnull-greedy-dense1-shared2-yarn": dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2,
+                                                  n_shared_experts=2, first_k_dense_replace=1, rope_scaling=YARN),
+    "qlora-grouplimited-shared1-scaled": dict(q_lora_rank=24, n_routed_experts=16, num_experts_per_tok=3,
+                                              topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                              n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=1.5),
+    "bias-tied-top1": dict(q_lora_rank=24, n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=1,
+                           attention_bias=True, tie_word_embeddings=True, first_k_dense_replace=0),
+    "sharded-bf16-yarn": dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+                              first_k_dense_replace=1, rope_scaling=YARN, dtype=torch.bfloat16, shard_size="60KB"),
+}
+V3 = {
+    "qlora-groups-yarn-dense1": dict(q_lora_rank=24, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                                     topk_group=2, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
+                                     routed_scaling_factor=2.5, rope_scaling={**YARN, "mscale": 1.0,
+                                                                              "mscale_all_dim": 1.0}),
+    "qnull-group1-rotatehalf-shared2": dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
+                                            topk_group=1, n_shared_experts=2, first_k_dense_replace=0,
+                                            norm_topk_prob=False, routed_scaling_factor=1.0, rope_interleave=False),
+    "sharded-bf16": dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                         n_shared_experts=1, first_k_dense_replace=1, dtype=torch.bfloat16, shard_size="60KB"),
+}
+GLM = {
+    "qknorm-bias-partial-groups": dict(head_dim=16, num_key_value_heads=2, use_qk_norm=True, attention_bias=True,
+                                       partial_rotary_factor=0.5, n_routed_experts=8, num_experts_per_tok=2,
+                                       n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                                       routed_scaling_factor=2.5),
+    "plain-full-rotary-dense0": dict(head_dim=32, num_key_value_heads=4, partial_rotary_factor=1.0,
+                                     n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=2,
+                                     first_k_dense_replace=0, norm_topk_prob=False),
+    "sharded-bf16": dict(head_dim=16, num_key_value_heads=2, use_qk_norm=True, n_routed_experts=8,
+                         num_experts_per_tok=2, first_k_dense_replace=1, dtype=torch.bfloat16, shard_size="60KB"),
+}
+SHAPES = {"deepseek_v2": V2, "deepseek_v3": V3, "glm4_moe": GLM}
+
+
+def classes(family: str):
+    import transformers as t
+
+    return {"deepseek_v2": (t.DeepseekV2Config, t.DeepseekV2ForCausalLM),
+            "deepseek_v3": (t.DeepseekV3Config, t.DeepseekV3ForCausalLM),
+            "glm4_moe": (t.Glm4MoeConfig, t.Glm4MoeForCausalLM)}[family]
+
+
+def with_random_correction_bias(model_cls):
+    """`model_cls` whose routers' e_score_correction_bias is random (initialized to 0, it would go untested),
+    bfloat16-exact so that a bfloat16 checkpoint holds it as the reference uses it."""
+    def make(config):
+        model = model_cls(config)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_((0.1 * torch.randn_like(buffer)).bfloat16().float())
+        return model
+    return make
+
+
+def make(folder, family: str, shape: dict, seed: int = 0, tokenizer: bool = False):
+    config_cls, model_cls = classes(family)
+    shape = dict(shape)
+    dtype, shard = shape.pop("dtype", torch.float32), shape.pop("shard_size", None)
+    base = COMMON if family == "glm4_moe" else {**COMMON, **MLA}
+    return save_reference(folder, with_random_correction_bias(model_cls), config_cls(**{**base, **shape}), dtype=dtype,
+                          shard_size=shard, seed=seed, tokenizer=tokenizer)
+
+
+CASES = [(family, name) for family, shapes in SHAPES.items() for name in shapes]
+
+
+@pytest.mark.parametrize("family, name", CASES, ids=[f"{f}-{n}" for f, n in CASES])
+def test_logits_match_transformers_after_prefill_and_16_decode_steps(tmp_path, family, name):
+    shape = SHAPES[family][name]
+    ref = make(tmp_path, family, shape, seed=CASES.index((family, name)))
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
+    if shape.get("shard_size"):
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert_logits_match(tmp_path, ref, VOCAB, prompt_len=PROMPT_LEN)
+
+
+@pytest.mark.parametrize("family, name", [("deepseek_v2", "lite-qnull-greedy-dense1-shared2-yarn"),
+                                          ("deepseek_v3", "qlora-groups-yarn-dense1"),
+                                          ("glm4_moe", "qknorm-bias-partial-groups")])
+def test_32_greedy_tokens_equal_transformers_through_the_api_and_generate_json(tmp_path, family, name):
+    ref = make(tmp_path, family, SHAPES[family][name], seed=11, tokenizer=True)
+    prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
+    assert_greedy_matches(tmp_path, ref, prompt)
+
+
+@pytest.fixture(scope="module")
+def v3_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deepseek_v3")
+    make(folder, "deepseek_v3", V3["qlora-groups-yarn-dense1"], seed=3, tokenizer=True)
+    return folder
+
+
+def test_the_decode_cache_holds_the_latent_not_per_head_keys_and_values(v3_folder):
+    """(kv_lora_rank + qk_rope_head_dim) values per token per layer, and the memory plan counts those."""
+    import offload
+    from offload.models.mla import LatentKVCache
+
+    model = ours(v3_folder, context=128)
+    cfg = model.cfg
+    assert isinstance(model.cache, LatentKVCache) and model.cache.tensors() == [model.cache.kv]
+    per_token_per_layer = (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]) * 4  # float32
+    assert model.cache.nbytes == cfg.num_hidden_layers * 128 * per_token_per_layer
+    # Against the expanded cache it replaces: keys and values of every head, [H, Dn + Dr] and [H, Dv].
+    expanded = cfg.num_attention_heads * (MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"] + MLA["v_head_dim"]) * 4
+    assert per_token_per_layer < expanded
+    with offload.load(v3_folder, device="cpu", dtype="float32", context=128) as rt:
+        rope = rt.model.cos.nbytes + rt.model.sin.nbytes
+        assert rt.store.plan.kv_bytes == rt.model.cache.nbytes + rope
+
+
+def test_v3_routing_uses_the_correction_bias_for_the_choice_and_prefetch_guesses_the_same(v3_folder):
+    model = ours(v3_folder)
+    h = torch.randn(64, model.cfg.hidden_size)
+    for layer, router in model.routers().items():
+        weights, ids = router(h)
+        assert torch.equal(router.choose(h).sort(dim=-1).values, ids.sort(dim=-1).values)
+        # The weights are the unbiased scores, renormalized, times routed_scaling_factor.
+        assert torch.allclose(weights.sum(dim=-1), torch.full((64,), 2.5))
+        unbiased = router.bias
+        router.bias = None
+        changed = not torch.equal(router.choose(h).sort(dim=-1).values, ids.sort(dim=-1).values)
+        router.bias = unbiased
+        assert changed, f"layer {layer}: the bias changes no choice on these weights; it would go untested"
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda c: c.update(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope scaling \"dynamic\" is not supported"),
+    (lambda c: c.update(topk_method="greedy"), "field 'topk_method' is \"greedy\""),
+    (lambda c: c.update(scoring_func="softmax"), "field 'scoring_func' is \"softmax\""),
+    (lambda c: c.update(n_group=3), "field 'n_group' (3) must divide the 16 routed experts"),
+    (lambda c: c.pop("kv_lora_rank"), "missing field 'kv_lora_rank'"),
+])
+def test_an_unsupported_or_bad_field_is_one_line_naming_it(v3_folder, tmp_path, change, needle):
+    copy = tmp_path / "m"
+    shutil.copytree(v3_folder, copy)
+    raw = json.loads((copy / "config.json").read_text())
+    change(raw)
+    (copy / "config.json").write_text(json.dumps(raw))
+    result = run_cli("generate", copy, "hello", "-n", "2")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert needle in result.stderr
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda t: t.pop("model.layers.1.self_attn.kv_b_proj.weight"), "has no tensor model.layers.1.self_attn.kv_b_proj"),
+    # A latent rank of 24 where config.json says 32.
+    (lambda t: t.__setitem__("model.layers.1.self_attn.kv_b_proj.weight", torch.zeros(4 * 28, 24)),
+     "tensor model.layers.1.self_attn.kv_b_proj.weight has shape [112, 24]"),
+    (lambda t: t.__setitem__("model.layers.0.self_attn.kv_a_layernorm.weight", torch.zeros(24)),
+     "tensor model.layers.0.self_attn.kv_a_layernorm.weight has shape [24]"),
+])
+def test_a_missing_kv_b_proj_or_a_wrong_latent_rank_is_one_line_naming_the_tensor(v3_folder, tmp_path, change,
+                                                                                     needle):
+    copy = tmp_path / "m"
+    shutil.copytree(v3_folder, copy)
+    tensors = load_file(copy / "model.safetensors")
+    change(tensors)
+    save_file(tensors, copy / "model.safetensors")
+    result = run_cli("generate", copy, "hello", "-n", "2")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert needle in result.stderr
