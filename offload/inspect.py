@@ -17,7 +17,7 @@ from .formats.converted import dense_format
 from .models import EXPERT_MODEL_TYPES, open_checkpoint, read_config
 from .runtime import (DTYPES, check_context, check_device_name, check_dtype_name, open_checked, resolve_device,
                       resolve_dtype, resolve_model_path)
-from .store.memory import dense_bytes, device_bytes_free, device_capability, expected_traffic, plan_memory
+from .store.memory import dense_bytes, device_bytes_free, device_capability, expected_traffic, kv_bytes, plan_memory
 
 
 def open_folder(path: str | os.PathLike | None):
@@ -72,6 +72,9 @@ def describe(path: str | os.PathLike | None) -> dict:
         "bytes_dense_gpu": dense_bytes(cfg, width, fmt),
         "bytes_all_experts": n_experts * (source.layout.nbytes if info else cfg.expert_params * width),
         "expert_uses_per_token": len(cfg.moe_layers) * cfg.num_experts_per_tok,
+        # What one more position of --context adds on the device: its KV cache row in every layer (DeepSeek's: the
+        # compressed latent) and its rotary tables' row.
+        "bytes_kv_per_token": kv_bytes(cfg, 2, width) - kv_bytes(cfg, 1, width),
     }
     if info:
         out["quantized"] = f"experts {info['bits']}-bit (group {info['group_size']}), attention " + (

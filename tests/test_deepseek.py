@@ -185,3 +185,35 @@ def test_a_missing_kv_b_proj_or_a_wrong_latent_rank_is_one_line_naming_the_tenso
     result = run_cli("generate", copy, "hello", "-n", "2")
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert needle in result.stderr
+
+
+DEEPSEEK_V2_LITE = {  # its published config.json (the fields that set its size and math)
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+    "routed_scaling_factor": 1.0, "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+    "num_experts_per_tok": 6, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": False,
+    "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "attention_bias": False, "attention_dropout": 0.0, "torch_dtype": "bfloat16", "bos_token_id": 100000,
+    "eos_token_id": 100001,
+}
+
+
+def test_inspect_plans_deepseek_v2_lite_from_its_config_alone_with_the_latent_cache(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V2_LITE))
+    result = run_cli("inspect", tmp_path, "--json", "--vram", "12GiB", "--ram", "32GiB", "--device", "cuda",
+                     "--context", "4096")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert abs(info["params_total"] / 15.7e9 - 1) < 0.02           # published: 15.7B parameters
+    # Published: 2.4B activated, a count that leaves the input embedding's 102400 x 2048 out.
+    assert abs((info["params_active_per_token"] - 102400 * 2048) / 2.4e9 - 1) < 0.03
+    assert info["experts_total"] == 26 * 64 and info["expert_uses_per_token"] == 26 * 6
+    assert info["bytes_per_expert"] == 3 * 2048 * 1408 * 2
+    # Per position: 27 layers x (512 + 64) latent values, and the rotary tables' row (cos, sin [64]), bf16.
+    assert info["bytes_kv_per_token"] == (27 * (512 + 64) + 2 * 64) * 2
+    assert info["memory_plan"]["device_tier"]["kv_bytes"] == 4096 * info["bytes_kv_per_token"]

@@ -41,7 +41,33 @@ def mixtral(folder):
     make_checkpoint(folder, layers=3, experts=6)
 
 
-MAKERS = {"mixtral": mixtral, "qwen2_moe": qwen2, "qwen3_moe": qwen3, "olmoe": olmoe}
+def deepseek_v2(folder):
+    from test_deepseek import make
+
+    # Latent attention with a plain q_proj, YaRN, a dense first layer, two shared experts.
+    make(folder, "deepseek_v2", dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+                                     first_k_dense_replace=1, rope_scaling=YARN), seed=6, tokenizer=True)
+
+
+def deepseek_v3(folder):
+    from test_deepseek import make
+
+    # The biased, grouped sigmoid routing that prefetch must guess alike.
+    make(folder, "deepseek_v3", dict(q_lora_rank=24, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                     n_shared_experts=1, first_k_dense_replace=1), seed=7, tokenizer=True)
+
+
+def glm4_moe(folder):
+    from test_deepseek import make
+
+    make(folder, "glm4_moe", dict(head_dim=16, num_key_value_heads=2, use_qk_norm=True, attention_bias=True,
+                                  n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                  first_k_dense_replace=1), seed=8, tokenizer=True)
+
+
+MAKERS = {"mixtral": mixtral, "qwen2_moe": qwen2, "qwen3_moe": qwen3, "olmoe": olmoe, "deepseek_v2": deepseek_v2,
+          "deepseek_v3": deepseek_v3, "glm4_moe": glm4_moe}
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
 
 @pytest.fixture(scope="module", params=list(MAKERS))
@@ -125,8 +151,9 @@ def test_profile_runs_and_counts_every_expert_use(family, tmp_path):
 
 
 @pytest.mark.parametrize("damage, needle", [
-    (lambda f: json.dump({**json.load(open(f / "config.json")), "rope_scaling": {"type": "yarn", "factor": 4}},
-                         open(f / "config.json", "w")), "rope scaling is not supported"),
+    # A kind of rope scaling no family implements (DeepSeek's implement "yarn").
+    (lambda f: json.dump({**json.load(open(f / "config.json")), "rope_scaling": {"type": "dynamic", "factor": 4}},
+                         open(f / "config.json", "w")), "not supported (field 'rope_scaling'"),
     (lambda f: json.dump({**json.load(open(f / "config.json")), "hidden_act": "gelu"}, open(f / "config.json", "w")),
      "field 'hidden_act' is \"gelu\""),
 ])
@@ -142,7 +169,8 @@ def test_a_bad_config_is_one_line_naming_the_field(family, tmp_path, damage, nee
 
 # A field each family must have, with no default (Mixtral's num_experts_per_tok has one, as in transformers).
 FAMILY_FIELD = {"mixtral": "num_local_experts", "qwen2_moe": "moe_intermediate_size",
-                "qwen3_moe": "moe_intermediate_size", "olmoe": "num_experts"}
+                "qwen3_moe": "moe_intermediate_size", "olmoe": "num_experts", "deepseek_v2": "kv_lora_rank",
+                "deepseek_v3": "kv_lora_rank", "glm4_moe": "n_routed_experts"}
 
 
 def test_a_config_missing_a_family_field_is_one_line_naming_it(family, tmp_path):
