@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, temperature: float, top_k: int,
               top_p: float, seed: Optional[int], chat: bool, device: str, dtype: str, as_json: bool,
               context: int, vram: Optional[str] = None, ram: Optional[str] = None, prefetch: int = 1,
-              cpu_experts: str = "auto") -> None:
+              cpu_experts: str = "auto", cache_policy: str = "cycle", threads: Optional[int] = None) -> None:
     import offload
     from offload.generate import Sampling
 
@@ -31,7 +31,7 @@ def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, 
 
     with progress_bar("reading experts into RAM", transient=True, disable=as_json) as progress:
         rt = offload.load(model, device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
-                          cpu_experts=cpu_experts, progress=progress)
+                          cpu_experts=cpu_experts, policy=cache_policy, threads=threads, progress=progress)
     pieces = []
     out = sys.stderr if as_json else sys.stdout
     stream = rt.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)  # checks the request
@@ -89,8 +89,15 @@ GEN_OPTIONS = dict(
     ram=typer.Option(None, "--ram", help="Pinned host RAM for experts (default: 80% of available RAM); "
                                          "smaller than the experts = stream them from disk."),
     prefetch=typer.Option(1, "--prefetch", help="Router-ahead prefetch, layers ahead (0 = off)."),
-    cpu_experts=typer.Option("auto", "--cpu-experts", help="auto | never | always: compute a missed expert on "
-                                                          "the CPU instead of copying it (auto: when measured cheaper)."),
+    cpu_experts=typer.Option("auto", "--cpu-experts", help="auto | never | always | all: compute a missed expert "
+                                                          "on the CPU instead of copying it (auto: when measured "
+                                                          "cheaper); all: keep every expert in RAM and compute it "
+                                                          "there, the GPU holding only dense weights and the KV cache."),
+    cache_policy=typer.Option("cycle", "--cache-policy", help="Which expert leaves a full device cache: cycle (the "
+                                                              "one whose next use, in the layer cycle, is expected "
+                                                              "farthest away), lru or lfu."),
+    threads=typer.Option(None, "--threads", help="CPU threads for torch and the CPU expert kernels "
+                                                 "(default: the physical cores)."),
 )
 
 
@@ -106,6 +113,7 @@ def generate(
     as_json: bool = GEN_OPTIONS["as_json"], context: int = GEN_OPTIONS["context"],
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
     prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
+    cache_policy: str = GEN_OPTIONS["cache_policy"], threads: Optional[int] = GEN_OPTIONS["threads"],
 ) -> None:
     """Generate text from PROMPT with MODEL, streaming it to the terminal (PROMPT '-': read it from stdin)."""
     if prompt is None:
@@ -116,7 +124,7 @@ def generate(
 
         raise UserError("the prompt is empty (usage: moe-offload generate [MODEL] PROMPT)")
     _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, dtype, as_json, context,
-              vram, ram, prefetch, cpu_experts)
+              vram, ram, prefetch, cpu_experts, cache_policy, threads)
 
 
 def _read_prompt(prompt: Optional[str]) -> Optional[str]:
@@ -146,14 +154,14 @@ def demo(
     top_k: int = GEN_OPTIONS["top_k"], top_p: float = GEN_OPTIONS["top_p"], seed: Optional[int] = GEN_OPTIONS["seed"],
     device: str = GEN_OPTIONS["device"], as_json: bool = GEN_OPTIONS["as_json"],
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
-    prefetch: int = GEN_OPTIONS["prefetch"],
+    prefetch: int = GEN_OPTIONS["prefetch"], threads: Optional[int] = GEN_OPTIONS["threads"],
 ) -> None:
     """Generate with the small Mixtral-architecture model shipped in the package (no download)."""
     from offload.tokenizer import check_utf8
 
     check_utf8(prompt)
     _generate("demo", prompt, max_new_tokens, temperature, top_k, top_p, seed, False, device, "auto", as_json, 2048,
-              vram, ram, prefetch)
+              vram, ram, prefetch, threads=threads)
 
 
 @app.command()
@@ -242,6 +250,7 @@ def profile(
     device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
     prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
+    cache_policy: str = GEN_OPTIONS["cache_policy"], threads: Optional[int] = GEN_OPTIONS["threads"],
 ) -> None:
     """Generate with timing on; write a JSON profile, PNG plots and a Perfetto trace; say what bounds the run."""
     from offload.generate import Sampling
@@ -254,7 +263,7 @@ def profile(
     with progress_bar("reading experts into RAM", transient=True) as progress:
         result = run_profile(model, text, out, max_new_tokens, sampling, chat=chat, device=device, dtype=dtype,
                              context=context, vram=vram, ram=ram, prefetch=prefetch, cpu_experts=cpu_experts,
-                             progress=progress)
+                             policy=cache_policy, threads=threads, progress=progress)
     from rich.console import Console
     from rich.table import Table
 
@@ -291,7 +300,7 @@ def convert(
                else f"wrote {out}", err=True)
 
 
-THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice).")
+THREADS = GEN_OPTIONS["threads"]
 
 
 @app.command()
@@ -312,6 +321,7 @@ def serve(
     device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
     prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
+    cache_policy: str = GEN_OPTIONS["cache_policy"],
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /metrics, /health), one generation at a time."""
@@ -324,7 +334,7 @@ def serve(
                    max_body=parse_bytes(max_body, "--max-body"), progress=progress,
                    ready=lambda url: typer.echo(f"moe-offload: serving {model} at {url}", err=True),
                    device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
-                   cpu_experts=cpu_experts)
+                   cpu_experts=cpu_experts, policy=cache_policy)
 
 
 @app.command()
@@ -339,6 +349,7 @@ def chat(
     device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
     prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
+    cache_policy: str = GEN_OPTIONS["cache_policy"],
 ) -> None:
     """Chat with MODEL in the terminal (its chat template; earlier turns stay in the KV cache). /reset,
     /stats, /exit; Ctrl-C stops an answer. A stdin that is not a terminal is read one message a line."""
@@ -352,7 +363,7 @@ def chat(
         run_chat(model, max_new_tokens=max_new_tokens, sampling=sampling, system=system, threads=threads,
                  write=lambda text: _write(sys.stdout, text), note=lambda text: typer.echo(text, err=True),
                  progress=progress, device=device, dtype=dtype, context=context, vram=vram, ram=ram,
-                 prefetch=prefetch, cpu_experts=cpu_experts)
+                 prefetch=prefetch, cpu_experts=cpu_experts, policy=cache_policy)
 
 
 def _human_bytes(n: int) -> str:

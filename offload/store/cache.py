@@ -180,11 +180,12 @@ DEFAULT_POLICY = "cycle"
 
 
 class SlotTable:
-    """slot <-> key bookkeeping for one tier of `n_slots` slots."""
+    """slot <-> key bookkeeping for one tier of `n_slots` slots (0: a tier that holds nothing, the device tier
+    under --cpu-experts all, where every lookup misses and nothing is ever assigned)."""
 
     def __init__(self, n_slots: int, policy: LRU | None = None, per_layer: int = 0):
-        if n_slots < 1:
-            raise ValueError("a tier needs at least one slot")
+        if n_slots < 0:
+            raise ValueError("a tier cannot have a negative number of slots")
         self.n_slots = n_slots
         self.policy = policy or LRU()
         self.slot_of: dict[Key, int] = {}

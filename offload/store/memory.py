@@ -64,21 +64,25 @@ class MemoryPlan:
     @classmethod
     def make(cls, device: str, vram: int | None, ram: int | None, dense_bytes: int, kv_bytes: int,
              margin_bytes: int, blob_bytes: int, experts_total: int, experts_per_token: int,
-             free_device_bytes: int | None, workspace: Workspace | None = None) -> "MemoryPlan":
-        """Check the budgets and size both expert pools; raise UserError with the numbers when they cannot work."""
+             free_device_bytes: int | None, workspace: Workspace | None = None,
+             device_experts: bool = True) -> "MemoryPlan":
+        """Check the budgets and size both expert pools; raise UserError with the numbers when they cannot work.
+        `device_experts` False (`--cpu-experts all`): no expert slot on the device, every expert is computed
+        from the host tier."""
         fixed = dense_bytes + kv_bytes + margin_bytes
+        slot = blob_bytes if device_experts else 0
         default = vram is None
         if default:
             # Default: what the device has free less a headroom (CUDA), or room for every expert (CPU slot pool).
             vram = (max(0, free_device_bytes - DEFAULT_HEADROOM) if free_device_bytes is not None
-                    else fixed + experts_total * blob_bytes)
-        if vram < fixed + blob_bytes:
+                    else fixed + experts_total * slot)
+        if vram < fixed + slot:
             what = (f"what the GPU has free ({human(free_device_bytes)}) less {human(DEFAULT_HEADROOM)} of headroom "
                     f"for CUDA's libraries ({human(vram)})" if default else f"--vram {human(vram)}")
             raise UserError(f"{what} cannot hold the dense part ({human(dense_bytes)}) + KV cache "
-                            f"({human(kv_bytes)}) + workspace ({human(margin_bytes)}) + one expert ({human(blob_bytes)}): "
-                            f"need at least {human(fixed + blob_bytes)}")
-        device_slots = min(experts_total, (vram - fixed) // blob_bytes)
+                            f"({human(kv_bytes)}) + workspace ({human(margin_bytes)}) + one expert ({human(slot)}): "
+                            f"need at least {human(fixed + slot)}")
+        device_slots = min(experts_total, (vram - fixed) // blob_bytes) if device_experts else 0
         if ram is None:
             ram = default_ram_budget()
         if ram <= 0:
@@ -356,16 +360,18 @@ def plan_workspace(cfg: ModelConfig, context: int, dtype: torch.dtype, device_ty
 def plan_memory(cfg: ModelConfig, itemsize: int, device: str, vram: int | None, ram: int | None, context: int,
                 blob_bytes: int, free_device_bytes: int | None = None, dense: int = 0,
                 dense_format: tuple[int, int] | None = None, capability: tuple[int, int] | None = None,
-                quantized_experts: bool = False) -> MemoryPlan:
+                quantized_experts: bool = False, device_experts: bool = True) -> MemoryPlan:
     """The MemoryPlan of a model under these budgets, from its config alone (no weights are read).
-    `capability`: the CUDA device's (major, minor), which decides the attention kernel (None: sm_80+)."""
+    `capability`: the CUDA device's (major, minor), which decides the attention kernel (None: sm_80+);
+    `device_experts` as in `MemoryPlan.make`."""
     dtype = {4: torch.float32, 2: torch.float16}[itemsize]  # the attention kernel depends on the width only
     ws = plan_workspace(cfg, context, dtype, torch.device(device).type, capability, quantized_experts, dense_format)
     return MemoryPlan.make(
         device=device, vram=vram, ram=ram, dense_bytes=dense or dense_bytes(cfg, itemsize, dense_format),
         kv_bytes=kv_bytes(cfg, context, itemsize), margin_bytes=ws.total,
         blob_bytes=blob_bytes, experts_total=cfg.experts_total,
-        experts_per_token=cfg.num_experts_per_tok, free_device_bytes=free_device_bytes, workspace=ws)
+        experts_per_token=cfg.num_experts_per_tok, free_device_bytes=free_device_bytes, workspace=ws,
+        device_experts=device_experts)
 
 
 def expected_traffic(plan: MemoryPlan, layers: int, hit_rate: float, bandwidth: float) -> dict:

@@ -4,7 +4,9 @@ Where an expert's bytes come from and go, for one use of expert (layer, e):
 
     device slot hit?  -> compute on the device slot (after waiting on that slot's copy event only)
     host slot hit?    -> copy host slot -> a device slot on the copy stream (or compute on the CPU, when the
-                         measured CPU cost beats the copy: --cpu-experts)
+                         measured CPU cost beats the copy and the device's compute: --cpu-experts; with
+                         --cpu-experts all, every expert is computed on the CPU from its host slot, as
+                         llama.cpp's --n-cpu-moe does, and the device holds no expert slot)
     neither           -> the reader thread preads the expert from the safetensors shards into a host slot,
                          then as above (only when the host tier is smaller than the model: when every expert
                          fits, `fill_host` reads them all at load and the disk is never touched again)
@@ -30,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from quant import pinned
+from quant import cpu_kernels, pinned
 from quant.errors import UserError
 from quant.units import parse_bytes
 
@@ -42,6 +44,9 @@ from .sources import open_source
 from .timing import median_time
 
 Key = tuple[int, int]  # (layer, expert)
+# --cpu-experts: auto (misses on the CPU when measured cheaper), never, always (every decode miss on the CPU),
+# all (every expert kept in host RAM and computed there, prefill too; the device holds no expert slot).
+CPU_EXPERTS = ("auto", "never", "always", "all")
 
 
 class Stats:
@@ -71,8 +76,9 @@ def check_options(prefetch: int = 0, cpu_experts: str = "auto", policy: str = "l
     them to, but a wrong value is still wrong)."""
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise UserError(f"--prefetch must be 0 (off) or a number of layers ahead, got {prefetch!r}")
-    if cpu_experts not in ("auto", "never", "always"):
-        raise UserError(f"--cpu-experts must be auto, never or always, got {cpu_experts!r}")
+    if cpu_experts not in CPU_EXPERTS:
+        raise UserError(f"--cpu-experts must be {', '.join(CPU_EXPERTS[:-1])} or {CPU_EXPERTS[-1]}, "
+                        f"got {cpu_experts!r}")
     if policy not in POLICIES:
         raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
 
@@ -109,7 +115,7 @@ class ExpertStore:
             cfg, dtype.itemsize, str(device), vram=vram, ram=parse_bytes(ram, "--ram"),
             context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
             free_device_bytes=free, capability=device_capability(device) if self.cuda else None,
-            quantized_experts=self.layout.kind == "quant")
+            quantized_experts=self.layout.kind == "quant", device_experts=cpu_experts != "all")
         N = self.layout.nbytes
 
         # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), to the
@@ -212,7 +218,7 @@ class ExpertStore:
             # reuses each expert across many tokens, so copying wins there), whether or not its read has
             # finished: a CPU expert rounds differently from the GPU one, and timing must not change the
             # tokens (for the same reason prefetch then only reads ahead into RAM).
-            if decode and self.cpu_wins:
+            if (decode and self.cpu_wins) or self.cpu_experts == "all":
                 self.plan_of[key] = ("cpu", None)
         for key in needed:
             if key not in self.plan_of:
@@ -482,9 +488,10 @@ class ExpertStore:
 
     def _decide_cpu_experts(self) -> bool:
         """Measure, on this machine, a batch-1 expert on the CPU (with the hidden state's round trip to it and
-        back, as `_run_on_cpu` makes it) against one blob's host->device copy."""
+        back, as `_run_on_cpu` makes it) against one blob's host->device copy and its compute on the device.
+        Every expert of a model has one blob kind (its layout), so the one measurement decides every layer."""
         if self.cpu_experts != "auto" or not self.cuda:
-            return self.cpu_experts == "always"
+            return self.cpu_experts in ("always", "all")
         scratch = pinned.empty(self.layout.nbytes, pin=True, device=self.device).zero_()
         views = self.layout.views(scratch)
         x = torch.zeros(1, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
@@ -495,9 +502,14 @@ class ExpertStore:
         def copy():
             return self.dev[0].copy_(scratch, non_blocking=True)
 
+        def on_device():
+            return self.source.compute(self.dev_views[0], x)
+
         sync = lambda: torch.cuda.synchronize(self.device)  # noqa: E731
-        self.measured = {"cpu_expert_s": median_time(on_cpu, sync), "h2d_blob_s": median_time(copy, sync)}
-        return self.measured["cpu_expert_s"] < self.measured["h2d_blob_s"]
+        self.measured = {"blob_kind": f"{self.layout.kind} {self.layout.bits}-bit", "cpu_kernels": cpu_kernels.path(),
+                         "cpu_expert_s": median_time(on_cpu, sync), "h2d_blob_s": median_time(copy, sync),
+                         "device_expert_s": median_time(on_device, sync)}
+        return self.measured["cpu_expert_s"] < self.measured["h2d_blob_s"] + self.measured["device_expert_s"]
 
     def _run_on_cpu(self, key: Key, x: torch.Tensor) -> torch.Tensor:
         host = self._host_slot(key)
