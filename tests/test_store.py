@@ -14,6 +14,7 @@ import torch
 import offload
 from offload.errors import UserError
 from offload.generate import decode_one, prefill
+from offload.store.cache import POLICIES
 
 PROMPT = "The quick brown fox jumps over the lazy dog and the experts"
 
@@ -55,9 +56,12 @@ def reference(tiny_checkpoint):
 
 @pytest.mark.parametrize("slots", [2, 5, 11, 18])
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
-def test_results_are_bit_identical_across_budgets_and_prefetch(tiny_checkpoint, reference, slots, prefetch):
-    tokens, logits, stats, _ = run(tiny_checkpoint, vram=budget(tiny_checkpoint, slots), prefetch=prefetch)
-    assert stats["device_slots"] == slots
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_results_are_bit_identical_across_budgets_prefetch_and_cache_policies(tiny_checkpoint, reference, slots,
+                                                                              prefetch, policy):
+    tokens, logits, stats, _ = run(tiny_checkpoint, vram=budget(tiny_checkpoint, slots), prefetch=prefetch,
+                                   policy=policy)
+    assert stats["device_slots"] == slots and stats["cache_policy"] == policy
     assert tokens == reference[0]
     assert torch.equal(logits, reference[1])
 
@@ -152,24 +156,51 @@ def test_with_cpu_experts_the_reader_speed_does_not_decide_where_an_expert_runs(
 
 
 @pytest.mark.parametrize("options", [dict(slots=2, prefetch=0), dict(slots=4, prefetch=2), dict(slots=7, prefetch=1),
-                                     dict(slots=3, prefetch=0, cpu_experts="always")])
+                                     dict(slots=3, prefetch=0, cpu_experts="always"),
+                                     dict(slots=4, prefetch=1, policy="lru"), dict(slots=4, prefetch=1, policy="lfu")])
 def test_stats_add_up(tiny_checkpoint, options):
     options = dict(options)
     slots = options.pop("slots")
     ram = _plan(str(tiny_checkpoint)).experts_total * _plan(str(tiny_checkpoint)).blob_bytes  # every expert
     _, _, s, store = run(tiny_checkpoint, vram=budget(tiny_checkpoint, slots), ram=ram, **options)
     assert s["expert_hits"] + s["expert_misses"] == s["uses"] > 0
-    assert s["prefetch_hits"] <= s["expert_hits"] and s["prefetch_hits"] <= s["prefetch_issued"]
+    assert s["prefetch_hits"] <= s["expert_hits"] and s["prefetch_hits"] + s["prefetch_wasted"] <= s["prefetch_issued"]
+    assert s["bytes_prefetch_wasted"] == s["prefetch_wasted"] * store.layout.nbytes
     copied = s["expert_misses"] - s["cpu_expert_calls"] + s["prefetch_issued"]
     assert s["bytes_h2d"] == copied * store.layout.nbytes
     assert s["host_slots"] == store.plan.experts_total  # --ram holds every expert: read at load,
     assert s["bytes_disk"] == 0                          # so a generation never touches the disk
 
 
-def test_a_bigger_budget_never_misses_more(tiny_checkpoint):
-    misses = [run(tiny_checkpoint, vram=budget(tiny_checkpoint, n), prefetch=0)[2]["expert_misses"] for n in (1, 2, 3, 4, 6, 9, 13, 18)]
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_bigger_budget_never_misses_more(tiny_checkpoint, policy):
+    misses = [run(tiny_checkpoint, vram=budget(tiny_checkpoint, n), prefetch=0, policy=policy)[2]["expert_misses"]
+              for n in (1, 2, 3, 4, 6, 9, 13, 18)]
     assert all(a >= b for a, b in zip(misses, misses[1:])), misses
     assert misses[-1] < misses[0]
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_every_guess_copied_is_still_bit_identical(tiny_checkpoint, reference, monkeypatch, policy):
+    """The random tiny model's router-ahead guesses rarely pay for themselves, so the store copies few; with
+    that check off, it copies every guess it may, and the results do not change."""
+    from offload.store import ExpertStore
+
+    monkeypatch.setattr(ExpertStore, "guess_accuracy", lambda self, layer, ahead, rank: 1.0)
+    monkeypatch.setattr(ExpertStore, "WASTE_SHARE", 1e9)
+    tokens, logits, s, _ = run(tiny_checkpoint, vram=budget(tiny_checkpoint, 5), prefetch=2, policy=policy)
+    assert s["prefetch_issued"] > s["prefetch_hits"] > 0 and s["prefetch_wasted"] > 0
+    assert tokens == reference[0] and torch.equal(logits, reference[1])
+
+
+def test_guesses_that_do_not_pay_are_not_copied(tiny_checkpoint, reference):
+    """On the random tiny model the guesses are mostly wrong: the store measures that and copies few, so
+    prefetch moves at most a few percent more bytes than no prefetch, with results unchanged."""
+    off = run(tiny_checkpoint, vram=budget(tiny_checkpoint, 5), prefetch=0)[2]
+    tokens, logits, on, _ = run(tiny_checkpoint, vram=budget(tiny_checkpoint, 5), prefetch=2)
+    assert on["prefetch_skipped"] > 0
+    assert on["bytes_h2d"] <= 1.1 * off["bytes_h2d"]
+    assert tokens == reference[0] and torch.equal(logits, reference[1])
 
 
 def test_prefetch_hits_on_the_trained_demo_model():
@@ -545,8 +576,9 @@ def test_a_host_tier_is_page_locked_in_pieces_of_whole_slots_counted_by_the_prog
 
 
 def test_the_bandwidth_probe_copies_into_a_slot_of_the_pool_not_beside_it(tiny_checkpoint, reference, monkeypatch):
-    """With every device slot holding an expert, the probe takes the least recently used one's slot (which
-    that expert leaves) instead of a scratch blob outside the budget; generating afterwards is unchanged."""
+    """With every device slot holding an expert, the probe takes the slot of the expert the cache policy would
+    evict next (which that expert leaves) instead of a scratch blob outside the budget; generating afterwards
+    is unchanged."""
     from offload.profile import record
 
     rt = offload.load(tiny_checkpoint, device="cpu", context=256, vram=budget(tiny_checkpoint, 3))
@@ -554,7 +586,7 @@ def test_the_bandwidth_probe_copies_into_a_slot_of_the_pool_not_beside_it(tiny_c
     ids = rt.encode(PROMPT)
     prefill(rt.model, torch.tensor(ids))
     assert not store.dev_table.free
-    lru = next(iter(store.dev_table.policy.order))
+    lru = store.dev_table.policy.victim(store.dev_table.slot_of, set())
     targets = []
     real = record.copy_bandwidth
     monkeypatch.setattr(record, "copy_bandwidth", lambda src, dst, min_s: (targets.append(dst), real(src, dst, min_s))[1])

@@ -142,6 +142,7 @@ def reference(tiny_checkpoint):
 
 
 def simulated(folder, monkeypatch, prefetch: int, device_slots: int, host_slots: int, break_fence=None):
+    copy_every_guess(monkeypatch)  # every guess copied: the fences are tested with guess copies in flight
     rt = offload.load(folder, device="cpu", context=256, prefetch=prefetch, cpu_experts="never",
                       **budgets(folder, device_slots, host_slots))
     simulate_cuda(rt.store, monkeypatch)
@@ -181,12 +182,22 @@ def test_the_simulation_catches_a_missing_fence(tiny_checkpoint, reference, monk
     assert not torch.equal(logits, reference)
 
 
+def copy_every_guess(monkeypatch) -> None:
+    """The tiny random models' router-ahead guesses rarely pay for themselves, so the store would copy few
+    (ExpertStore._worth_copying): tests of the copy mechanics take every guess as certain."""
+    from offload.store import ExpertStore
+
+    monkeypatch.setattr(ExpertStore, "guess_accuracy", lambda self, layer, ahead, rank: 1.0)
+    monkeypatch.setattr(ExpertStore, "WASTE_SHARE", float("inf"))
+
+
 def test_close_waits_for_prefetch_copies_nobody_waited_for(tmp_path, monkeypatch):
     """A wrong router-ahead guess is copied but never waited on: at the end of a generation such copies may
     still be queued, writing into the slot pool. close() must let them finish before the pool can be freed."""
     from conftest import make_checkpoint
 
     make_checkpoint(tmp_path)  # 2 layers of 4 experts, where these budgets leave the last guesses unused
+    copy_every_guess(monkeypatch)
     rt = offload.load(tmp_path, device="cpu", context=256, prefetch=1, cpu_experts="never",
                       **budgets(tmp_path, 6, 8))
     simulate_cuda(rt.store, monkeypatch)
@@ -248,6 +259,7 @@ def test_a_decode_step_reads_the_device_once_per_layer_and_once_for_its_token(ti
     transfer: offload.models.moe.to_host) and once to sample its token; nothing else reads on the way."""
     from offload.models import moe
 
+    copy_every_guess(monkeypatch)
     rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=prefetch, cpu_experts="never",
                       **budgets(tiny_checkpoint, 5, 18))
     layers = rt.config.num_hidden_layers
@@ -337,6 +349,7 @@ def test_the_simulation_catches_a_copy_queued_behind_a_guess(tiny_checkpoint, re
 def test_guess_copies_in_flight_are_bounded_to_one_layers_worth(tiny_checkpoint, monkeypatch):
     """Guesses queue on their own stream, but a GPU with one copy engine still runs a guess it has started
     before a later copy: so only a layer's worth (k) of guess copies is in flight at any time."""
+    copy_every_guess(monkeypatch)
     rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=2, cpu_experts="never",
                       **budgets(tiny_checkpoint, 6, 18))
     simulate_cuda(rt.store, monkeypatch)
@@ -354,9 +367,10 @@ def test_guess_copies_in_flight_are_bounded_to_one_layers_worth(tiny_checkpoint,
     store.close()
 
 
-def test_a_guess_never_evicts_the_next_layers_experts(tiny_checkpoint):
+def test_a_guess_never_evicts_the_next_layers_experts(tiny_checkpoint, monkeypatch):
     """Four slots, all full: this layer's expert in use, two experts of the next layer, a stale one of the
     layer after. Guesses may take the stale slot, never the next layer's (nor this layer's)."""
+    copy_every_guess(monkeypatch)
     rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=2, cpu_experts="never",
                       **budgets(tiny_checkpoint, 4, 18))
     store = rt.store

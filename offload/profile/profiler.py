@@ -1,11 +1,12 @@
 """Profiling one generation: where each token's time goes, what moved, and what memory it held.
 
-The expert store calls the `Profiler` at five points (the `if prof` lines in offload/store/store.py):
+The expert store calls the `Profiler` at six points (the `if prof` lines in offload/store/store.py):
   * an expert computed on the device, with the stall before it (waiting on its slot's copy event),
   * a host->device copy (on the copy stream),
   * a disk read (on the reader thread),
   * the compute thread blocking until an expert is in host RAM,
-  * an expert computed on the CPU.
+  * an expert computed on the CPU,
+  * a layer step's routing (which experts it asked for: the trace the cache is measured on).
 On CUDA the device-side points are timing events recorded on the compute and copy streams, never a sync:
 the compute stream's become times once per token, when it is done with the token (sampling has waited for
 that already); the copy stream's only after the run (`finish`). A copy may still be queued when its token
@@ -75,6 +76,7 @@ class Profiler:
         self.tokens: list[dict] = []
         self.memory: list[dict] = []
         self.layer_extra: dict[int, dict[str, int]] = {}
+        self.routing: list[list] = []           # [decode 0/1, layer, expert ids] per layer step, in order
         self.copies: list[tuple] = []           # (row, copy point) of the run: read after it, in `finish`
         self.stalls: list[tuple[float, float]] = []   # compute stalled on a copy, host blocked: the run's
         self.compute_spans: list[tuple[float, float]] = []  # each token's span on the compute stream
@@ -101,6 +103,10 @@ class Profiler:
 
     def disk(self, key, t0: float, t1: float, nbytes: int) -> None:
         self.disk_points.append((key, t0, t1, nbytes))
+
+    def route(self, layer: int, experts: list[int], decode: bool) -> None:
+        """A layer step's routing (the store's `prepare`): profile.json's trace, replayed against the optimum."""
+        self.routing.append([int(decode), layer, list(experts)])
 
     def host_wait(self, key, t0: float, t1: float) -> None:
         self.pending.append(("host_wait", key, t0, t1))

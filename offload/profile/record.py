@@ -10,7 +10,9 @@ import torch
 
 from quant import pinned
 
+from ..store.cache import POLICIES
 from ..store.memory import human
+from ..store.optimum import optimum, rate, replay
 from ..store.timing import copy_bandwidth
 from .profiler import TIME_PARTS, Profiler
 from .schema import SCHEMA_ID
@@ -84,6 +86,8 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
         "hit_rate": counts["expert_hits"] / uses if uses else None,
         "prefetch_issued": counts["prefetch_issued"], "prefetch_hits": counts["prefetch_hits"],
         "prefetch_accuracy": counts["prefetch_hits"] / counts["prefetch_issued"] if counts["prefetch_issued"] else None,
+        "prefetch_wasted": counts["prefetch_wasted"], "prefetch_skipped": counts["prefetch_skipped"],
+        "bytes_prefetch_wasted": counts["prefetch_wasted"] * plan.blob_bytes,
         "cpu_expert_calls": counts["cpu_expert_calls"],
         "bytes_h2d": counts["bytes_h2d"], "bytes_disk": counts["bytes_disk"],
         "h2d_bandwidth_bytes_per_s": bandwidth,
@@ -107,6 +111,7 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
                    "dtype": str(store.dtype).removeprefix("torch."), "torch": torch.__version__},
         "settings": {"vram_budget": plan.vram_budget, "ram_budget": plan.ram_budget, "prefetch": store.prefetch,
                      "cpu_experts": store.stats()["cpu_experts"], "context": rt.model.max_seq,
+                     "cache_policy": store.policy,
                      "device_slots": plan.device_slots, "host_slots": plan.host_slots, "blob_bytes": plan.blob_bytes,
                      "cpu_expert_costs": store.measured},
         "plan": plan.as_dict(),
@@ -115,8 +120,20 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
         "per_layer": layers,
         "memory": prof.memory,
     }
+    record["routing"] = routing_record(prof.routing, plan.device_slots, store.policy)
     record["verdict"] = verdict(record)
     return record
+
+
+def routing_record(trace: list[list], slots: int, policy: str) -> dict:
+    """The run's routing trace and, at its device-slot count, the demand hit rate (decode steps, prefetch
+    off, from empty slots) each cache policy gets replaying it next to Belady's optimum on the same trace."""
+    counts = optimum(trace, slots)
+    best = rate(counts)
+    replayed = {name: rate(replay(trace, slots, name)) for name in POLICIES}
+    return {"trace": trace, "device_slots": slots, "policy": policy, "decode_expert_uses": counts["uses"],
+            "optimum_hit_rate": best, "policy_hit_rate": replayed[policy],
+            "policy_vs_optimum": replayed[policy] / best if best else None, "replayed_hit_rates": replayed}
 
 
 BOUNDS = {"transfer": ("copy_wait_s",), "compute": ("dense_s", "expert_s"), "CPU experts": ("cpu_expert_s",),
@@ -150,6 +167,14 @@ def verdict(record: dict) -> dict:
     return {"bound": bound, "shares": shares, "text": text}
 
 
+def cache_row(routing: dict) -> str:
+    """The cache policy's demand hit rate on this run's routing next to Belady's optimum, at its slot count."""
+    if routing["optimum_hit_rate"] is None:
+        return "-"
+    return (f"{routing['policy']} {routing['policy_hit_rate']:.1%} vs optimum {routing['optimum_hit_rate']:.1%} "
+            f"at {routing['device_slots']} slots (demand hits of the decode steps replayed, prefetch off)")
+
+
 def summary_rows(record: dict) -> list[tuple[str, str]]:
     """(label, value) pairs for the terminal summary."""
     t, s = record["totals"], record["settings"]
@@ -169,7 +194,9 @@ def summary_rows(record: dict) -> list[tuple[str, str]]:
         ("time to first token", ms(t["time_to_first_token_s"])),
         ("decode", f"{t['tokens_per_s']:.2f} tok/s, {ms(per_tok)}/token" if t["tokens_per_s"] else "-"),
         ("hit rate", f"{pct(t['hit_rate'])} ({t['expert_hits']} hits, {t['expert_misses']} misses)"),
-        ("prefetch accuracy", f"{pct(t['prefetch_accuracy'])} ({t['prefetch_hits']} of {t['prefetch_issued']} used)"),
+        ("prefetch accuracy", (f"{pct(t['prefetch_accuracy'])} ({t['prefetch_hits']} of {t['prefetch_issued']} used, "
+                               f"{t['prefetch_wasted']} evicted unused, {t['prefetch_skipped']} not worth copying)")),
+        ("cache vs optimum", cache_row(record["routing"])),
         ("CPU expert calls", str(t["cpu_expert_calls"])),
         ("moved", f"{human(t['bytes_h2d'])} host->device, {human(t['bytes_disk'])} from disk"),
         ("transfer bound", f"{ms(t['transfer_bound_s_per_token'])}/token at "

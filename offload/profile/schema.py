@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema.json"
-SCHEMA_ID = "moe-offload-profile/2"  # 2: copy_s, copy_hidden_s and the decode_copy totals
+SCHEMA_ID = "moe-offload-profile/3"  # 2: copy_s, copy_hidden_s and the decode_copy totals; 3: routing, cache
+# policy, prefetch_wasted / prefetch_skipped
 
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 

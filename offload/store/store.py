@@ -37,7 +37,7 @@ from quant.errors import UserError
 from quant.units import parse_bytes
 
 from ..formats.checkpoint import Checkpoint
-from .cache import POLICIES, SlotTable
+from .cache import DEFAULT_POLICY, LRU, POLICIES, SlotTable
 from .memory import device_bytes_free, device_capability, human, plan_memory
 from .reader import Reader
 from .sources import open_source
@@ -52,8 +52,10 @@ CPU_EXPERTS = ("auto", "never", "always", "all")
 class Stats:
     """Counters of one generation. hits + misses = expert uses; bytes are what actually moved."""
 
-    FIELDS = ("expert_hits", "expert_misses", "prefetch_issued", "prefetch_hits", "cpu_expert_calls",
-              "bytes_h2d", "bytes_disk")
+    # prefetch_wasted: prefetched copies evicted before any use (their bytes moved for nothing);
+    # prefetch_skipped: router-ahead guesses not copied because their measured accuracy would not repay them.
+    FIELDS = ("expert_hits", "expert_misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted",
+              "prefetch_skipped", "cpu_expert_calls", "bytes_h2d", "bytes_disk")
 
     def __init__(self) -> None:
         self.reset()
@@ -71,7 +73,7 @@ class Stats:
         return {f: getattr(self, f) for f in self.FIELDS}
 
 
-def check_options(prefetch: int = 0, cpu_experts: str = "auto", policy: str = "lru") -> None:
+def check_options(prefetch: int = 0, cpu_experts: str = "auto", policy: str = DEFAULT_POLICY) -> None:
     """The expert store's options, checked where they are given (a table folder has no experts to apply
     them to, but a wrong value is still wrong)."""
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
@@ -80,20 +82,20 @@ def check_options(prefetch: int = 0, cpu_experts: str = "auto", policy: str = "l
         raise UserError(f"--cpu-experts must be {', '.join(CPU_EXPERTS[:-1])} or {CPU_EXPERTS[-1]}, "
                         f"got {cpu_experts!r}")
     if policy not in POLICIES:
-        raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        raise UserError(f"--cache-policy must be one of {', '.join(POLICIES)}, got {policy!r}")
 
 
 class ExpertStore:
     """Owns every expert of the model across the three tiers; the MoE blocks call `prepare` and `run`."""
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, vram=None, ram=None,
-                 prefetch: int = 0, cpu_experts: str = "auto", policy: str = "lru", context: int = 2048,
+                 prefetch: int = 0, cpu_experts: str = "auto", policy: str = DEFAULT_POLICY, context: int = 2048,
                  dense_bytes: int = 0, pin: bool | None = None, per_layer_cache: bool = False,
                  progress: Callable[[int, int], None] | None = None):
         cfg = ckpt.config
         self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
         check_options(prefetch, cpu_experts, policy)
-        self.prefetch, self.cpu_experts = prefetch, cpu_experts
+        self.prefetch, self.cpu_experts, self.policy = prefetch, cpu_experts, policy
         self.source = open_source(ckpt, dtype)
         self.layout = self.source.layout
         self.cuda = device.type == "cuda"
@@ -131,7 +133,9 @@ class ExpertStore:
         header = torch.frombuffer(bytearray(self.layout.header()), dtype=torch.uint8)
         self.host[:, : self.layout.header_nbytes] = header
         self.host_views = [self.layout.views(self.host[s]) for s in range(self.plan.host_slots)]
-        self.host_table = SlotTable(self.plan.host_slots, POLICIES[policy]())
+        # The host tier is touched out of the layer order (the reader thread, CPU experts): a policy that
+        # runs on the layer cycle's clock has none there, so it keeps LRU.
+        self.host_table = SlotTable(self.plan.host_slots, LRU() if policy == "cycle" else POLICIES[policy]())
         self.host_reads: dict[Key, Future] = {}      # disk reads in flight, by key
         self.host_busy: dict[int, object] = {}       # host slot -> event of an H2D copy still reading it
         self.reader = Reader()
@@ -145,6 +149,12 @@ class ExpertStore:
             raise UserError(f"a per-layer cache needs at least {layers * cfg.num_experts_per_tok} device slots")
         self.dev_table = SlotTable(self.plan.device_slots, POLICIES[policy](), per_layer=layers)
         self.prefetched: set[Key] = set()            # on the device by prefetch, not used since
+        # Router-ahead accuracy, measured on every guess (copied or not) when its layer runs:
+        # (layer, layers ahead, rank among the router's picks) -> [guesses used, guesses]. A guess is copied
+        # only when this says it pays for itself (`_worth_copying`).
+        self.guess_outcomes: dict[tuple[int, int, int], list[int]] = {}
+        self.pending_guesses: dict[int, list[tuple[int, int, int]]] = {}  # layer -> (ahead, rank, expert)
+        self.wrong_guess_copies = 0                  # copied guesses their layer did not use (this run)
         # Guess copies queued or running on a GPU, oldest first: (key, event recorded after the copy). At most
         # one layer's worth at a time, so a miss of the next layer shares the copy engine with few of them.
         self.guess_copies: list[tuple[Key, object]] = []
@@ -205,6 +215,10 @@ class ExpertStore:
         needed = [(layer, e) for e in experts]
         decode = h.shape[0] == 1
         self.plan_of: dict[Key, tuple[str, int | None]] = {}
+        self.dev_table.visit(layer)  # the cache policy's clock: the layer cycle
+        self._score_guesses(layer, experts)
+        if self.profiler:
+            self.profiler.route(layer, experts, decode)
         for key in needed:
             slot = self.dev_table.lookup(key)
             if slot is not None:
@@ -231,19 +245,59 @@ class ExpertStore:
                 guesses = [g.flatten().tolist() for g in self.guess(layer, h)]
             self._prefetch(layer, guesses, set(needed))
 
+    # A guess is copied only when its measured accuracy p (`guess_outcomes`) says it pays for itself: a right
+    # guess moves the bytes its miss would have moved anyway, a wrong one moves them for nothing, so p must
+    # beat even odds, and the wrong guesses copied in a run may add at most WASTE_SHARE to its bytes.
+    # Until a kind of guess has been scored GUESS_WARMUP times it is not copied.
+    MIN_GUESS_ACCURACY = 0.5
+    WASTE_SHARE = 0.05
+    GUESS_WARMUP = 8
+
+    def _score_guesses(self, layer: int, experts: list[int]) -> None:
+        """Layer `layer` runs `experts`: score the guesses earlier layers made for it (copied or not)."""
+        used = set(experts)
+        pending = self.pending_guesses.pop(layer, ())
+        for ahead, rank, e in pending:
+            tally = self.guess_outcomes.setdefault((layer, ahead, rank), [0, 0])
+            tally[0] += e in used
+            tally[1] += 1
+        self.wrong_guess_copies += len({e for _, _, e in pending if e not in used and (layer, e) in self.prefetched})
+
+    def guess_accuracy(self, layer: int, ahead: int, rank: int) -> float | None:
+        """The measured share of guesses of this kind that their layer used; None before GUESS_WARMUP."""
+        used, total = self.guess_outcomes.get((layer, ahead, rank), (0, 0))
+        return used / total if total and total >= self.GUESS_WARMUP else None
+
+    def _worth_copying(self, key: Key, p: float | None, ahead: int, keep: set) -> bool:
+        """Copy a guess used with probability p, `ahead` layers from now? Not unless it beats even odds and
+        the run's wrong guesses stay within WASTE_SHARE of its bytes; and never into a slot whose expert the
+        policy expects to be used sooner than the guess (ahead / p layer steps, its expected wait)."""
+        if p is None or p < self.MIN_GUESS_ACCURACY:
+            return False
+        blob = self.layout.nbytes
+        if (self.wrong_guess_copies + 1 - p) * blob > self.WASTE_SHARE * (self.stats_.bytes_h2d + blob):
+            return False
+        next_use = getattr(self.dev_table.policy, "next_use", None)
+        if next_use is None or self.dev_table.free:
+            return True
+        victim = self.dev_table.policy.victim(self.dev_table.slot_of, keep)
+        return victim is not None and next_use(victim) > ahead / p
+
     def _prefetch(self, layer: int, guesses: list[list[int]], needed: set) -> None:
         """Router-ahead: the residual stream changes slowly, so layer L+j's router applied to layer L's
-        hidden state picks most of the experts L+j will use (`guesses`, one list per layer ahead). Guesses
-        already in host RAM are copied to the device now, a few at a time; the others are read from disk
-        into RAM (never blocking this thread). A guess never evicts this layer's experts, another guess, or
-        an expert of the next layer (the likeliest to be used next: a guess two layers ahead, or a wrong
-        one, must not push them out)."""
+        hidden state picks most of the experts L+j will use (`guesses`, one list per layer ahead, the
+        router's best pick first). Guesses already in host RAM are copied to the device now, a few at a
+        time, when they pay for themselves (`_worth_copying`); the others are read from disk into RAM (never
+        blocking this thread). A guess never evicts this layer's experts, another guess, or an expert of
+        the next layer (the likeliest to be used next: a guess two layers ahead, or a wrong one, must not
+        push them out)."""
         ahead = self.layers_ahead(layer)
         if not ahead:
             return
         keep = set(needed) | {k for k, _ in self._guesses_in_flight()} | self.dev_table.keys_of_layer(ahead[0])
-        for nxt, guess in zip(ahead, guesses):
-            for e in sorted(set(guess)):
+        for distance, (nxt, guess) in enumerate(zip(ahead, guesses), start=1):
+            for rank, e in enumerate(dict.fromkeys(guess)):
+                self.pending_guesses.setdefault(nxt, []).append((distance, rank, e))  # scored when nxt runs
                 key = (nxt, e)
                 if key in self.dev_table:
                     keep.add(key)
@@ -254,10 +308,12 @@ class ExpertStore:
                 # happened to finish would make timing decide which experts run on the GPU (another rounding).
                 if not in_ram or self.cpu_wins:
                     self._start_host(key, protected=needed, ahead=nxt - layer)
-                elif (len(self._guesses_in_flight()) < self.max_guess_copies
-                      and self._to_device(key, protected=keep, prefetch=True) is not None):
-                    self.stats_.prefetch_issued += 1
-                    keep.add(key)
+                elif len(self._guesses_in_flight()) < self.max_guess_copies:
+                    if not self._worth_copying(key, self.guess_accuracy(nxt, distance, rank), distance, keep):
+                        self.stats_.prefetch_skipped += 1
+                    elif self._to_device(key, protected=keep, prefetch=True) is not None:
+                        self.stats_.prefetch_issued += 1
+                        keep.add(key)
 
     def _guesses_in_flight(self) -> list[tuple[Key, object]]:
         """Guess copies still queued or running (GPU only; on a CPU a copy is done when it returns)."""
@@ -382,11 +438,13 @@ class ExpertStore:
 
     def _to_device(self, key: Key, protected: set, prefetch: bool) -> int | None:
         """Copy `key` from its host slot into a device slot (evicting LRU); None if nothing may be evicted."""
-        got = self.dev_table.assign(key, protected)
+        got = self.dev_table.assign(key, protected, use=not prefetch)
         if got is None:
             return None
         slot, evicted = got
-        self.prefetched.discard(evicted)
+        if evicted in self.prefetched:  # copied by a guess and never used: those bytes moved for nothing
+            self.prefetched.discard(evicted)
+            self.stats_.prefetch_wasted += 1
         if evicted in self.plan_of:
             # Fewer slots than this layer's experts: the evicted one (hit or copied) is loaded again when it runs.
             self.plan_of[evicted] = ("miss", None)
@@ -432,8 +490,8 @@ class ExpertStore:
 
     def scratch_slot(self) -> torch.Tensor:
         """A device slot a caller may overwrite now (the bandwidth probe), inside the budget: a free slot, else
-        the least recently used expert's, which leaves the slot table (its next use copies it again). On a
-        GPU, once no queued kernel reads the slot and no copy writes it."""
+        that of the expert the cache policy would evict next, which leaves the slot table (its next use copies
+        it again). On a GPU, once no queued kernel reads the slot and no copy writes it."""
         if self.dev_table.free:
             slot = self.dev_table.free[-1]
         else:
@@ -535,6 +593,7 @@ class ExpertStore:
         # The experts an earlier run prefetched and never used stay in their slots, but a hit on one now is
         # not this run's prefetch hit: it issued none of them.
         self.prefetched.clear()
+        self.wrong_guess_copies = 0
         self.peak_before = 0
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -569,7 +628,8 @@ class ExpertStore:
             "device": str(self.device),
             "vram_budget": self.plan.vram_budget, "ram_budget": self.plan.ram_budget,
             "device_slots": self.plan.device_slots, "host_slots": self.plan.host_slots,
-            "blob_bytes": self.layout.nbytes, "prefetch": self.prefetch,
+            "blob_bytes": self.layout.nbytes, "prefetch": self.prefetch, "cache_policy": self.policy,
+            "bytes_prefetch_wasted": self.stats_.prefetch_wasted * self.layout.nbytes,
             "cpu_experts": self.cpu_experts if not self.cuda else ("on" if self.cpu_wins else "off"),
             "cpu_expert_costs": self.measured,  # what decided --cpu-experts auto on a GPU; None otherwise
         })
