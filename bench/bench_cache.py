@@ -11,7 +11,9 @@ What it measures, and against what:
     MIN on the same trace under the same rule (on a miss, evict the resident expert used farthest in the
     future): the best any policy can do without prefetch. Figures: hit rates and policy / MIN;
   * a check that the replay is the store: the runtime's own hit rate with prefetch off at one slot count,
-    decoding the same prompts, equals the replayed LRU's.
+    decoding the same prompts, equals the replayed default policy's;
+  * prefetch's cost and worth, from the store itself (default policy, every slot count): decode hit rate and
+    bytes host->device per decode token with --prefetch 0, 1 and 2, and the prefetched copies evicted unused.
 
     python bench/bench_cache.py                 # writes bench/results/cache-cpu.json
 
@@ -32,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import offload  # noqa: E402
 from common import RESULTS, device_name, save_record  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
-from offload.store.cache import POLICIES, SlotTable  # noqa: E402
+from offload.store import Stats  # noqa: E402
+from offload.store.cache import DEFAULT_POLICY, POLICIES  # noqa: E402
+from offload.store.optimum import optimum, rate, replay  # noqa: E402
 
 FINEGRAINED = Path(__file__).resolve().parents[1] / "runs" / "qwen3-demo"
 Key = tuple[int, int]
@@ -43,15 +47,15 @@ def prompts(n: int, words: int = 12) -> list[str]:
     return [" ".join(doc.split()[:words]) for doc in documents("heldout")[:n]]
 
 
-def record_trace(folder: Path, texts: list[str], tokens: int) -> list[tuple[bool, list[Key]]]:
-    """The experts each layer step asks the store for, in order, over greedy generations of the texts:
-    (is it a decode step, [keys]). Prefill steps are kept: they change what the cache holds."""
-    steps: list[tuple[bool, list[Key]]] = []
-    with offload.load(folder, device="cpu", dtype="float32", prefetch=0) as rt:
+def record_trace(folder: Path, texts: list[str], tokens: int, dtype: str = "float32") -> list[list]:
+    """The routing trace (offload/store/optimum.py's format: [decode, layer, experts] per layer step, prefill
+    steps kept: they change what the cache holds) of greedy generations of the texts."""
+    steps: list[list] = []
+    with offload.load(folder, device="cpu", dtype=dtype, prefetch=0) as rt:
         prepare = rt.store.prepare
 
         def recording(layer, h, experts, *rest):
-            steps.append((h.shape[0] == 1, [(layer, e) for e in experts]))
+            steps.append([int(h.shape[0] == 1), layer, list(experts)])
             return prepare(layer, h, experts, *rest)
 
         rt.store.prepare = recording
@@ -60,92 +64,79 @@ def record_trace(folder: Path, texts: list[str], tokens: int) -> list[tuple[bool
     return steps
 
 
-def replay(steps: list[tuple[bool, list[Key]]], slots: int, policy: str) -> float:
-    """Decode-step demand hit rate of `policy` on the trace, through the store's SlotTable and its rule."""
-    table = SlotTable(slots, POLICIES[policy]())
-    hits = uses = 0
-    for decode, needed in steps:
-        protected = set(needed)
-        for key in needed:
-            hit = table.lookup(key) is not None
-            if not hit:
-                table.assign(key, protected)  # None: fewer slots than this layer's experts; nothing is kept
-            hits += hit and decode
-            uses += decode
-    return hits / uses
+def policy_rows(trace: list[list], total: int, per_token: int, fractions=(1 / 8, 1 / 4, 1 / 2, 3 / 4)) -> list[dict]:
+    """For slot counts that are these fractions of the experts: Belady's optimum and each policy's demand hit
+    rate on the trace, with policy / optimum."""
+    rows = []
+    for fraction in fractions:
+        slots = max(per_token, round(total * fraction))
+        best = rate(optimum(trace, slots))
+        row = {"device_slots": slots, "fraction_of_experts": round(slots / total, 3), "belady_min": round(best, 4)}
+        for policy in POLICIES:
+            got = rate(replay(trace, slots, policy))
+            row[policy] = round(got, 4)
+            row[f"{policy}_vs_min"] = round(got / best, 3) if best else None
+        rows.append(row)
+        print("  " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return rows
 
 
-def belady(steps: list[tuple[bool, list[Key]]], slots: int) -> float:
-    """Belady's MIN on the trace (decode-step hit rate): on a miss with no free slot, evict the resident key
-    not needed by the layer being run whose next use is farthest away, or never."""
-    flat = [key for _, needed in steps for key in needed]
-    next_use = [0] * len(flat)
-    seen: dict[Key, int] = {}
-    for i in range(len(flat) - 1, -1, -1):
-        next_use[i] = seen.get(flat[i], len(flat))
-        seen[flat[i]] = i
-    resident: dict[Key, int] = {}  # key -> position of its next use
-    hits = uses = i = 0
-    for decode, needed in steps:
-        protected = set(needed)
-        for key in needed:
-            hit = key in resident
-            if not hit and len(resident) >= slots:
-                candidates = [k for k in resident if k not in protected]
-                if candidates:
-                    del resident[max(candidates, key=resident.__getitem__)]
-            if hit or len(resident) < slots:
-                resident[key] = next_use[i]
-            hits += hit and decode
-            uses += decode
-            i += 1
-    return hits / uses
+def vram_for(folder: Path, slots: int) -> int:
+    """A --vram with room for exactly `slots` experts."""
+    with offload.load(folder, device="cpu", dtype="float32") as rt:
+        plan = rt.store.plan
+    return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
 
 
 def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
-    print(f"{name}: tracing {len(texts)} x {tokens} greedy tokens")
-    steps = record_trace(folder, texts, tokens)
+    print(f"{name}: tracing {len(texts)} x {tokens} greedy tokens", flush=True)
+    trace = record_trace(folder, texts, tokens)
     cfg = offload.models.open_checkpoint(folder).config
     total = cfg.experts_total
-    rows = []
-    for fraction in (1 / 8, 1 / 4, 1 / 2, 3 / 4):
-        slots = max(cfg.num_experts_per_tok, round(total * fraction))
-        optimum = belady(steps, slots)
-        row = {"device_slots": slots, "fraction_of_experts": round(slots / total, 3), "belady_min": round(optimum, 4)}
-        for policy in POLICIES:
-            rate = replay(steps, slots, policy)
-            row[policy] = round(rate, 4)
-            row[f"{policy}_vs_min"] = round(rate / optimum, 3) if optimum else None
-        rows.append(row)
-        print("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
-    # The replay is the store: the runtime's LRU with prefetch off, at one budget, on the same prompts.
+    rows = policy_rows(trace, total, cfg.num_experts_per_tok)
+    # The replay is the store: the runtime's default policy with prefetch off, at one budget, on the same prompts.
     check_slots = rows[1]["device_slots"]
-    with offload.load(folder, device="cpu", dtype="float32") as rt:
-        plan = rt.store.plan
-    vram = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + check_slots * plan.blob_bytes
-    store = measure_decode_hits(folder, texts, tokens, vram)
+    store = measure_decode(folder, texts, tokens, vram_for(folder, check_slots), prefetch=0)
+    prefetch = []
+    for row in rows:
+        vram = vram_for(folder, row["device_slots"])
+        runs = {p: measure_decode(folder, texts, tokens, vram, prefetch=p) for p in (0, 1, 2)}
+        off = runs[0]
+        entry = {"device_slots": row["device_slots"], "policy": DEFAULT_POLICY}
+        for p, r in runs.items():
+            entry[f"prefetch_{p}"] = {**r, "bytes_h2d_vs_prefetch_0": round(r["bytes_h2d_per_token"] / off["bytes_h2d_per_token"], 4)
+                                      if off["bytes_h2d_per_token"] else None}
+        prefetch.append(entry)
+        print(f"  slots {row['device_slots']}: " + "; ".join(
+            f"prefetch {p}: hit {r['hit_rate']}, h2d/token {r['bytes_h2d_per_token']} "
+            f"({entry[f'prefetch_{p}']['bytes_h2d_vs_prefetch_0']}x), issued {r['prefetch_issued']}, "
+            f"used {r['prefetch_hits']}, wasted {r['prefetch_wasted']}" for p, r in runs.items()), flush=True)
     return {"model": name, "folder": str(folder), "experts": total, "experts_per_token": cfg.num_experts_per_tok,
             "layers_with_experts": len(cfg.moe_layers),
-            "decode_expert_uses": sum(len(needed) for decode, needed in steps if decode), "rows": rows,
-            "check": {"device_slots": check_slots, "store_lru_decode_hit_rate": store,
-                      "replayed_lru_hit_rate": rows[1]["lru"]}}
+            "decode_expert_uses": sum(len(experts) for decode, _, experts in trace if decode), "rows": rows,
+            "check": {"device_slots": check_slots, "policy": DEFAULT_POLICY,
+                      "store_decode_hit_rate": store["hit_rate"], "replayed_hit_rate": rows[1][DEFAULT_POLICY]},
+            "prefetch": prefetch}
 
 
-def measure_decode_hits(folder: Path, texts: list[str], tokens: int, vram: int) -> float:
-    """The store's own demand hit rate over the decode steps (prefetch off), from its per-step counters."""
-    hits = uses = 0
-    with offload.load(folder, device="cpu", dtype="float32", prefetch=0, vram=vram) as rt:
+def measure_decode(folder: Path, texts: list[str], tokens: int, vram: int, prefetch: int) -> dict:
+    """The store's own counters over the decode steps (default policy): demand + prefetch hit rate, bytes
+    host->device per decode token, and what prefetch issued, got used, and wasted (evicted unused)."""
+    totals = {k: 0 for k in Stats.FIELDS}
+    steps = 0
+    with offload.load(folder, device="cpu", dtype="float32", prefetch=prefetch, vram=vram, cpu_experts="never") as rt:
         for text in texts:
-            ids = rt.encode(text)
-            gen = rt.generate_ids(ids, tokens)
+            gen = rt.generate_ids(rt.encode(text), tokens)
             next(gen)  # the prefill's token: its experts are not a decode step's
             before = rt.store.stats_.as_dict()
-            for _ in gen:
-                pass
+            steps += sum(1 for _ in gen)
             after = rt.store.stats_.as_dict()
-            hits += after["expert_hits"] - before["expert_hits"]
-            uses += (after["expert_hits"] + after["expert_misses"]) - (before["expert_hits"] + before["expert_misses"])
-    return round(hits / uses, 4) if uses else None
+            for k in totals:
+                totals[k] += after[k] - before[k]
+    uses = totals["expert_hits"] + totals["expert_misses"]
+    return {"hit_rate": round(totals["expert_hits"] / uses, 4) if uses else None,
+            "bytes_h2d_per_token": totals["bytes_h2d"] // max(1, steps), "decode_steps": steps,
+            **{k: totals[k] for k in ("prefetch_issued", "prefetch_hits", "prefetch_wasted", "prefetch_skipped")}}
 
 
 def main() -> None:

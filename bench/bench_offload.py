@@ -4,6 +4,10 @@ What it measures, and against what (every figure is a ratio against a baseline m
   * the trained demo model: for each (device slots, prefetch) setting, hit rate, prefetch accuracy,
     bytes host->device per token, tokens/s, and tokens/s relative to the all-experts-resident run;
     global LRU vs per-layer LRU misses at equal slot counts (the choice documented in offload/store/cache.py);
+  * cache policies against the optimum: on the demo model, the fine-grained model (runs/qwen3-demo, when
+    scripts/train_finegrained.py has made it) and the Mixtral-shaped slice, the routing trace of greedy
+    decoding replayed through each policy of offload/store/cache.py at a sweep of slot counts, next to
+    Belady's optimum on the same trace (bench/bench_cache.py's method): policy / optimum per budget;
   * a Mixtral-shaped layer slice (real Mixtral dimensions D=4096, F=14336, 8 experts, top-2, V=32000,
     random bf16 weights, a few layers): the same sweep, and on a GPU the measured pinned host->device
     bandwidth and the ratio of time per token to the transfer bound (bytes that had to move / bandwidth).
@@ -23,6 +27,7 @@ same kind. The counters (hits, bytes) are deterministic without CPU experts; the
     python bench/bench_offload.py --threads 1      # demo model + a 1-layer slice on CPU
     python bench/bench_offload.py --slice-layers 4 # on a GPU: more layers
     python bench/bench_offload.py --no-slice       # demo model only
+    python bench/bench_offload.py --policies-only  # the policy / optimum sweep only (offload-policies-<device>.json)
 
 Writes bench/results/offload-<device>.json. Not a test: nothing is asserted.
 """
@@ -186,6 +191,23 @@ def policy_comparison(folder, device: str, slot_counts: list[int], tokens: int, 
     return rows
 
 
+def policy_sweep(models: dict, texts: list[str], tokens: dict) -> list[dict]:
+    """Each model's routing trace (greedy, prefetch off, float32 on the CPU: the trace does not depend on the
+    device) replayed through every cache policy next to Belady's optimum, at an eighth to three quarters of
+    its experts."""
+    from bench_cache import policy_rows, record_trace
+
+    out = []
+    for name, (folder, dtype) in models.items():
+        print(f"policies on {name}: tracing {len(texts)} x {tokens[name]} greedy tokens", flush=True)
+        trace = record_trace(folder, texts, tokens[name], dtype)
+        cfg = config_of(folder)
+        out.append({"model": name, "dtype": dtype, "tokens": tokens[name], "experts": cfg.experts_total, "experts_per_token": cfg.num_experts_per_tok,
+                    "decode_expert_uses": sum(len(experts) for decode, _, experts in trace if decode),
+                    "rows": policy_rows(trace, cfg.experts_total, cfg.num_experts_per_tok)})
+    return out
+
+
 def write_mixtral_slice(folder: Path, layers: int) -> None:
     """Real Mixtral-8x7B dimensions, random bf16 weights, `layers` layers, Hub names; the demo tokenizer."""
     import shutil
@@ -247,6 +269,12 @@ def main() -> None:
     ap.add_argument("--slice-repeats", type=int, default=3,
                     help="measured runs of every slice setting (each reloads the slice: fewer than the demo's)")
     ap.add_argument("--no-slice", action="store_true", help="skip the Mixtral-shaped slice")
+    ap.add_argument("--policies-only", action="store_true",
+                    help="only the cache policy / optimum sweep (demo, fine-grained, slice), into offload-policies-<device>.json")
+    ap.add_argument("--policy-prompts", type=int, default=5, help="held-out prompts traced for the policy sweep")
+    ap.add_argument("--policy-trace-tokens", type=int, default=120, help="greedy tokens per traced prompt")
+    ap.add_argument("--policy-slice-layers", type=int, default=2, help="layers of the slice the policy sweep traces")
+    ap.add_argument("--policy-slice-tokens", type=int, default=48, help="greedy tokens per prompt on the slice")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -263,10 +291,15 @@ def main() -> None:
     if bandwidth:
         print(f"pinned host->device bandwidth: {bandwidth / 1e9:.1f} GB/s")
 
-    out = args.out or RESULTS / f"offload-{'gpu' if gpu else 'cpu'}.json"
+    out = args.out or RESULTS / f"offload-{'policies-' if args.policies_only else ''}{'gpu' if gpu else 'cpu'}.json"
 
     def save():  # after each measured row: a run stopped part-way (gpu_session.sh's deadline) keeps those
         save_record(record, out)
+
+    if args.policies_only:
+        policies(record, args, save)
+        print(f"wrote {out}")
+        return
 
     cfg = config_of("demo")
     total = cfg.num_hidden_layers * cfg.num_local_experts
@@ -290,9 +323,32 @@ def main() -> None:
             record["mixtral_slice"] = {"layers": layers, "dtype": "bfloat16", "tokens": tokens}
             sweep(folder, device, slice_slots, [0, 1], tokens, 64, bandwidth, "slice", args.slice_repeats, dtype="bfloat16",
                   into=record["mixtral_slice"], save=save)
+    policies(record, args, save)
     record["load_average_at_end"] = load_average()
     save()
     print(f"wrote {out}")
+
+
+def policies(record: dict, args, save) -> None:
+    """The policy / optimum sweep on the demo model, the fine-grained model if present, and a Mixtral-shaped
+    slice of 2 layers (random weights: routing with little to learn from, the hard case for any policy)."""
+    from bench_cache import FINEGRAINED, prompts
+
+    texts = prompts(args.policy_prompts)
+    models = {"demo": (resolve_model_path("demo"), "float32")}
+    if (FINEGRAINED / "model.safetensors").is_file():
+        models["qwen3-demo"] = (FINEGRAINED, "float32")
+    tokens = {name: args.policy_trace_tokens for name in models}
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_slice:
+            folder = Path(tmp) / "mixtral-slice"
+            print(f"writing a {args.policy_slice_layers}-layer Mixtral-shaped slice (random bf16 weights) ...", flush=True)
+            write_mixtral_slice(folder, args.policy_slice_layers)
+            name = f"mixtral-slice ({args.policy_slice_layers} layers, random weights)"
+            models[name] = (folder, "bfloat16")  # bfloat16: float32 would double tens of GB for the same routing
+            tokens[name] = args.policy_slice_tokens
+        record["policies"] = {"prompts": texts, "models": policy_sweep(models, texts, tokens)}
+    save()
 
 
 if __name__ == "__main__":

@@ -374,3 +374,25 @@ def test_the_cpu_bandwidth_probe_copies_from_more_than_a_cache_holds(folder, bud
         assert profile_module.measure_h2d(rt.store) > 0
     (source, blob), = seen
     assert blob == rt.store.layout.nbytes and source >= profile_module.COLD_BYTES - blob
+
+
+def test_profile_records_the_routing_and_the_optimum_on_it(tiny_checkpoint):
+    """profile.json's routing: the layer steps the store was asked for, and Belady's optimum on them at the
+    run's slot count, which an exhaustive search over every eviction schedule confirms on this small trace."""
+    from test_optimum import fewest_misses
+
+    from offload.store.optimum import optimum, rate
+
+    plan = offload.load(tiny_checkpoint, device="cpu", context=256).store.plan
+    vram = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + 3 * plan.blob_bytes
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=0, vram=vram)
+    record = profile_runtime(rt, rt.encode(PROMPT), 4).record
+    routing, layers = record["routing"], rt.config.num_hidden_layers
+    trace = routing["trace"]
+    assert [step[1] for step in trace] == list(range(layers)) * 4  # a prefill and 3 decode steps, layer by layer
+    assert [step[0] for step in trace] == [0] * layers + [1] * 3 * layers
+    assert routing["device_slots"] == 3 and routing["policy"] == "cycle"
+    assert optimum(trace, 3)["misses_all"] == fewest_misses(trace, 3)
+    assert routing["optimum_hit_rate"] == rate(optimum(trace, 3))
+    assert all(r <= routing["optimum_hit_rate"] for r in routing["replayed_hit_rates"].values())
+    assert schema_errors(record, load_schema()) == []
