@@ -5,6 +5,7 @@ prefill filled."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -217,3 +218,41 @@ def test_inspect_plans_deepseek_v2_lite_from_its_config_alone_with_the_latent_ca
     # Per position: 27 layers x (512 + 64) latent values, and the rotary tables' row (cos, sin [64]), bf16.
     assert info["bytes_kv_per_token"] == (27 * (512 + 64) + 2 * 64) * 2
     assert info["memory_plan"]["device_tier"]["kv_bytes"] == 4096 * info["bytes_kv_per_token"]
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_logits_of_one_pass(v3_folder):
+    """Chunks after the first attend to the cached latents of the earlier ones through a mask (and a one-token
+    chunk through the absorbed decode path): what chunked prefill and a reused prefix run."""
+    model = ours(v3_folder)
+    tokens = torch.randint(3, VOCAB, (PROMPT_LEN,), generator=torch.Generator().manual_seed(2))
+    whole = model.forward(tokens, 0)
+    for cuts in ((0, 30, 50, PROMPT_LEN), (0, 1, 2, 40, PROMPT_LEN - 1, PROMPT_LEN)):
+        for start, end in itertools.pairwise(cuts):
+            last = model.forward(tokens[start:end], start)
+        torch.testing.assert_close(last, whole, atol=1e-4, rtol=0)
+
+
+def test_dense_bits_quantize_the_latent_attention_and_cpu_experts_run_it(tmp_path):
+    """`convert --dense-bits 8` keeps q_proj, kv_a_proj_with_mqa and o_proj quantized on the device (kv_b_proj,
+    which decode absorbs, stays dense); --cpu-experts all computes every expert from the host tier."""
+    from conftest import greedy_logits
+
+    import offload
+    from quant import QuantizedTensor
+
+    shape = dict(q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                 first_k_dense_replace=1, v_head_dim=16)  # o_proj's rows: 4 heads x 16, one group of 64
+    make(tmp_path / "f", "deepseek_v2", shape, seed=9, tokenizer=True)
+    prompt = list(range(3, 3 + PROMPT_LEN))
+    with offload.load(tmp_path / "f", device="cpu", dtype="float32", context=128) as rt:
+        seq, want = greedy_logits(rt, prompt, 4)
+    with offload.load(tmp_path / "f", device="cpu", dtype="float32", context=128, cpu_experts="all") as rt:
+        assert greedy_logits(rt, prompt, 4)[0] == seq and rt.stats()["cpu_expert_calls"] > 0
+    result = run_cli("convert", tmp_path / "f", tmp_path / "q", "--bits", "4", "--group-size", "16", "--dense-bits", "8")
+    assert result.returncode == 0, result.stderr
+    with offload.load(tmp_path / "q", device="cpu", dtype="float32", context=128) as rt:
+        attn = rt.model.blocks[1].attn
+        assert isinstance(attn.qkv.wq, QuantizedTensor) and isinstance(attn.wo, QuantizedTensor)
+        assert isinstance(attn.wkv_b, torch.Tensor)
+        _, got = greedy_logits(rt, prompt, 0)
+    assert 0 < (got - want[:1]).abs().max().item() <= 0.1 * want.abs().max().item()
