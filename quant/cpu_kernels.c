@@ -70,8 +70,12 @@ static void prepare_input(const Mat *m, int T, const float *x, float *xp, float 
 
 #if MOE_AVX512
 
+/* Codes become floats by a table lookup: vpermps takes the low 4 bits of each lane as the index, so a
+ * lane holding a code in its low bits (and anything above them) maps to the code's value without a mask
+ * or an int -> float conversion (table[i] = i & (2^bits - 1)). */
+
 /* 16 codes starting at byte p, in natural order, as floats (3-bit: 6 bytes; the generic byte shuffle). */
-static inline __m512 codes3(const uint8_t *p, __m512i ctl, __m512i shift)
+static inline __m512 codes3(const uint8_t *p, __m512i ctl, __m512i shift, __m512 table)
 {
     int lo;
     uint16_t hi;
@@ -79,20 +83,20 @@ static inline __m512 codes3(const uint8_t *p, __m512i ctl, __m512i shift)
     memcpy(&hi, p + 4, 2);
     __m128i raw = _mm_insert_epi16(_mm_cvtsi32_si128(lo), hi, 2);
     __m512i pairs = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(raw), ctl);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(pairs, shift), _mm512_set1_epi32(7)));
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(pairs, shift), table);
 }
 
-static inline __m512 codes2(const uint8_t *p, __m512i shift)
+static inline __m512 codes2(const uint8_t *p, __m512i shift, __m512 table)
 {
     int v;
     memcpy(&v, p, 4);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(v), shift), _mm512_set1_epi32(3)));
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(v), shift), table);
 }
 
-static inline __m512 codes4_generic(const uint8_t *p, __m512i ctl, __m512i shift)
+static inline __m512 codes4_generic(const uint8_t *p, __m512i ctl, __m512i shift, __m512 table)
 {
     __m512i pairs = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadl_epi64((const __m128i *)p)), ctl);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(pairs, shift), _mm512_set1_epi32(15)));
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(pairs, shift), table);
 }
 
 /* Rows [n0, n1) for TT tokens (a constant after inlining). acc: one vector per (row of the pair, token),
@@ -101,7 +105,7 @@ static inline __attribute__((always_inline)) void
 rows_avx512(const Mat *m, int BITS, int SPLIT, int TT, int n0, int n1, const float *xp, const float *xsum, int T,
             float *y)
 {
-    const int K = m->K, G = m->G, N = m->N, NG = K / G, NGp = ngroups_padded(m);
+    const int K = m->K, G = m->G, N = m->N, NG = K / G, NGp = ngroups_padded(m), NA = TT <= 2 ? 2 : 1;
     int8_t ctl_b[64];
     int32_t sh[16], sh2[16];
     for (int i = 0; i < 16; i++) {
@@ -113,7 +117,9 @@ rows_avx512(const Mat *m, int BITS, int SPLIT, int TT, int n0, int n1, const flo
         sh2[i] = 2 * i;
     }
     const __m512i ctl = _mm512_loadu_si512(ctl_b), shift = _mm512_loadu_si512(sh), shift2 = _mm512_loadu_si512(sh2);
-    const __m128i nib = _mm_set1_epi8(15);
+    float tab[16];
+    for (int i = 0; i < 16; i++) tab[i] = (float)(i & ((1 << BITS) - 1));
+    const __m512 table = _mm512_loadu_ps(tab);
     const int64_t group_bytes = (int64_t)G * BITS / 8;
     (void)T;
 
@@ -141,46 +147,67 @@ rows_avx512(const Mat *m, int BITS, int SPLIT, int TT, int n0, int n1, const flo
                 const int g = gb + gi;
                 const uint8_t *p0 = q0 + g * group_bytes, *p1 = q1 + g * group_bytes;
                 const float *xg = xp + (int64_t)g * G;
-                __m512 g0[TOKEN_TILE], g1[TOKEN_TILE];
-                for (int t = 0; t < TT; t++) g0[t] = g1[t] = _mm512_setzero_ps();
-#define MOE_ACC(C0, C1, OFF)                                                                   \
+                /* A group's partial sums, in NA independent sets (two for one or two tokens, so that
+                 * consecutive FMAs do not wait on each other's latency; one when more tokens already give
+                 * independent chains), added together when the group is done. */
+                __m512 g0[2][TOKEN_TILE], g1[2][TOKEN_TILE];
+                for (int a = 0; a < NA; a++)
+                    for (int t = 0; t < TT; t++) g0[a][t] = g1[a][t] = _mm512_setzero_ps();
+#define MOE_ACC(C0, C1, OFF, SET)                                                              \
     do {                                                                                       \
         const __m512 c0_ = (C0), c1_ = (C1);                                                   \
         for (int t = 0; t < TT; t++) {                                                         \
             const __m512 xv_ = _mm512_loadu_ps(xg + (int64_t)t * K + (OFF));                    \
-            g0[t] = _mm512_fmadd_ps(c0_, xv_, g0[t]);                                          \
-            g1[t] = _mm512_fmadd_ps(c1_, xv_, g1[t]);                                          \
+            g0[SET][t] = _mm512_fmadd_ps(c0_, xv_, g0[SET][t]);                                \
+            g1[SET][t] = _mm512_fmadd_ps(c1_, xv_, g1[SET][t]);                                \
         }                                                                                      \
     } while (0)
+#define MOE_CODES8(P, C) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((P) + (C)))))
+#define MOE_CHUNKS(DECODE0, DECODE1)                                                           \
+    do {                                                                                       \
+        int c = 0;                                                                             \
+        for (; c + 32 <= G; c += 32) {                                                         \
+            MOE_ACC(DECODE0(p0, c), DECODE0(p1, c), c, 0);                                      \
+            MOE_ACC(DECODE1(p0, c + 16), DECODE1(p1, c + 16), c + 16, NA - 1);                  \
+        }                                                                                      \
+        if (c < G) MOE_ACC(DECODE0(p0, c), DECODE0(p1, c), c, 0);                              \
+    } while (0)
+#define MOE_CODES4(P, C) codes4_generic((P) + (C) / 2, ctl, shift, table)
+#define MOE_CODES2(P, C) codes2((P) + (C) / 4, shift2, table)
+#define MOE_CODES3(P, C) codes3((P) + (C) / 16 * 6, ctl, shift, table)
                 if (BITS == 8) {
-                    for (int c = 0; c < G; c += 16)
-                        MOE_ACC(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p0 + c)))),
-                                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p1 + c)))), c);
+                    MOE_CHUNKS(MOE_CODES8, MOE_CODES8);
                 } else if (BITS == 4 && SPLIT) {
                     for (int c = 0; c < G; c += 32) {
-                        const __m128i b0 = _mm_loadu_si128((const __m128i *)(p0 + c / 2));
-                        const __m128i b1 = _mm_loadu_si128((const __m128i *)(p1 + c / 2));
-                        MOE_ACC(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b0, nib))),
-                                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b1, nib))), c);
-                        MOE_ACC(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), nib))),
-                                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b1, 4), nib))), c + 16);
+                        /* 16 bytes = 32 codes per row: the low nibbles by table, the high ones by a shift */
+                        const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p0 + c / 2)));
+                        const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p1 + c / 2)));
+                        MOE_ACC(_mm512_permutexvar_ps(b0, table), _mm512_permutexvar_ps(b1, table), c, 0);
+                        MOE_ACC(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)),
+                                c + 16, NA - 1);
                     }
                 } else if (BITS == 4) {
-                    for (int c = 0; c < G; c += 16)
-                        MOE_ACC(codes4_generic(p0 + c / 2, ctl, shift), codes4_generic(p1 + c / 2, ctl, shift), c);
+                    MOE_CHUNKS(MOE_CODES4, MOE_CODES4);
                 } else if (BITS == 2) {
-                    for (int c = 0; c < G; c += 16)
-                        MOE_ACC(codes2(p0 + c / 4, shift2), codes2(p1 + c / 4, shift2), c);
+                    MOE_CHUNKS(MOE_CODES2, MOE_CODES2);
                 } else {
-                    for (int c = 0; c < G; c += 16)
-                        MOE_ACC(codes3(p0 + c / 16 * 6, ctl, shift), codes3(p1 + c / 16 * 6, ctl, shift), c);
+                    MOE_CHUNKS(MOE_CODES3, MOE_CODES3);
                 }
 #undef MOE_ACC
+#undef MOE_CODES8
+#undef MOE_CHUNKS
+#undef MOE_CODES4
+#undef MOE_CODES2
+#undef MOE_CODES3
                 const __m512i lane = _mm512_set1_epi32(gi);
                 const __m512 sg0 = _mm512_permutexvar_ps(lane, vs0), sg1 = _mm512_permutexvar_ps(lane, vs1);
                 for (int t = 0; t < TT; t++) {
-                    a0[t] = _mm512_fmadd_ps(g0[t], sg0, a0[t]);
-                    a1[t] = _mm512_fmadd_ps(g1[t], sg1, a1[t]);
+                    if (NA == 2) {
+                        g0[0][t] = _mm512_add_ps(g0[0][t], g0[1][t]);
+                        g1[0][t] = _mm512_add_ps(g1[0][t], g1[1][t]);
+                    }
+                    a0[t] = _mm512_fmadd_ps(g0[0][t], sg0, a0[t]);
+                    a1[t] = _mm512_fmadd_ps(g1[0][t], sg1, a1[t]);
                 }
             }
         }
