@@ -630,7 +630,8 @@ class ExpertStore:
             "device_slots": self.plan.device_slots, "host_slots": self.plan.host_slots,
             "blob_bytes": self.layout.nbytes, "prefetch": self.prefetch, "cache_policy": self.policy,
             "bytes_prefetch_wasted": self.stats_.prefetch_wasted * self.layout.nbytes,
-            "cpu_experts": self.cpu_experts if not self.cuda else ("on" if self.cpu_wins else "off"),
+            "cpu_experts": (self.cpu_experts if not self.cuda or self.cpu_experts == "all"
+                            else ("on" if self.cpu_wins else "off")),
             "cpu_expert_costs": self.measured,  # what decided --cpu-experts auto on a GPU; None otherwise
         })
         return out
