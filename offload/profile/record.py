@@ -8,7 +8,7 @@ import resource
 
 import torch
 
-from quant import pinned
+from quant import cpu_kernels, pinned
 
 from ..store.cache import POLICIES
 from ..store.memory import human
@@ -111,7 +111,8 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
                    "dtype": str(store.dtype).removeprefix("torch."), "torch": torch.__version__},
         "settings": {"vram_budget": plan.vram_budget, "ram_budget": plan.ram_budget, "prefetch": store.prefetch,
                      "cpu_experts": store.stats()["cpu_experts"], "context": rt.model.max_seq,
-                     "cache_policy": store.policy,
+                     "cache_policy": store.policy, "threads": torch.get_num_threads(),
+                     "cpu_kernels": cpu_kernels.path(),  # how quantized experts run on the CPU here
                      "device_slots": plan.device_slots, "host_slots": plan.host_slots, "blob_bytes": plan.blob_bytes,
                      "cpu_expert_costs": store.measured},
         "plan": plan.as_dict(),
