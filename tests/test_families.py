@@ -65,8 +65,16 @@ def glm4_moe(folder):
                                   first_k_dense_replace=1), seed=8, tokenizer=True)
 
 
+def gpt_oss(folder):
+    from test_gpt_oss import make
+
+    # Sinks, a window of 8 on alternate layers, YaRN, the clamp reached by the experts.
+    make(folder, dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=8, swiglu_limit=0.3), seed=9,
+         tokenizer=True)
+
+
 MAKERS = {"mixtral": mixtral, "qwen2_moe": qwen2, "qwen3_moe": qwen3, "olmoe": olmoe, "deepseek_v2": deepseek_v2,
-          "deepseek_v3": deepseek_v3, "glm4_moe": glm4_moe}
+          "deepseek_v3": deepseek_v3, "glm4_moe": glm4_moe, "gpt_oss": gpt_oss}
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
 
@@ -130,7 +138,9 @@ def test_inspect_counts_experts_shared_and_dense_parameters(family):
     cfg = offload.models.open_checkpoint(folder).config
     assert info["model_type"] == name
     assert info["experts_total"] == len(cfg.moe_layers) * cfg.num_local_experts
-    assert info["params_experts"] == info["experts_total"] * 3 * cfg.hidden_size * cfg.intermediate_size
+    # Three matrices per expert (gpt-oss's biases on top: 2F + D).
+    biases = 2 * cfg.intermediate_size + cfg.hidden_size if name == "gpt_oss" else 0
+    assert info["params_experts"] == info["experts_total"] * (3 * cfg.hidden_size * cfg.intermediate_size + biases)
     # Every tensor of the checkpoint is counted once, as an expert's or as a dense one.
     ckpt = offload.models.open_checkpoint(folder)
     assert info["params_total"] == sum(loc.nbytes // loc.dtype.itemsize for loc in ckpt.locations.values()
@@ -170,7 +180,7 @@ def test_a_bad_config_is_one_line_naming_the_field(family, tmp_path, damage, nee
 # A field each family must have, with no default (Mixtral's num_experts_per_tok has one, as in transformers).
 FAMILY_FIELD = {"mixtral": "num_local_experts", "qwen2_moe": "moe_intermediate_size",
                 "qwen3_moe": "moe_intermediate_size", "olmoe": "num_experts", "deepseek_v2": "kv_lora_rank",
-                "deepseek_v3": "kv_lora_rank", "glm4_moe": "n_routed_experts"}
+                "deepseek_v3": "kv_lora_rank", "glm4_moe": "n_routed_experts", "gpt_oss": "num_local_experts"}
 
 
 def test_a_config_missing_a_family_field_is_one_line_naming_it(family, tmp_path):

@@ -188,6 +188,16 @@ class Checkpoint:
         pread_exactly(self.fileno(loc.file), memoryview(out.numpy()), loc.start, loc.file, f"tensor {name}")
         return out
 
+    def read_slice_into(self, name: str, index: int, out: torch.Tensor) -> torch.Tensor:
+        """Read slice `index` along the first dimension of tensor `name` (one expert of a tensor that fuses a
+        layer's experts, [E, ...]) as raw bytes into the CPU uint8 buffer `out`: one pread."""
+        loc = self.locations[name]
+        step = loc.nbytes // loc.shape[0]
+        assert out.dtype == torch.uint8 and out.numel() == step and out.device.type == "cpu" and index < loc.shape[0]
+        pread_exactly(self.fileno(loc.file), memoryview(out.numpy()), loc.start + index * step, loc.file,
+                      f"tensor {name}[{index}]")
+        return out
+
     def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Load one tensor, optionally cast and moved."""
         loc = self.locations[name]

@@ -7,7 +7,7 @@ the runtime or the tools above it.
               (block, model), decoder.py (the Hub's Llama-style names most families share), mla.py (multi-head
               latent attention and its latent KV cache)
     families  mixtral.py, mole.py, qwen_moe.py (Qwen2-MoE, Qwen3-MoE), olmoe.py, deepseek.py (DeepSeek-V2, V3),
-              glm4_moe.py (GLM-4.5)
+              glm4_moe.py (GLM-4.5), gpt_oss.py (gpt-oss: experts fused per layer, float or MXFP4)
 
 A family module provides:
     MODEL_TYPES                      the config.json model_type values it reads
@@ -15,6 +15,10 @@ A family module provides:
     dense_shapes(cfg)                every tensor kept on the compute device, with its shape
     attention_shapes(cfg)            the projections `convert --dense-bits` may quantize (a subset of those)
     expert_names(layer, e)           names of a routed expert's gate (w1), down (w2) and up (w3) weights
+or, for a family whose experts are stored fused per layer (gpt-oss), instead of expert_names:
+    expert_shapes(cfg)               every fused expert tensor [E, ...] with its shape
+    expert_tensors(cfg, layer)       blob record -> (fused tensor, the shape of one expert's slice)
+    expert_layout(cfg, dtype, bias_dtype), expert_forward(layout, views, x)   the blob and its compute
     build(cfg, weights, experts, context) -> Transformer
 Adding a family is one such module, listed in FAMILIES below, plus its tests against transformers.
 """
@@ -28,10 +32,10 @@ from lut import TABLE_MODEL_TYPES
 from quant.errors import UserError
 
 from ..formats.checkpoint import Checkpoint
-from . import deepseek, glm4_moe, mixtral, mole, olmoe, qwen_moe
+from . import deepseek, glm4_moe, gpt_oss, mixtral, mole, olmoe, qwen_moe
 from .config import ModelConfig
 
-FAMILIES: dict[str, ModuleType] = {t: m for m in (mixtral, qwen_moe, olmoe, deepseek, glm4_moe, mole) for t in m.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: m for m in (mixtral, qwen_moe, olmoe, deepseek, glm4_moe, gpt_oss, mole) for t in m.MODEL_TYPES}
 # Families whose experts the expert store serves (and `convert` quantizes); table folders have none.
 EXPERT_MODEL_TYPES = tuple(t for t in FAMILIES if t not in TABLE_MODEL_TYPES)
 
@@ -62,6 +66,8 @@ def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every routed expert tensor of an unconverted checkpoint, with its shape (none in a table folder)."""
     if cfg.model_type in TABLE_MODEL_TYPES:
         return {}
+    if hasattr(family(cfg), "expert_shapes"):  # experts stored fused per layer
+        return family(cfg).expert_shapes(cfg)
     D, F, names = cfg.hidden_size, cfg.intermediate_size, family(cfg).expert_names
     shapes = {}
     for i in cfg.moe_layers:

@@ -100,7 +100,13 @@ class Attention:
                 if window:
                     mask &= qpos - kpos < window
         # One token attends to every key it is given (the window was cut above), so decode needs no mask.
-        # A batch dimension of 1: SDPA's fused CUDA kernels take 4-D inputs only.
-        out = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=H != K)[0]  # [H, T, Hd]
+        out = self.attend(q[None], keys, values, mask, causal)[0]  # [H, T, Hd]
         return linear(out.transpose(0, 1).reshape(T, H * Hd), self.wo, self.bo)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(Hd)) v: q [1, H, T, Hd], keys and values [1, K, S, Hd], mask [T, S] (True: may
+        attend) or None -> [1, H, T, Hd]. A family with another softmax (gpt-oss's sinks) overrides this.
+        A batch dimension of 1: SDPA's fused CUDA kernels take 4-D inputs only."""
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.heads != self.kv_heads)

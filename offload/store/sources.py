@@ -3,8 +3,8 @@
 A source reads expert (layer, e) into a blob buffer (a host slot) and knows the blob's layout and how to
 run it, and how the folder stores its attention projections (`dense_format`: None for plain weights).
 `CheckpointExperts` reads a Hugging Face checkpoint's separate w1/w2/w3 tensors (named by the model's
-family); `BlobFileExperts` reads
-whole quantized blobs written by `moe-offload convert`.
+family); `FusedExperts` reads each expert's slice of tensors that hold a whole layer's experts (gpt-oss, float
+or MXFP4 as shipped); `BlobFileExperts` reads whole quantized blobs written by `moe-offload convert`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 import quant
-from quant.blob import BlobLayout
+from quant.blob import DTYPE_NAMES, BlobLayout
 from quant.errors import UserError
 from quant.files import pread_exactly
 
@@ -66,6 +66,54 @@ class CheckpointExperts:
         return expert_shapes(self.ckpt.config)
 
 
+class FusedExperts:
+    """Reads experts stored fused per layer ([E, ...] tensors: gpt-oss) into blob buffers: expert e's slice of
+    each tensor, one pread per tensor, straight into the blob where the stored dtype is the blob's (MXFP4
+    blocks and scales always: they are never widened on disk or in RAM)."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype):
+        cfg = ckpt.config
+        ckpt.validate(expert_shapes(cfg))
+        self.ckpt, self.dtype, self.family = ckpt, dtype, family(cfg)
+        self.dense_format = None
+        self.tensors = {i: self.family.expert_tensors(cfg, i) for i in cfg.moe_layers}
+        first = self.tensors[cfg.moe_layers[0]]
+        file_dtypes = {rec: ckpt.locations[name].dtype for rec, (name, _) in first.items()}
+        self.layout = self.family.expert_layout(cfg, dtype, file_dtypes["gate_up.bias"])
+        for names in self.tensors.values():
+            for rec, (name, _) in names.items():
+                loc = ckpt.locations[name]
+                want = self.layout.record(rec).dtype
+                if loc.dtype != file_dtypes[rec] or (want == "uint8") != (loc.dtype == torch.uint8):
+                    raise UserError(f"{loc.file}: tensor {name} is {loc.dtype}; expected "
+                                    f"{'uint8 (MXFP4)' if want == 'uint8' else 'a float'} of one dtype in every layer "
+                                    f"(layer {cfg.moe_layers[0]} has {file_dtypes[rec]})")
+        # Per record: read straight into the blob (same dtype on disk as in the blob) or stage and convert.
+        self.direct = {rec: DTYPE_NAMES[file_dtypes[rec]] == self.layout.record(rec).dtype for rec in first}
+
+    def read_into(self, key: Key, blob: torch.Tensor) -> int:
+        """Fill `blob` (a host slot, header already written) with expert `key`; returns bytes read from disk."""
+        layer, e = key
+        views = self.layout.views(blob)
+        total = 0
+        for rec, (name, shape) in self.tensors[layer].items():
+            r = self.layout.record(rec)
+            loc = self.ckpt.locations[name]
+            if self.direct[rec]:
+                self.ckpt.read_slice_into(name, e, blob[r.offset:r.offset + r.nbytes])
+            else:
+                staged = torch.empty(loc.nbytes // loc.shape[0], dtype=torch.uint8)
+                views[rec].copy_(self.ckpt.read_slice_into(name, e, staged).view(loc.dtype).view(shape))
+            total += loc.nbytes // loc.shape[0]
+        return total
+
+    def compute(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return self.family.expert_forward(self.layout, views, x)
+
+    def expected_shapes(self) -> dict:
+        return expert_shapes(self.ckpt.config)
+
+
 class BlobFileExperts:
     """Reads quantized expert blobs from a converted folder's experts.bin: one pread per expert."""
 
@@ -114,4 +162,6 @@ def open_source(ckpt: Checkpoint, dtype: torch.dtype):
     """The expert source of a folder: quantized blobs if it was converted, else the checkpoint's tensors."""
     if (ckpt.path / INFO_FILE).is_file():
         return BlobFileExperts(ckpt, dtype, read_info(ckpt.path))
+    if hasattr(family(ckpt.config), "expert_tensors"):
+        return FusedExperts(ckpt, dtype)
     return CheckpointExperts(ckpt, dtype)

@@ -1,0 +1,138 @@
+"""gpt-oss (offload/models/gpt_oss.py) against transformers' GptOssForCausalLM on random-weight checkpoints
+(float32 compute, CPU): attention sinks, alternating sliding and full attention, YaRN, the biased top-k-then-
+softmax router, fused biased experts with the clamped SwiGLU; and its MXFP4 experts read as the Hub ships
+them (quant/mxfp4.py), checked against transformers' own dequantization."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli
+from oracle import assert_greedy_matches, assert_logits_match, ours, save_reference
+from safetensors.torch import load_file, save_file
+
+VOCAB = 320
+PROMPT_LEN = 40
+YARN = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+        "original_max_position_embeddings": 64, "rope_theta": 150000.0}
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0, rope_parameters=YARN)
+SHAPES = {
+    # A window of 8 under a 40-token prompt; a clamp low enough that gate and up values meet it.
+    "window8-top2-of-8-clamped": dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=8, swiglu_limit=0.3),
+    "top1-no-attention-bias-full-only": dict(num_local_experts=4, num_experts_per_tok=1, attention_bias=False,
+                                             sliding_window=16, layer_types=["full_attention"] * 4),
+    "top4-of-8-mha-window16": dict(num_local_experts=8, num_experts_per_tok=4, num_key_value_heads=4,
+                                   sliding_window=16),
+    "sharded-bf16": dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=8, dtype=torch.bfloat16,
+                         shard_size="60KB"),
+}
+
+
+def widened(config):
+    """GptOssForCausalLM with weights that make each part matter: a wider router (random init routes near
+    uniformly), sinks of a size that takes a real share of the softmax, experts large enough to reach the clamp."""
+    from transformers import GptOssForCausalLM
+
+    model = GptOssForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.router.weight"):
+                p.mul_(8)
+            elif name.endswith("sinks"):
+                p.copy_(torch.randn_like(p))
+            elif name.endswith(("gate_up_proj", "down_proj")):
+                p.mul_(4)
+    return model
+
+
+def make(folder, shape: dict, seed: int = 0, tokenizer: bool = False):
+    from transformers import GptOssConfig
+
+    shape = dict(shape)
+    dtype, shard = shape.pop("dtype", torch.float32), shape.pop("shard_size", None)
+    config = GptOssConfig(**{**COMMON, **shape})
+    config._attn_implementation = "eager"  # gpt-oss's reference attention (sinks); SDPA is not offered
+    return save_reference(folder, widened, config, dtype=dtype, shard_size=shard, seed=seed, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_logits_match_transformers_after_prefill_and_16_decode_steps(tmp_path, name):
+    ref = make(tmp_path, SHAPES[name], seed=list(SHAPES).index(name))
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt_oss"
+    if SHAPES[name].get("shard_size"):
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert_logits_match(tmp_path, ref, VOCAB, prompt_len=PROMPT_LEN)
+
+
+def test_32_greedy_tokens_equal_transformers_through_the_api_and_generate_json(tmp_path):
+    ref = make(tmp_path, SHAPES["window8-top2-of-8-clamped"], seed=11, tokenizer=True)
+    prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)
+    assert_greedy_matches(tmp_path, ref, prompt)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt_oss")
+    make(folder, SHAPES["window8-top2-of-8-clamped"], seed=3, tokenizer=True)
+    return folder
+
+
+def test_the_parts_are_what_the_config_says(folder):
+    """Sinks in every layer, windows on the sliding layers only, the biased router's choice equals its forward's."""
+    from offload.models.gpt_oss import SinkAttention
+
+    model = ours(folder)
+    assert [b.attn.window for b in model.blocks] == [8, None, 8, None]
+    assert all(isinstance(b.attn, SinkAttention) for b in model.blocks)
+    h = torch.randn(32, model.cfg.hidden_size)
+    for router in model.routers().values():
+        weights, ids = router(h)
+        assert torch.equal(router.choose(h), ids)
+        torch.testing.assert_close(weights.sum(dim=-1), torch.ones(32))
+
+
+def copy_with(folder, tmp_path, config=None, tensors=None):
+    copy = tmp_path / "m"
+    shutil.copytree(folder, copy)
+    if config:
+        raw = json.loads((copy / "config.json").read_text())
+        config(raw)
+        (copy / "config.json").write_text(json.dumps(raw))
+    if tensors:
+        t = load_file(copy / "model.safetensors")
+        tensors(t)
+        save_file(t, copy / "model.safetensors")
+    return copy
+
+
+def one_line(copy, needle):
+    result = run_cli("generate", copy, "hello", "-n", "2")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert needle in result.stderr
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda c: c.update(quantization_config={"quant_method": "bitsandbytes"}),
+     "field 'quantization_config.quant_method' is \"bitsandbytes\""),
+    (lambda c: c.update(rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
+     "rope scaling \"dynamic\" is not supported"),
+    (lambda c: c.update(swiglu_limit=-1), "field 'swiglu_limit' must be a positive number"),
+    (lambda c: c.update(layer_types=["sliding_attention", "chunked_attention"] * 2), "field 'layer_types'"),
+    (lambda c: c.pop("num_local_experts"), "missing field 'num_local_experts'"),
+])
+def test_an_unsupported_or_bad_field_is_one_line_naming_it(folder, tmp_path, change, needle):
+    one_line(copy_with(folder, tmp_path, config=change), needle)
+
+
+def test_a_missing_sink_or_a_misshapen_fused_expert_is_one_line_naming_the_tensor(folder, tmp_path):
+    one_line(copy_with(folder, tmp_path, tensors=lambda t: t.pop("model.layers.2.self_attn.sinks")),
+             "has no tensor model.layers.2.self_attn.sinks")
+    shutil.rmtree(tmp_path / "m")
+    name = "model.layers.1.mlp.experts.down_proj"
+    one_line(copy_with(folder, tmp_path, tensors=lambda t: t.__setitem__(name, t[name][:4].contiguous())),
+             f"tensor {name} has shape [4, 32, 64]")
