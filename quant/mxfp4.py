@@ -115,26 +115,37 @@ def pack_expert(weights: dict[str, torch.Tensor], layout: BlobLayout) -> torch.T
     return layout.pack(tensors)
 
 
-def weight(views: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
-    """Weight `name` of a blob's views, dequantized: [rows, cols] in `dtype`."""
-    return dequantize(views[f"{name}.blocks"], views[f"{name}.scales"], dtype)
+def weight(views: dict[str, torch.Tensor], name: str, dtype: torch.dtype, r0: int = 0,
+           r1: int | None = None) -> torch.Tensor:
+    """Rows r0:r1 (default all) of weight `name` of a blob's views, dequantized: [rows, cols] in `dtype`."""
+    return dequantize(views[f"{name}.blocks"][r0:r1], views[f"{name}.scales"][r0:r1], dtype)
+
+
+def _linear(x: torch.Tensor, views: dict[str, torch.Tensor], name: str, bias: bool = False) -> torch.Tensor:
+    """x [T, C] @ W.T (+ its bias) for MXFP4 weight `name` [R, C], dequantized a block of rows at a time, so the
+    temporary stays a few MB (the store's memory plan budgets one block, quant/expert.py's size)."""
+    from .expert import _row_block
+
+    rows, cols = views[f"{name}.scales"].shape[0], views[f"{name}.scales"].shape[1] * BLOCK
+    step = _row_block(x, cols)
+    b = views[f"{name}.bias"].to(x.dtype) if bias else None
+    return torch.cat([F.linear(x, weight(views, name, x.dtype, r, r + step), None if b is None else b[r:r + step])
+                      for r in range(0, rows, step)], dim=1)
 
 
 def expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.Tensor,
                    fused: bool | None = None) -> torch.Tensor:
     """The expert of an MXFP4 blob on x [T, D] -> [T, D] in x's dtype, on x's device. One CUDA token runs the
-    fused dequantize + GEMV kernels (quant/triton_gemv.py); otherwise each weight is dequantized, then
-    multiplied (an expert's widest weight is a few MB in float32 for gpt-oss-20b)."""
+    fused dequantize + GEMV kernels (quant/triton_gemv.py); otherwise weights are dequantized a block of rows at
+    a time, then multiplied."""
     from .kernels import fused_kernels, use_fused
 
     if layout.kind != "mxfp4":
         raise UserError(f"an MXFP4 expert needs a blob of kind 'mxfp4', got {layout.kind!r}")
     if use_fused(x, fused) and hasattr(fused_kernels(), "mxfp4_expert_forward"):
         return fused_kernels().mxfp4_expert_forward(layout, views, x)
-    dt = x.dtype
     if layout.extra.get("ffn") == "gpt_oss":
-        gate_up = F.linear(x, weight(views, "gate_up", dt), views["gate_up.bias"].to(dt))          # [T, 2F]
+        gate_up = _linear(x, views, "gate_up", bias=True)                                     # [T, 2F]
         h = clamped_swiglu(gate_up, layout.extra["swiglu_limit"], layout.extra["swiglu_alpha"])  # [T, F]
-        return F.linear(h, weight(views, "down", dt), views["down.bias"].to(dt))
-    h = F.silu(F.linear(x, weight(views, "w1", dt))) * F.linear(x, weight(views, "w3", dt))
-    return F.linear(h, weight(views, "w2", dt))
+        return _linear(h, views, "down", bias=True)
+    return _linear(F.silu(_linear(x, views, "w1")) * _linear(x, views, "w3"), views, "w2")

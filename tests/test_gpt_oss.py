@@ -136,3 +136,125 @@ def test_a_missing_sink_or_a_misshapen_fused_expert_is_one_line_naming_the_tenso
     name = "model.layers.1.mlp.experts.down_proj"
     one_line(copy_with(folder, tmp_path, tensors=lambda t: t.__setitem__(name, t[name][:4].contiguous())),
              f"tensor {name} has shape [4, 32, 64]")
+
+
+# ---- MXFP4 experts as the Hub ships them ------------------------------------------------------------------
+
+def write_mxfp4(folder, dst, ref, seed: int = 0):
+    """`folder`'s checkpoint with each layer's expert weights replaced by random MXFP4 blocks and scales in the
+    Hub's layout (gate_up_proj_blocks [E, 2F, D/32, 16], ...), config.json saying so; `ref` gets the weights
+    transformers' own convert_moe_packed_tensors makes of them. Returns {tensor name: (blocks, scales)}."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    shutil.copytree(folder, dst)
+    tensors = load_file(dst / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    packed = {}
+    for i, layer in enumerate(ref.model.layers):
+        experts = layer.mlp.experts
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            E, cols, rows = tensors.pop(name).shape  # stored [E, in, out]; MXFP4 rows are outputs
+            blocks = torch.randint(0, 256, (E, rows, cols // 32, 16), dtype=torch.uint8, generator=g)
+            scales = torch.randint(121, 125, (E, rows, cols // 32), dtype=torch.uint8, generator=g)
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+            packed[name] = blocks, scales
+            with torch.no_grad():
+                getattr(experts, proj).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    save_file(tensors, dst / "model.safetensors")
+    raw = json.loads((dst / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(raw))
+    return packed
+
+
+@pytest.fixture(scope="module")
+def mxfp4_folder(tmp_path_factory):
+    """(MXFP4 folder, the reference on its dequantized weights, the blocks and scales written)."""
+    base = tmp_path_factory.mktemp("gpt_oss_float")
+    ref = make(base / "f", SHAPES["window8-top2-of-8-clamped"], seed=5, tokenizer=True)
+    packed = write_mxfp4(base / "f", base / "mx", ref)
+    return base / "mx", ref, packed
+
+
+def test_mxfp4_experts_dequantize_bit_for_bit_as_transformers(mxfp4_folder):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from offload.models import open_checkpoint
+    from offload.store.sources import FusedExperts
+    from quant import mxfp4
+
+    folder, _, packed = mxfp4_folder
+    ckpt = open_checkpoint(folder)
+    source = FusedExperts(ckpt, torch.float32)
+    assert source.layout.kind == "mxfp4" and source.layout.extra["ffn"] == "gpt_oss"
+    blob = torch.zeros(source.layout.nbytes, dtype=torch.uint8)
+    for layer, e in ((0, 0), (1, 5), (3, 7)):
+        source.read_into((layer, e), blob)
+        views = source.layout.views(blob)
+        for proj, rec in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
+            blocks, scales = packed[f"model.layers.{layer}.mlp.experts.{proj}"]
+            want = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)[e]       # [in, out]
+            assert torch.equal(mxfp4.weight(views, rec, torch.float32).T, want)
+            assert torch.equal(views[f"{rec}.blocks"], blocks[e]) and torch.equal(views[f"{rec}.scales"], scales[e])
+    ckpt.close()
+
+
+def test_mxfp4_greedy_equals_transformers_on_the_dequantized_weights(mxfp4_folder):
+    folder, ref, _ = mxfp4_folder
+    assert_greedy_matches(folder, ref, " ".join(["The quick brown fox jumps over the lazy dog."] * 4))
+
+
+def test_mxfp4_blobs_tiers_and_copies_carry_4_25_bits_per_weight(mxfp4_folder):
+    """Disk, pinned RAM, device slots and bytes_h2d all hold the MXFP4 bytes: never a widened copy; and budgets
+    never change the tokens."""
+    import offload
+    from conftest import greedy_logits
+
+    folder, ref, _ = mxfp4_folder
+    D, F_ = ref.config.hidden_size, ref.config.intermediate_size
+    with offload.load(folder, device="cpu", dtype="float32", context=64) as rt:
+        layout, plan = rt.store.layout, rt.store.plan
+        weights = sum(r.nbytes for r in layout.records if not r.name.endswith(".bias"))
+        assert weights * 8 == 4.25 * 3 * D * F_                     # 4 bits a weight + an 8-bit scale per 32
+        biases = sum(r.nbytes for r in layout.records if r.name.endswith(".bias"))
+        assert layout.nbytes - layout.header_nbytes <= weights + biases + 256 * len(layout.records)
+        assert rt.store.host.dtype == torch.uint8 and rt.store.host.shape[1] == layout.nbytes
+        seq, logits = greedy_logits(rt, list(range(3, 40)), 8)
+    vram = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + 3 * plan.blob_bytes
+    with offload.load(folder, device="cpu", dtype="float32", context=64, vram=vram) as rt:
+        got_seq, got = greedy_logits(rt, list(range(3, 40)), 8)
+        stats = rt.stats()
+    assert got_seq == seq and torch.equal(got, logits)
+    assert stats["device_slots"] == 3 and stats["expert_misses"] > 0
+    assert stats["bytes_h2d"] == stats["expert_misses"] * layout.nbytes
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda t: t.pop("model.layers.2.mlp.experts.down_proj_scales"), "has no tensor model.layers.2.mlp.experts.down_proj_scales"),
+    (lambda t: t.__setitem__("model.layers.0.mlp.experts.gate_up_proj_scales",
+                             t["model.layers.0.mlp.experts.gate_up_proj_scales"][:, :, :1].contiguous()),
+     "tensor model.layers.0.mlp.experts.gate_up_proj_scales has shape [8, 64, 1]"),
+])
+def test_mxfp4_a_missing_or_disagreeing_scales_tensor_is_one_line(mxfp4_folder, tmp_path, change, needle):
+    folder, _, _ = mxfp4_folder
+    one_line(copy_with(folder, tmp_path, tensors=change), needle)
+
+
+def test_mxfp4_quantize_rounds_as_the_reference_and_round_trips_its_own_values():
+    """A weight made of MXFP4 values (each block's largest magnitude 6 x its scale, so the rounded-up scale is
+    that scale) quantizes back to the same blocks and scales; halfway values round away from zero."""
+    from quant import mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (16, 4, 16), dtype=torch.uint8, generator=g)
+    blocks[:, :, 0] = (blocks[:, :, 0] & 0xF0) | 0x7  # a +6 in every block
+    scales = torch.randint(110, 135, (16, 4), dtype=torch.uint8, generator=g)
+    w = mxfp4.dequantize(blocks, scales)
+    got_blocks, got_scales = mxfp4.quantize(w)
+    assert torch.equal(got_scales, scales) and torch.equal(got_blocks, blocks)
+    # One block of scale 1 (largest 6): 0.25 -> 0.5, 1.25 -> 1.5, 2.5 -> 3, 5 -> 6, -0.75 -> -1 (ties away from 0).
+    row = torch.zeros(1, 32)
+    row[0, :6] = torch.tensor([6.0, 0.25, 1.25, 2.5, 5.0, -0.75])
+    assert mxfp4.dequantize(*mxfp4.quantize(row))[0, :6].tolist() == [6.0, 0.5, 1.5, 3.0, 6.0, -1.0]

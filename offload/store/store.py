@@ -117,7 +117,7 @@ class ExpertStore:
             cfg, dtype.itemsize, str(device), vram=vram, ram=parse_bytes(ram, "--ram"),
             context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
             free_device_bytes=free, capability=device_capability(device) if self.cuda else None,
-            quantized_experts=self.layout.kind == "quant", device_experts=cpu_experts != "all")
+            quantized_experts=self.layout.kind != "dense", device_experts=cpu_experts != "all")
         N = self.layout.nbytes
 
         # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), to the
