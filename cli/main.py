@@ -281,7 +281,8 @@ def profile(
 def convert(
     src: str = typer.Argument(..., help="Source Mixtral folder (or 'demo')."),
     dst: str = typer.Argument(..., help="Destination folder (must not exist, or be an earlier conversion of SRC)."),
-    bits: int = typer.Option(4, "--bits", help="Expert bits: 8, 4, 3 or 2."),
+    bits: str = typer.Option("4", "--bits", help="Expert bits: 8, 4, 3 or 2 (group-wise), or mxfp4 (4-bit floats, "
+                                                 "a power-of-two scale per 32: gpt-oss's format)."),
     group_size: int = typer.Option(64, "--group-size", help="Weights per scale/zero group (must divide the rows)."),
     dense_bits: int = typer.Option(16, "--dense-bits", help="Attention projections: 16 (fp16), or 8 or 4 bits "
                                                             "(group 64), kept quantized on the GPU. Embeddings, "
@@ -294,7 +295,8 @@ def convert(
 
     existed = Path(dst).exists()  # convert accepts an existing DST only as a finished, intact earlier run
     with progress_bar("converting experts") as progress:
-        out = run_convert(resolve_model_path(src), dst, bits=bits, group_size=group_size, dense_bits=dense_bits,
+        out = run_convert(resolve_model_path(src), dst, bits=int(bits) if bits.isdigit() else bits,
+                          group_size=group_size, dense_bits=dense_bits,
                           progress=progress)
     typer.echo(f"{out}: already converted from {src} with these settings; nothing to do" if existed
                else f"wrote {out}", err=True)

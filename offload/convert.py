@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import quant
+from quant import mxfp4
 from quant.errors import UserError, writing
 from quant.files import copy_input, save_tensors
 
@@ -28,6 +29,7 @@ from .formats.converted import (BITS, COPIED, DENSE_BITS, DENSE_GROUP_SIZE, EXPE
                                 FORMAT, INFO_FILE, PARTIAL_MARKER, STRIDE_ALIGN, read_info, write_experts_header)
 from .models import EXPERT_MODEL_TYPES, expected_shapes, family, open_checkpoint
 from .runtime import open_checked
+from .store.sources import converted_layout
 from .tokenizer import Tokenizer
 
 
@@ -43,6 +45,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
     """Convert the model folder `src` into a quantized folder `dst`; returns dst. `progress(done, total)`."""
     if bits not in BITS:
         raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+    if bits == "mxfp4":
+        group_size = mxfp4.BLOCK  # one power-of-two scale per 32 values, by the format
     if dense_bits not in DENSE_BITS:
         raise UserError(f"--dense-bits must be one of {', '.join(map(str, DENSE_BITS))}, got {dense_bits}")
     if read_info(Path(src)) is not None:
@@ -53,6 +57,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
     if not (ckpt.path / "tokenizer.json").is_file():  # the output could not generate without it
         raise UserError(f"{ckpt.path / 'tokenizer.json'}: missing (the model folder needs its tokenizer.json)")
     cfg = ckpt.config
+    fused = hasattr(family(cfg), "expert_tensors")  # gpt-oss: experts stored fused per layer, with biases
+    if fused and getattr(cfg, "mxfp4", False):
+        raise UserError(f"{ckpt.path}: its experts already ship in MXFP4; generate runs them as they are")
+    if fused and bits != "mxfp4":
+        raise UserError(f"--bits {bits}: {cfg.model_type} experts (biased, clamped SwiGLU) convert to --bits mxfp4 only")
     for dim, name in ((cfg.hidden_size, "hidden_size"), (cfg.intermediate_size, "intermediate_size")):
         if group_size <= 0 or dim % group_size:
             raise UserError(f"--group-size {group_size} does not divide the rows of the experts ({name} = {dim})")
@@ -137,7 +146,7 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
     save_tensors(dense, partial / "model.safetensors")
     del dense
 
-    layout = quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, bits, group_size)
+    layout = converted_layout(cfg, bits, group_size)
     stride = (layout.nbytes + STRIDE_ALIGN - 1) // STRIDE_ALIGN * STRIDE_ALIGN
     # Blobs of the layers with experts, in layer order (formats/converted.py): a dense layer has none.
     layers, E = cfg.moe_layers, cfg.num_local_experts
@@ -145,8 +154,20 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
     workers = workers or max(1, min(E, os.cpu_count() or 1))
 
     def one(key):
-        w1, w2, w3 = (ckpt.read(n, dtype=torch.float32) for n in fam.expert_names(*key))
-        return key, quant.pack_expert(w1, w2, w3, bits, group_size)
+        if bits != "mxfp4":
+            w1, w2, w3 = (ckpt.read(n, dtype=torch.float32) for n in fam.expert_names(*key))
+            return key, quant.pack_expert(w1, w2, w3, bits, group_size)
+        if not hasattr(fam, "expert_tensors"):
+            return key, mxfp4.pack_expert(dict(zip(("w1", "w2", "w3"), (ckpt.read(n, dtype=torch.float32)
+                                                                          for n in fam.expert_names(*key)))), layout)
+        # Expert e's slice of each fused tensor; MXFP4 rows are output features, so the weights turn over.
+        weights = {}
+        for rec, (name, shape) in fam.expert_tensors(cfg, key[0]).items():
+            loc = ckpt.locations[name]
+            raw = ckpt.read_slice_into(name, key[1], torch.empty(loc.nbytes // loc.shape[0], dtype=torch.uint8))
+            w = raw.view(loc.dtype).view(shape).float()
+            weights[rec] = w if rec.endswith(".bias") else w.T
+        return key, mxfp4.pack_expert(weights, layout)
 
     start = time.perf_counter()
     with open(partial / EXPERTS_FILE, "wb") as f, ThreadPoolExecutor(workers) as pool:

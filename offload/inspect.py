@@ -77,7 +77,8 @@ def describe(path: str | os.PathLike | None) -> dict:
         "bytes_kv_per_token": kv_bytes(cfg, 2, width) - kv_bytes(cfg, 1, width),
     }
     if info:
-        out["quantized"] = f"experts {info['bits']}-bit (group {info['group_size']}), attention " + (
+        experts = "MXFP4" if info["bits"] == "mxfp4" else f"{info['bits']}-bit (group {info['group_size']})"
+        out["quantized"] = f"experts {experts}, attention " + (
             f"{fmt[0]}-bit (group {fmt[1]})" if fmt else "fp16")
     return out
 

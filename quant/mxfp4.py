@@ -121,23 +121,21 @@ def weight(views: dict[str, torch.Tensor], name: str, dtype: torch.dtype, r0: in
     return dequantize(views[f"{name}.blocks"][r0:r1], views[f"{name}.scales"][r0:r1], dtype)
 
 
-def _linear(x: torch.Tensor, views: dict[str, torch.Tensor], name: str, bias: bool = False) -> torch.Tensor:
-    """x [T, C] @ W.T (+ its bias) for MXFP4 weight `name` [R, C], dequantized a block of rows at a time, so the
-    temporary stays a few MB (the store's memory plan budgets one block, quant/expert.py's size)."""
-    from .expert import _row_block
-
+def _linear(x: torch.Tensor, views: dict[str, torch.Tensor], name: str, row_block, bias: bool = False) -> torch.Tensor:
+    """x [T, C] @ W.T (+ its bias) for MXFP4 weight `name` [R, C], dequantized `row_block(x, C)` rows at a time, so
+    the temporary stays a few MB (the store's memory plan budgets one block, quant/expert.py's size)."""
     rows, cols = views[f"{name}.scales"].shape[0], views[f"{name}.scales"].shape[1] * BLOCK
-    step = _row_block(x, cols)
+    step = row_block(x, cols)
     b = views[f"{name}.bias"].to(x.dtype) if bias else None
     return torch.cat([F.linear(x, weight(views, name, x.dtype, r, r + step), None if b is None else b[r:r + step])
                       for r in range(0, rows, step)], dim=1)
 
 
-def expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.Tensor,
+def expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.Tensor, row_block,
                    fused: bool | None = None) -> torch.Tensor:
-    """The expert of an MXFP4 blob on x [T, D] -> [T, D] in x's dtype, on x's device. One CUDA token runs the
-    fused dequantize + GEMV kernels (quant/triton_gemv.py); otherwise weights are dequantized a block of rows at
-    a time, then multiplied."""
+    """The expert of an MXFP4 blob on x [T, D] -> [T, D] in x's dtype, on x's device (quant.expert_forward
+    calls it, with its `row_block` rule). One CUDA token runs the fused dequantize + GEMV kernels
+    (quant/triton_gemv.py); otherwise weights are dequantized a block of rows at a time, then multiplied."""
     from .kernels import fused_kernels, use_fused
 
     if layout.kind != "mxfp4":
@@ -145,7 +143,8 @@ def expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.
     if use_fused(x, fused) and hasattr(fused_kernels(), "mxfp4_expert_forward"):
         return fused_kernels().mxfp4_expert_forward(layout, views, x)
     if layout.extra.get("ffn") == "gpt_oss":
-        gate_up = _linear(x, views, "gate_up", bias=True)                                     # [T, 2F]
+        gate_up = _linear(x, views, "gate_up", row_block, bias=True)                          # [T, 2F]
         h = clamped_swiglu(gate_up, layout.extra["swiglu_limit"], layout.extra["swiglu_alpha"])  # [T, F]
-        return _linear(h, views, "down", bias=True)
-    return _linear(F.silu(_linear(x, views, "w1")) * _linear(x, views, "w3"), views, "w2")
+        return _linear(h, views, "down", row_block, bias=True)
+    h = F.silu(_linear(x, views, "w1", row_block)) * _linear(x, views, "w3", row_block)  # [T, F]
+    return _linear(h, views, "w2", row_block)

@@ -119,15 +119,20 @@ def test_budgets_tiers_and_prefetch_never_change_the_logits(family):
 
 def test_convert_quantizes_the_experts_and_the_result_follows_the_float_model(family, tmp_path):
     name, folder = family
-    result = run_cli("convert", folder, tmp_path / "q4", "--bits", "4", "--group-size", "16")
+    # gpt-oss's biased experts convert to its own format, MXFP4; every other family's to 4-bit groups.
+    bits, kind = ("mxfp4", "mxfp4") if name == "gpt_oss" else ("4", "quant")
+    result = run_cli("convert", folder, tmp_path / "q4", "--bits", bits, "--group-size", "16")
     assert result.returncode == 0, result.stderr
     with offload.load(folder, device="cpu", dtype="float32", context=64) as rt:
         _, want = greedy_logits(rt, PROMPT, 0)
     with offload.load(tmp_path / "q4", device="cpu", dtype="float32", context=64) as rt:
-        assert rt.store.layout.kind == "quant"
+        assert rt.store.layout.kind == kind
         _, got = greedy_logits(rt, PROMPT, 0)
-    # 4-bit experts and fp16 dense weights: close to the float model, not equal to it.
-    assert 0 < (got - want).abs().max().item() <= 0.1 * want.abs().max().item()
+    # 4-bit experts and fp16 dense weights: close to the float model, not equal to it. MXFP4's grid is coarser (two
+    # significant bits under a power-of-two scale per 32), and this gpt-oss fixture's experts sit mostly at
+    # their clamp (0.3): looser there. (test_gpt_oss pins MXFP4 conversion exactly: the shipped bytes come back.)
+    bound = 0.5 if name == "gpt_oss" else 0.1
+    assert 0 < (got - want).abs().max().item() <= bound * want.abs().max().item()
 
 
 def test_inspect_counts_experts_shared_and_dense_parameters(family):

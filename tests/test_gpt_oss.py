@@ -156,6 +156,7 @@ def write_mxfp4(folder, dst, ref, seed: int = 0):
             name = f"model.layers.{i}.mlp.experts.{proj}"
             E, cols, rows = tensors.pop(name).shape  # stored [E, in, out]; MXFP4 rows are outputs
             blocks = torch.randint(0, 256, (E, rows, cols // 32, 16), dtype=torch.uint8, generator=g)
+            blocks[..., 0] = (blocks[..., 0] & 0xF0) | 0x7  # a +6 in every block: it sets the block's scale
             scales = torch.randint(121, 125, (E, rows, cols // 32), dtype=torch.uint8, generator=g)
             tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
             packed[name] = blocks, scales
@@ -209,8 +210,9 @@ def test_mxfp4_greedy_equals_transformers_on_the_dequantized_weights(mxfp4_folde
 def test_mxfp4_blobs_tiers_and_copies_carry_4_25_bits_per_weight(mxfp4_folder):
     """Disk, pinned RAM, device slots and bytes_h2d all hold the MXFP4 bytes: never a widened copy; and budgets
     never change the tokens."""
-    import offload
     from conftest import greedy_logits
+
+    import offload
 
     folder, ref, _ = mxfp4_folder
     D, F_ = ref.config.hidden_size, ref.config.intermediate_size
@@ -258,3 +260,61 @@ def test_mxfp4_quantize_rounds_as_the_reference_and_round_trips_its_own_values()
     row = torch.zeros(1, 32)
     row[0, :6] = torch.tensor([6.0, 0.25, 1.25, 2.5, 5.0, -0.75])
     assert mxfp4.dequantize(*mxfp4.quantize(row))[0, :6].tolist() == [6.0, 0.5, 1.5, 3.0, 6.0, -1.0]
+
+
+def test_convert_mxfp4_from_the_float_model_gives_back_the_shipped_blocks_and_scales(mxfp4_folder, tmp_path):
+    """The float checkpoint of the dequantized MXFP4 weights, converted with --bits mxfp4, holds the very blocks
+    and scales the Hub layout had (the reference rounding inverts dequantization), and generates alike; an MXFP4
+    folder, or a group-wise --bits for gpt-oss, is a one-line refusal."""
+    from conftest import greedy_logits
+
+    import offload
+
+    folder, ref, packed = mxfp4_folder
+    float_folder = tmp_path / "f"
+    ref.save_pretrained(float_folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            shutil.copy(folder / name, float_folder / name)
+    result = run_cli("convert", float_folder, tmp_path / "q", "--bits", "mxfp4")
+    assert result.returncode == 0, result.stderr
+    with offload.load(tmp_path / "q", device="cpu", dtype="float32", context=64) as rt:
+        store = rt.store
+        assert store.layout.kind == "mxfp4" and store.layout.extra["ffn"] == "gpt_oss"
+        blob = torch.zeros(store.layout.nbytes, dtype=torch.uint8)
+        for layer, e in ((0, 1), (2, 6)):
+            store.source.read_into((layer, e), blob)
+            views = store.layout.views(blob)
+            for proj, rec in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
+                blocks, scales = packed[f"model.layers.{layer}.mlp.experts.{proj}"]
+                assert torch.equal(views[f"{rec}.blocks"], blocks[e]) and torch.equal(views[f"{rec}.scales"], scales[e])
+        seq, got = greedy_logits(rt, list(range(3, 40)), 4)
+    with offload.load(folder, device="cpu", dtype="float32", context=64) as rt:
+        want_seq, want = greedy_logits(rt, list(range(3, 40)), 4)
+    # The experts are the shipped bytes; convert keeps the dense part in fp16, hence not equal, but close.
+    assert seq == want_seq and (got - want).abs().max().item() <= 0.01 * want.abs().max().item()
+    one_line_convert = run_cli("convert", folder, tmp_path / "again", "--bits", "mxfp4")
+    assert one_line_convert.returncode == 2 and "already ship in MXFP4" in one_line_convert.stderr
+    four = run_cli("convert", float_folder, tmp_path / "q4", "--bits", "4")
+    assert four.returncode == 2 and "convert to --bits mxfp4 only" in four.stderr
+
+
+def test_convert_mxfp4_from_any_family_follows_the_float_model(tmp_path):
+    """A SwiGLU family's experts (Mixtral's w1, w2, w3) in MXFP4: 4.25 bits a weight, close to the float model."""
+    from conftest import greedy_logits, make_checkpoint
+
+    import offload
+
+    make_checkpoint(tmp_path / "f", layers=2, experts=4)
+    result = run_cli("convert", tmp_path / "f", tmp_path / "q", "--bits", "mxfp4")
+    assert result.returncode == 0, result.stderr
+    with offload.load(tmp_path / "f", device="cpu", dtype="float32", context=64) as rt:
+        _, want = greedy_logits(rt, [1, 17, 42, 99], 0)
+    with offload.load(tmp_path / "q", device="cpu", dtype="float32", context=64) as rt:
+        layout = rt.store.layout
+        assert layout.kind == "mxfp4" and layout.extra["ffn"] == "swiglu"
+        assert sum(r.nbytes for r in layout.records) * 8 == 4.25 * rt.config.expert_params
+        _, got = greedy_logits(rt, [1, 17, 42, 99], 0)
+    assert 0 < (got - want).abs().max().item() <= 0.1 * want.abs().max().item()
+    info = json.loads(run_cli("inspect", tmp_path / "q", "--json").stdout)
+    assert info["quantized"].startswith("experts MXFP4")

@@ -36,7 +36,7 @@ MAGIC = b"MOEXPRTS"
 FILE_VERSION = 1
 FILE_HEADER = 4096
 STRIDE_ALIGN = 4096  # blobs on page boundaries: aligned reads, O_DIRECT-friendly
-BITS = (8, 4, 3, 2)
+BITS = (8, 4, 3, 2, "mxfp4")  # group-wise integer bits, or MXFP4 (quant/mxfp4.py; group 32)
 DENSE_BITS = (16, 8, 4)
 # Attention projections are quantized in groups of 64 whatever the experts use: every Mixtral-class
 # attention dimension is a multiple of 64, and 64 keeps fp16 scale + zero at 0.5 bits per weight.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import quant
 from quant import mxfp4
 from quant.blob import BlobLayout, is_positive_number
 from quant.errors import UserError, shown
@@ -152,7 +153,7 @@ def expert_layout(cfg: GptOssConfig, dtype: torch.dtype, bias_dtype: torch.dtype
 def expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The expert in a blob on x [T, D] -> [T, D], in x's dtype: as transformers' GptOssExperts computes it."""
     if layout.kind == "mxfp4":
-        return mxfp4.expert_forward(layout, views, x)
+        return quant.expert_forward(layout, views, x)
     dt, limit, alpha = x.dtype, layout.extra["swiglu_limit"], layout.extra["swiglu_alpha"]
     gate_up = x @ views["gate_up"].to(dt) + views["gate_up.bias"].to(dt)                    # [T, 2F]
     return mxfp4.clamped_swiglu(gate_up, limit, alpha) @ views["down"].to(dt) + views["down.bias"].to(dt)

@@ -9,9 +9,12 @@ or MXFP4 as shipped); `BlobFileExperts` reads whole quantized blobs written by `
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 import quant
+from quant import mxfp4
 from quant.blob import DTYPE_NAMES, BlobLayout
 from quant.errors import UserError
 from quant.files import pread_exactly
@@ -134,7 +137,7 @@ class BlobFileExperts:
             self.layout = BlobLayout.parse(f.read(65536), source=f"{self.path} (expert 0,0)")
         if self.layout.nbytes != index["blob_bytes"] or self.layout.nbytes > self.stride:
             raise UserError(f"{self.path}: blob size {self.layout.nbytes} does not match its index")
-        expected = quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, info["bits"], info["group_size"])
+        expected = converted_layout(cfg, info["bits"], info["group_size"])
         if self.layout != expected:
             raise UserError(f"{self.path}: blob layout does not match config.json and {info['bits']}-bit, "
                             f"group {info['group_size']} experts")
@@ -156,6 +159,17 @@ class BlobFileExperts:
     def expected_shapes(self) -> dict:
         """None: every expert is in experts.bin, whose header and layout were checked above."""
         return {}
+
+
+def converted_layout(cfg, bits: int | str, group_size: int) -> BlobLayout:
+    """The blob layout `convert` writes for this config's experts: group-wise `bits`, or MXFP4 (a gpt-oss
+    expert's fused gate_up and down with their biases, float32; any other family's w1, w2, w3)."""
+    if bits != "mxfp4":
+        return quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, bits, group_size)
+    fam = family(cfg)
+    if hasattr(fam, "expert_tensors"):
+        return fam.expert_layout(replace(cfg, mxfp4=True), torch.float32, torch.float32)
+    return mxfp4.expert_layout(cfg.hidden_size, cfg.intermediate_size)
 
 
 def open_source(ckpt: Checkpoint, dtype: torch.dtype):
