@@ -14,7 +14,7 @@ from quant.units import parse_bytes
 
 from .formats.checkpoint import holds_weights, read_config_json
 from .formats.converted import dense_format
-from .models import EXPERT_MODEL_TYPES, open_checkpoint, read_config
+from .models import EXPERT_MODEL_TYPES, family, open_checkpoint, read_config
 from .runtime import (DTYPES, check_context, check_device_name, check_dtype_name, open_checked, resolve_device,
                       resolve_dtype, resolve_model_path)
 from .store.memory import dense_bytes, device_bytes_free, device_capability, expected_traffic, kv_bytes, plan_memory
@@ -31,6 +31,17 @@ def open_folder(path: str | os.PathLike | None):
     return read_config(read_config_json(folder), str(folder / "config.json"), EXPERT_MODEL_TYPES), None, None, None
 
 
+def expert_blob_bytes(cfg, source, info, dtype: torch.dtype) -> int:
+    """One expert's blob: a converted folder's, or one shipped in MXFP4 (as stored, whatever the compute dtype),
+    or float experts' at `dtype` (a family with fused experts says its own layout: gpt-oss's carries biases)."""
+    if info or (source is not None and source.layout.kind == "mxfp4"):
+        return source.layout.nbytes
+    fam = family(cfg)
+    if hasattr(fam, "expert_layout"):  # from config.json alone: the Hub's MXFP4 biases are bfloat16
+        return fam.expert_layout(cfg, dtype, torch.bfloat16).nbytes
+    return BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dtype).nbytes
+
+
 def describe(path: str | os.PathLike | None) -> dict:
     """A dict describing the model folder; unquantized byte figures use the checkpoint's dtype."""
     if is_table_folder(resolve_model_path(path)):
@@ -45,6 +56,10 @@ def describe(path: str | os.PathLike | None) -> dict:
     width = file_dtype.itemsize
     n_experts = cfg.experts_total
     dense_params, expert_params = dense_bytes(cfg, 1), n_experts * cfg.expert_params
+    # Float experts at the checkpoint's width, without the blob header (a parameter count x bytes); a converted or
+    # MXFP4 folder's as their blobs are.
+    mxfp4 = getattr(cfg, "mxfp4", False)
+    blob = expert_blob_bytes(cfg, source, info, file_dtype) if info or mxfp4 else cfg.expert_params * width
     active = dense_params + len(cfg.moe_layers) * cfg.num_experts_per_tok * cfg.expert_params
     out = {
         "path": str(resolve_model_path(path)),
@@ -68,14 +83,16 @@ def describe(path: str | os.PathLike | None) -> dict:
         "expert_fraction": round(expert_params / max(1, dense_params + expert_params), 4),
         "experts_total": n_experts,
         # A converted folder's experts are quantized blobs: their size is the blob's, header included.
-        "bytes_per_expert": source.layout.nbytes if info else cfg.expert_params * width,
+        "bytes_per_expert": blob,
         "bytes_dense_gpu": dense_bytes(cfg, width, fmt),
-        "bytes_all_experts": n_experts * (source.layout.nbytes if info else cfg.expert_params * width),
+        "bytes_all_experts": n_experts * blob,
         "expert_uses_per_token": len(cfg.moe_layers) * cfg.num_experts_per_tok,
         # What one more position of --context adds on the device: its KV cache row in every layer (DeepSeek's: the
         # compressed latent) and its rotary tables' row.
         "bytes_kv_per_token": kv_bytes(cfg, 2, width) - kv_bytes(cfg, 1, width),
     }
+    if mxfp4:
+        out["quantized"] = "experts MXFP4 as shipped (4.25 bits a weight), attention as stored"
     if info:
         experts = "MXFP4" if info["bits"] == "mxfp4" else f"{info['bits']}-bit (group {info['group_size']})"
         out["quantized"] = f"experts {experts}, attention " + (
@@ -115,11 +132,12 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
     context = min(context, cfg.max_position_embeddings)
     # A converted folder's blobs are what they are; float experts are planned at the compute dtype.
-    blob = source.layout.nbytes if info else BlobLayout.dense(cfg.hidden_size, cfg.intermediate_size, dt).nbytes
+    blob = expert_blob_bytes(cfg, source, info, dt)
     free = device_bytes_free(dev) if dev.type == "cuda" and not planning_only else None
     capability = device_capability(dev) if dev.type == "cuda" and not planning_only else None
     plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, blob, free_device_bytes=free,
-                       dense_format=dense_format(info), capability=capability, quantized_experts=info is not None)
+                       dense_format=dense_format(info), capability=capability,
+                       quantized_experts=info is not None or getattr(cfg, "mxfp4", False))
     resident = plan.device_slots == plan.experts_total
     used = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.expert_pool_bytes
     return {

@@ -318,3 +318,39 @@ def test_convert_mxfp4_from_any_family_follows_the_float_model(tmp_path):
     assert 0 < (got - want).abs().max().item() <= 0.1 * want.abs().max().item()
     info = json.loads(run_cli("inspect", tmp_path / "q", "--json").stdout)
     assert info["quantized"].startswith("experts MXFP4")
+
+
+GPT_OSS_20B = {  # its published config.json
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0, "eos_token_id": 200002,
+    "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096,
+    "initializer_range": 0.02, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+    "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                       "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                            "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                            "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
+}
+
+
+def test_inspect_plans_gpt_oss_20b_from_its_config_alone_in_8_gib_with_mxfp4_experts_streamed(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GPT_OSS_20B))
+    result = run_cli("inspect", tmp_path, "--json", "--vram", "8GiB", "--ram", "16GiB", "--device", "cuda",
+                     "--context", "4096")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert abs(info["params_total"] / 20.9e9 - 1) < 0.02              # published: 20.9B parameters
+    assert info["experts_total"] == 24 * 32 and info["expert_uses_per_token"] == 24 * 4
+    weights = 3 * 2880 * 2880
+    # An expert as shipped: 4.25 bits a weight, its biases (bfloat16) and the blob's header and alignment.
+    assert weights * 4.25 / 8 < info["bytes_per_expert"] < weights * 4.25 / 8 + 64 * 1024
+    assert "MXFP4" in info["quantized"]
+    plan = info["memory_plan"]
+    assert plan["blob_bytes"] == info["bytes_per_expert"]
+    tier = plan["device_tier"]
+    assert 0 < tier["expert_slots"] < 24 * 32 and tier["used_bytes"] <= 8 * 2**30   # runs in 8 GiB, experts streamed
+    assert not plan["all_experts_on_device"] and plan["host_tier"]["expert_slots"] == 24 * 32  # all fit in 16 GiB
