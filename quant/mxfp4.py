@@ -140,8 +140,8 @@ def expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.
 
     if layout.kind != "mxfp4":
         raise UserError(f"an MXFP4 expert needs a blob of kind 'mxfp4', got {layout.kind!r}")
-    if use_fused(x, fused) and hasattr(fused_kernels(), "mxfp4_expert_forward"):
-        return fused_kernels().mxfp4_expert_forward(layout, views, x)
+    if use_fused(x, fused):
+        return fused_kernels().mxfp4_expert_forward(layout, views, x, clamped_swiglu)
     if layout.extra.get("ffn") == "gpt_oss":
         gate_up = _linear(x, views, "gate_up", row_block, bias=True)                          # [T, 2F]
         h = clamped_swiglu(gate_up, layout.extra["swiglu_limit"], layout.extra["swiglu_alpha"])  # [T, F]

@@ -168,3 +168,74 @@ def expert_forward_fused(layout: BlobLayout, blob_views: dict[str, torch.Tensor]
             enable_fp_fusion=FP_FUSION)
     y = dequant_gemv(v["w2.q"], v["w2.scale"], v["w2.zero"], h, bits, group)  # [D]
     return y.to(x.dtype).reshape(1, hidden)
+
+
+# ---- MXFP4 (quant/mxfp4.py): 4-bit E2M1 values, two per byte, one power-of-two scale per 32 ----------------
+
+MX_BLOCK_K = 256  # values per step of a program's loop (128 bytes of a row)
+
+
+@triton.jit
+def _mxfp4_gemv_kernel(b_ptr, s_ptr, x_ptr, bias_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[rows] = W[rows] x (+ bias[rows]) for W in MXFP4 (blocks [N, K/2] bytes, scales [N, K/32] biased
+    exponents), dequantized in registers: each byte holds the even value in its low nibble; a value is
+    sign (bit 3), exponent e (bits 2-1), mantissa m (bit 0): m/2 when e = 0, else (1 + m/2) 2^(e-1)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    half = K // 2
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, half, BLOCK_K // 2):
+        j = k0 + tl.arange(0, BLOCK_K // 2)                        # byte index in the row
+        ok = row_ok[:, None] & (j < half)[None, :]
+        b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * half + j[None, :], mask=ok, other=0).to(tl.int32)
+        s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * (K // 32) + (j // 16)[None, :], mask=ok, other=127)
+        scale = tl.exp2(s.to(tl.float32) - 127.0)
+        xe = tl.load(x_ptr + 2 * j, mask=j < half, other=0).to(tl.float32)
+        xo = tl.load(x_ptr + 2 * j + 1, mask=j < half, other=0).to(tl.float32)
+        lo, hi = b & 0xF, b >> 4
+        acc += tl.sum((_e2m1(lo) * xe[None, :] + _e2m1(hi) * xo[None, :]) * scale, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0).to(tl.float32)
+    tl.store(y_ptr + rows, acc, mask=row_ok)
+
+
+@triton.jit
+def _e2m1(code):
+    """The float32 value of 4-bit E2M1 codes (int32)."""
+    e = (code >> 1) & 3
+    m = (code & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+def mxfp4_gemv(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W x (+ bias) for one MXFP4 matrix (blocks [N, K/32, 16], scales [N, K/32]) and x [K]: float32 [N]."""
+    n, groups = scales.shape
+    y = torch.empty(n, dtype=torch.float32, device=x.device)
+    with _on(x.device):
+        _mxfp4_gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
+            blocks, scales, x.contiguous(), bias if bias is not None else y, y, n, groups * 32,
+            HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=MX_BLOCK_K, enable_fp_fusion=FP_FUSION)
+    return y
+
+
+def mxfp4_expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.Tensor,
+                         clamped_swiglu) -> torch.Tensor:
+    """`quant.mxfp4.expert_forward` for one token x [1, D] with the fused kernel: [1, D] in x's dtype. The
+    activation between the matrices runs in torch on one [F] vector (gpt-oss's: `clamped_swiglu`, passed in by
+    quant/mxfp4.py, which imports this module through quant.kernels)."""
+    xv = x.reshape(-1)
+
+    def gemv(name: str, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        return mxfp4_gemv(views[f"{name}.blocks"], views[f"{name}.scales"], v, views[f"{name}.bias"] if bias else None)
+
+    if layout.extra.get("ffn") == "gpt_oss":
+        h = clamped_swiglu(gemv("gate_up", xv, True), layout.extra["swiglu_limit"],
+                                 layout.extra["swiglu_alpha"])                           # float32 [F]
+        y = gemv("down", h, True)
+    else:
+        a = gemv("w1", xv)
+        y = gemv("w2", a / (1.0 + torch.exp(-a)) * gemv("w3", xv))
+    return y.to(x.dtype).reshape(1, -1)

@@ -354,3 +354,57 @@ def test_inspect_plans_gpt_oss_20b_from_its_config_alone_in_8_gib_with_mxfp4_exp
     tier = plan["device_tier"]
     assert 0 < tier["expert_slots"] < 24 * 32 and tier["used_bytes"] <= 8 * 2**30   # runs in 8 GiB, experts streamed
     assert not plan["all_experts_on_device"] and plan["host_tier"]["expert_slots"] == 24 * 32  # all fit in 16 GiB
+
+
+MXFP4_INTERPRETER_CHECK = """
+import torch
+from quant import mxfp4
+from quant.expert import _row_block
+torch.manual_seed(0)
+for D, F_ in ((64, 96), (96, 64)):
+    for act in (None, {"swiglu_limit": 0.5, "swiglu_alpha": 1.702}):
+        layout = mxfp4.expert_layout(D, F_, act)
+        if act:
+            w = {"gate_up": torch.randn(2 * F_, D) * .1, "gate_up.bias": torch.randn(2 * F_) * .1,
+                 "down": torch.randn(D, F_) * .1, "down.bias": torch.randn(D) * .1}
+        else:
+            w = {"w1": torch.randn(F_, D) * .1, "w2": torch.randn(D, F_) * .1, "w3": torch.randn(F_, D) * .1}
+        views = layout.views(mxfp4.pack_expert(w, layout))
+        x = torch.randn(1, D)
+        fused, ref = (mxfp4.expert_forward(layout, views, x, _row_block, fused=f) for f in (True, False))
+        assert torch.allclose(fused, ref, atol=1e-5), (D, F_, act, (fused - ref).abs().max())
+print("ok")
+"""
+
+
+def test_mxfp4_fused_gemv_matches_the_dequantized_matmul_in_the_interpreter():
+    """quant/triton_gemv.py's MXFP4 kernel (both expert kinds), run by Triton's CPU interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", MXFP4_INTERPRETER_CHECK], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_mxfp4_kernel_compiles_to_cubin_for_ampere_and_hopper():
+    """No GPU needed: Triton carries its own ptxas."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from quant import triton_gemv as g
+
+    for arch in (80, 90):
+        for x, bias, has_bias in (("*fp16", "*fp32", False), ("*bf16", "*bf16", True), ("*fp32", "*fp32", True)):
+            signature = {"b_ptr": "*u8", "s_ptr": "*u8", "x_ptr": x, "bias_ptr": bias, "y_ptr": "*fp32", "N": "i32",
+                         "K": "i32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+            constexprs = {"HAS_BIAS": has_bias, "BLOCK_N": g.BLOCK_N, "BLOCK_K": g.MX_BLOCK_K}
+            source = ASTSource(fn=g._mxfp4_gemv_kernel, signature=signature, constexprs=constexprs)
+            compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": g.FP_FUSION})
+            assert compiled.asm.get("cubin"), (arch, x, has_bias)
