@@ -139,13 +139,13 @@ from bench_offload import write_mixtral_slice; write_mixtral_slice(Path(sys.argv
 families)
     # 4 layers of Qwen3-30B-A3B's dimensions (128 experts of 9 MiB in bf16, top-8): time per token resident, with a
     # quarter of the experts on the device, 4-bit, and transformers; bytes against the pinned-H2D transfer bound.
-    step finegrained 300 $py bench/bench_finegrained.py --layers 4 --device cuda --out "$RESULTS/finegrained-gpu.json"
+    step finegrained 260 $py bench/bench_finegrained.py --layers 4 --device cuda --out "$RESULTS/finegrained-gpu.json"
     # 2 layers of DeepSeek-V2-Lite's dimensions (latent attention, 64 experts of 16.5 MiB in bf16, top-6, 2 shared):
     # resident, a quarter on the device, transformers; KV cache bytes per token, latent against expanded.
     step deepseek 90 $py bench/bench_deepseek.py --layers 2 --device cuda --out "$RESULTS/deepseek-gpu.json"
     # Every family's oracle and budget tests (CPU float32 by design: the families' math, not the GPU's rounding).
-    step family-tests 150 $py -m pytest -q -p no:cacheprovider tests/test_qwen_moe.py tests/test_olmoe.py \
-        tests/test_deepseek.py
+    step family-tests 190 $py -m pytest -q -p no:cacheprovider tests/test_qwen_moe.py tests/test_olmoe.py \
+        tests/test_deepseek.py tests/test_gpt_oss.py
     ;;
 compare)
     # compare.py saves its record after each contender: a run stopped at the deadline keeps what it measured.

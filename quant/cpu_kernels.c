@@ -12,7 +12,9 @@
  *
  * With AVX-512 (F, BW) and F16C the inner loops are written with intrinsics, two rows and up to four
  * tokens at a time; elsewhere a portable loop computes the same sums (slower, same results up to rounding).
- * Threads: OpenMP over blocks of rows, `nthreads` per call.
+ * Threads: OpenMP over blocks of rows, `nthreads` per call, handed out "guided" (large chunks first, then
+ * smaller ones) so that a thread slowed by other work on its core does not hold the call up. Each row is
+ * summed by one thread in a fixed order, so results do not depend on the thread count or the schedule.
  */
 
 #include <math.h>
@@ -29,6 +31,10 @@
 
 #define ROW_BLOCK 16  /* rows per OpenMP work item */
 #define TOKEN_TILE 4  /* tokens that share one decode of a row's codes */
+/* How far ahead of the codes being read to ask for cache lines: the hardware prefetcher alone left a
+ * thread waiting on RAM (a 4-bit Mixtral matrix took 1.5x as long on one thread without it). A few rows
+ * ahead, in the rows this thread goes on to read. */
+#define PREFETCH_BYTES 8192
 
 int moe_isa(void) { return MOE_AVX512 ? 512 : 0; }
 
@@ -37,7 +43,12 @@ typedef struct {
     const uint8_t *q;
     int64_t qrow; /* bytes per row of codes */
     const uint16_t *scale, *zero;
+    const uint8_t *mx_scale; /* MXFP4 (bits 4, G 32, no zero point): E8M0 scales [N, K / 32]; else NULL */
 } Mat;
+
+/* MXFP4's values: E2M1 codes (sign, 2 exponent bits, 1 mantissa bit), as quant/mxfp4.py's FP4_VALUES. */
+static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 /* Whether the 4-bit kernel reads x in "split" order: within every 32 columns, the 16 even columns, then
  * the 16 odd ones (the low and high nibbles of 16 bytes). */
@@ -99,11 +110,19 @@ static inline __m512 codes4_generic(const uint8_t *p, __m512i ctl, __m512i shift
     return _mm512_permutexvar_ps(_mm512_srlv_epi32(pairs, shift), table);
 }
 
+static inline __m512 mx_scales(__m128i e)
+{
+    const __m512i s = _mm512_cvtepu8_epi32(e);
+    const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(s, 23), _mm512_cmpeq_epi32_mask(s, _mm512_setzero_si512()),
+                                               _mm512_set1_epi32(0x00400000));
+    return _mm512_castsi512_ps(bits);
+}
+
 /* Rows [n0, n1) for TT tokens (a constant after inlining). acc: one vector per (row of the pair, token),
  * summed across lanes at the end; a group's partial sums (gacc) are scaled once per group. */
 static inline __attribute__((always_inline)) void
-rows_avx512(const Mat *m, int BITS, int SPLIT, int TT, int n0, int n1, const float *xp, const float *xsum, int T,
-            float *y)
+rows_avx512(const Mat *m, int BITS, int SPLIT, int MX, int TT, int n0, int n1, const float *xp, const float *xsum,
+            int T, float *y)
 {
     const int K = m->K, G = m->G, N = m->N, NG = K / G, NGp = ngroups_padded(m), NA = TT <= 2 ? 2 : 1;
     int8_t ctl_b[64];
@@ -118,7 +137,7 @@ rows_avx512(const Mat *m, int BITS, int SPLIT, int TT, int n0, int n1, const flo
     }
     const __m512i ctl = _mm512_loadu_si512(ctl_b), shift = _mm512_loadu_si512(sh), shift2 = _mm512_loadu_si512(sh2);
     float tab[16];
-    for (int i = 0; i < 16; i++) tab[i] = (float)(i & ((1 << BITS) - 1));
+    for (int i = 0; i < 16; i++) tab[i] = MX ? FP4[i] : (float)(i & ((1 << BITS) - 1));
     const __m512 table = _mm512_loadu_ps(tab);
     const int64_t group_bytes = (int64_t)G * BITS / 8;
     (void)T;
@@ -134,19 +153,30 @@ rows_avx512(const Mat *m, int BITS, int SPLIT, int TT, int n0, int n1, const flo
         for (int gb = 0; gb < NG; gb += 16) {
             const int ng = NG - gb < 16 ? NG - gb : 16;
             const __mmask16 mk = (__mmask16)((1u << ng) - 1);
-            const __m512 vs0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s0 + gb));
-            const __m512 vs1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s1 + gb));
-            const __m512 zs0 = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, z0 + gb)), vs0);
-            const __m512 zs1 = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, z1 + gb)), vs1);
-            for (int t = 0; t < TT; t++) {  /* the zero points' share: - sum_g z s xsum, lane by lane */
-                const __m512 xs = _mm512_loadu_ps(xsum + (int64_t)t * NGp + gb);
-                a0[t] = _mm512_fnmadd_ps(zs0, xs, a0[t]);
-                a1[t] = _mm512_fnmadd_ps(zs1, xs, a1[t]);
+            __m512 vs0, vs1;
+            if (MX) {  /* E8M0: 2^(s - 127), the float whose exponent field is s (s = 0: 2^-127, a subnormal) */
+                const uint8_t *m0 = m->mx_scale + (int64_t)n * NG + gb, *m1 = two ? m0 + NG : m0;
+                vs0 = mx_scales(_mm_maskz_loadu_epi8(mk, m0));
+                vs1 = mx_scales(_mm_maskz_loadu_epi8(mk, m1));
+            } else {
+                vs0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s0 + gb));
+                vs1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s1 + gb));
+                const __m512 zs0 = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, z0 + gb)), vs0);
+                const __m512 zs1 = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, z1 + gb)), vs1);
+                for (int t = 0; t < TT; t++) {  /* the zero points' share: - sum_g z s xsum, lane by lane */
+                    const __m512 xs = _mm512_loadu_ps(xsum + (int64_t)t * NGp + gb);
+                    a0[t] = _mm512_fnmadd_ps(zs0, xs, a0[t]);
+                    a1[t] = _mm512_fnmadd_ps(zs1, xs, a1[t]);
+                }
             }
             for (int gi = 0; gi < ng; gi++) {
                 const int g = gb + gi;
                 const uint8_t *p0 = q0 + g * group_bytes, *p1 = q1 + g * group_bytes;
                 const float *xg = xp + (int64_t)g * G;
+                if (((g * group_bytes) & 63) < group_bytes) {  /* once per cache line of codes */
+                    _mm_prefetch((const char *)(p0 + PREFETCH_BYTES), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(p1 + PREFETCH_BYTES), _MM_HINT_T0);
+                }
                 /* A group's partial sums, in NA independent sets (two for one or two tokens, so that
                  * consecutive FMAs do not wait on each other's latency; one when more tokens already give
                  * independent chains), added together when the group is done. */
@@ -183,7 +213,10 @@ rows_avx512(const Mat *m, int BITS, int SPLIT, int TT, int n0, int n1, const flo
                         const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p0 + c / 2)));
                         const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p1 + c / 2)));
                         MOE_ACC(_mm512_permutexvar_ps(b0, table), _mm512_permutexvar_ps(b1, table), c, 0);
-                        MOE_ACC(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)),
+                        MOE_ACC(MX ? _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), table)
+                                   : _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)),
+                                MX ? _mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), table)
+                                   : _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)),
                                 c + 16, NA - 1);
                     }
                 } else if (BITS == 4) {
@@ -222,7 +255,7 @@ rows_avx512(const Mat *m, int BITS, int SPLIT, int TT, int n0, int n1, const flo
     static void rows_##BITS##_##SPLIT##_##TT(const Mat *m, int n0, int n1, const float *xp,         \
                                              const float *xsum, int T, float *y)                   \
     {                                                                                              \
-        rows_avx512(m, BITS, SPLIT, TT, n0, n1, xp, xsum, T, y);                                   \
+        rows_avx512(m, BITS == 5 ? 4 : BITS, SPLIT, BITS == 5, TT, n0, n1, xp, xsum, T, y);          \
     }
 #define MOE_ROWS_T(BITS, SPLIT) MOE_ROWS(BITS, SPLIT, 1) MOE_ROWS(BITS, SPLIT, 2) MOE_ROWS(BITS, SPLIT, 3) MOE_ROWS(BITS, SPLIT, 4)
 MOE_ROWS_T(8, 0)
@@ -230,6 +263,7 @@ MOE_ROWS_T(4, 1)
 MOE_ROWS_T(4, 0)
 MOE_ROWS_T(3, 0)
 MOE_ROWS_T(2, 0)
+MOE_ROWS_T(5, 1) /* MXFP4 */
 
 typedef void (*rows_fn)(const Mat *, int, int, const float *, const float *, int, float *);
 
@@ -241,6 +275,7 @@ static rows_fn pick(const Mat *m, int tt)
                                      rows_##BITS##_##SPLIT##_3, rows_##BITS##_##SPLIT##_4};                \
         return f[tt - 1];                                                                                  \
     }
+    if (m->mx_scale) MOE_PICK(5, 1)
     switch (m->bits) {
     case 8: MOE_PICK(8, 0)
     case 4: if (split4(m)) MOE_PICK(4, 1) else MOE_PICK(4, 0)
@@ -283,11 +318,19 @@ static void rows(const Mat *m, int n0, int n1, const float *xp, const float *xsu
         const uint8_t *qr = m->q + (int64_t)n * m->qrow;
         for (int t = 0; t < T; t++) y[(int64_t)t * m->N + n] = 0.0f;
         for (int g = 0; g < NG; g++) {
-            float s = half_to_float(m->scale[(int64_t)n * NG + g]), z = half_to_float(m->zero[(int64_t)n * NG + g]);
+            float s, z;
+            if (m->mx_scale) {
+                s = ldexpf(1.0f, (int)m->mx_scale[(int64_t)n * NG + g] - 127);
+                z = 0.0f;
+            } else {
+                s = half_to_float(m->scale[(int64_t)n * NG + g]);
+                z = half_to_float(m->zero[(int64_t)n * NG + g]);
+            }
             for (int j = 0; j < G; j++) {
                 int64_t bit = (int64_t)(g * G + j) * m->bits;
                 unsigned v = qr[bit / 8] | (bit / 8 + 1 < m->qrow ? (unsigned)qr[bit / 8 + 1] << 8 : 0u);
-                codes[j] = (float)((v >> (bit % 8)) & mask);
+                unsigned c = (v >> (bit % 8)) & mask;
+                codes[j] = m->mx_scale ? FP4[c] : (float)c;
             }
             for (int t = 0; t < T; t++) {
                 const float *xt = xp + (int64_t)t * K + g * G;
@@ -316,20 +359,38 @@ int64_t moe_qmatmul_work(int bits, int G, int N, int K, int T)
     return (int64_t)T * K + (int64_t)T * ((K / G + 15) / 16 * 16);
 }
 
+static void matmul(const Mat *m, int T, const float *x, float *y, float *work, int nthreads)
+{
+    float *xp = work, *xsum = work + (int64_t)T * m->K;
+    prepare_input(m, T, x, xp, xsum);
+    const int N = m->N, blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel for num_threads(nthreads) schedule(guided)
+    for (int b = 0; b < blocks; b++) {
+        const int n1 = (b + 1) * ROW_BLOCK < N ? (b + 1) * ROW_BLOCK : N;
+        rows(m, b * ROW_BLOCK, n1, xp, xsum, T, y);
+    }
+}
+
 /* y [T, N] = x [T, K] @ W.T. Returns 0, or 1 when the shapes are not supported (the caller falls back). */
 int moe_qmatmul(int bits, int G, int N, int K, int T, const uint8_t *q, int64_t qrow, const uint16_t *scale,
                 const uint16_t *zero, const float *x, float *y, float *work, int nthreads)
 {
-    Mat m = {bits, G, N, K, q, qrow, scale, zero};
+    Mat m = {bits, G, N, K, q, qrow, scale, zero, NULL};
     if (check(&m, T)) return 1;
-    float *xp = work, *xsum = work + (int64_t)T * K;
-    prepare_input(&m, T, x, xp, xsum);
-    const int blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int b = 0; b < blocks; b++) {
-        const int n1 = (b + 1) * ROW_BLOCK < N ? (b + 1) * ROW_BLOCK : N;
-        rows(&m, b * ROW_BLOCK, n1, xp, xsum, T, y);
-    }
+    matmul(&m, T, x, y, work, nthreads);
+    return 0;
+}
+
+/* y [T, N] = x [T, K] @ W.T for an MXFP4 weight: blocks [N, K / 32, 16] (two E2M1 values a byte, the even
+ * column in the low nibble) and E8M0 scales [N, K / 32], as quant/mxfp4.py stores them. Workspace:
+ * moe_qmatmul_work(4, 32, N, K, T) floats. */
+int moe_mxfp4_matmul(int N, int K, int T, const uint8_t *blocks, const uint8_t *scales, const float *x, float *y,
+                     float *work, int nthreads)
+{
+    /* scale and zero point at the E8M0 bytes too, unread: no pointer of the struct is NULL */
+    Mat m = {4, 32, N, K, blocks, K / 2, (const uint16_t *)scales, (const uint16_t *)scales, scales};
+    if (check(&m, T)) return 1;
+    matmul(&m, T, x, y, work, nthreads);
     return 0;
 }
 
@@ -347,8 +408,8 @@ int moe_qexpert(int bits, int G, int D, int F, int T,
                 const uint8_t *q3, int64_t q3row, const uint16_t *s3, const uint16_t *z3,
                 const float *x, float *y, float *work, int nthreads)
 {
-    Mat w1 = {bits, G, F, D, q1, q1row, s1, z1}, w2 = {bits, G, D, F, q2, q2row, s2, z2},
-        w3 = {bits, G, F, D, q3, q3row, s3, z3};
+    Mat w1 = {bits, G, F, D, q1, q1row, s1, z1, NULL}, w2 = {bits, G, D, F, q2, q2row, s2, z2, NULL},
+        w3 = {bits, G, F, D, q3, q3row, s3, z3, NULL};
     if (check(&w1, T) || check(&w2, T) || check(&w3, T)) return 1;
     float *xp = work, *xsum = xp + (int64_t)T * D;
     float *hp = work + moe_qmatmul_work(bits, G, F, D, T), *hsum = hp + (int64_t)T * F;
@@ -358,7 +419,7 @@ int moe_qexpert(int bits, int G, int D, int F, int T,
     const int up_blocks = (F + ROW_BLOCK - 1) / ROW_BLOCK, down_blocks = (D + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
         for (int b = 0; b < 2 * up_blocks; b++) {
             const int r = b % up_blocks, n0 = r * ROW_BLOCK, n1 = n0 + ROW_BLOCK < F ? n0 + ROW_BLOCK : F;
             if (b < up_blocks) rows(&w1, n0, n1, xp, xsum, T, gate);
@@ -368,10 +429,108 @@ int moe_qexpert(int bits, int G, int D, int F, int T,
         for (int64_t i = 0; i < (int64_t)T * F; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 #pragma omp single
         prepare_input(&w2, T, h, hp, hsum);
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
         for (int b = 0; b < down_blocks; b++) {
             const int n1 = (b + 1) * ROW_BLOCK < D ? (b + 1) * ROW_BLOCK : D;
             rows(&w2, b * ROW_BLOCK, n1, hp, hsum, T, y);
+        }
+    }
+    return 0;
+}
+
+/* ---- half-precision (bfloat16 / float16) dense experts ------------------------------------------
+ * torch's bf16 matrix-vector product for one token runs at 1.7x the time of reading the weights here (a
+ * second token costs nothing more: it takes another path); this one reads each weight once for 1..16
+ * tokens and sums in float32. kind 0: bfloat16 weights, 1: float16. */
+
+static inline float half_weight(int kind, uint16_t h)
+{
+    if (kind == 1) {
+#if MOE_AVX512
+        return _cvtsh_ss(h);
+#else
+        uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023, bits;
+        if (e == 0) { float v = ldexpf((float)mant, -24); return sign ? -v : v; }
+        bits = e == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((e + 112) << 23) | (mant << 13);
+        float f; memcpy(&f, &bits, 4); return f;
+#endif
+    }
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#if MOE_AVX512
+static inline __m512 half16(int kind, const uint16_t *p, __mmask16 mk)
+{
+    const __m256i raw = _mm256_maskz_loadu_epi16(mk, p);
+    return kind == 1 ? _mm512_cvtph_ps(raw) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+/* y[t, n] for rows [n0, n1) of W [N, K] (row stride K) and x [T, K]. */
+static void half_rows(int kind, const uint16_t *w, int N, int K, int n0, int n1, const float *x, int T, float *y)
+{
+    for (int n = n0; n < n1; n++) {
+        const uint16_t *wr = w + (int64_t)n * K;
+        for (int t0 = 0; t0 < T; t0 += TOKEN_TILE) {
+            const int tt = T - t0 < TOKEN_TILE ? T - t0 : TOKEN_TILE;
+#if MOE_AVX512
+            __m512 acc[TOKEN_TILE][2];
+            for (int t = 0; t < TOKEN_TILE; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+            int k = 0;
+            for (; k + 32 <= K; k += 32) {
+                _mm_prefetch((const char *)(wr + k + PREFETCH_BYTES / 2), _MM_HINT_T0);  /* 32 weights: a line */
+                const __m512 w0 = half16(kind, wr + k, 0xFFFF), w1 = half16(kind, wr + k + 16, 0xFFFF);
+                for (int t = 0; t < tt; t++) {
+                    const float *xt = x + (int64_t)(t0 + t) * K + k;
+                    acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), acc[t][0]);
+                    acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), acc[t][1]);
+                }
+            }
+            for (; k < K; k += 16) {
+                const __mmask16 mk = (__mmask16)(K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1);
+                const __m512 w0 = half16(kind, wr + k, mk);
+                for (int t = 0; t < tt; t++)
+                    acc[t][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mk, x + (int64_t)(t0 + t) * K + k), acc[t][0]);
+            }
+            for (int t = 0; t < tt; t++)
+                y[(int64_t)(t0 + t) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+#else
+            for (int t = 0; t < tt; t++) {
+                const float *xt = x + (int64_t)(t0 + t) * K;
+                float acc = 0.0f;
+                for (int k = 0; k < K; k++) acc += half_weight(kind, wr[k]) * xt[k];
+                y[(int64_t)(t0 + t) * N + n] = acc;
+            }
+#endif
+        }
+    }
+}
+
+/* One SwiGLU expert with half-precision weights: y [T, D] = w2 (silu(w1 x) * (w3 x)); w1, w3 [F, D],
+ * w2 [D, F]; x [T, D] float32; work: 3 T F floats. Returns 0, or 1 for an unknown kind. */
+int moe_hexpert(int kind, int D, int F, int T, const uint16_t *w1, const uint16_t *w2, const uint16_t *w3,
+                const float *x, float *y, float *work, int nthreads)
+{
+    if ((kind != 0 && kind != 1) || T < 1 || D < 1 || F < 1) return 1;
+    float *gate = work, *up = work + (int64_t)T * F, *h = up + (int64_t)T * F;
+    const int up_blocks = (F + ROW_BLOCK - 1) / ROW_BLOCK, down_blocks = (D + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(guided)
+        for (int b = 0; b < 2 * up_blocks; b++) {
+            const int r = b % up_blocks, n0 = r * ROW_BLOCK, n1 = n0 + ROW_BLOCK < F ? n0 + ROW_BLOCK : F;
+            if (b < up_blocks) half_rows(kind, w1, F, D, n0, n1, x, T, gate);
+            else half_rows(kind, w3, F, D, n0, n1, x, T, up);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < (int64_t)T * F; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+#pragma omp for schedule(guided)
+        for (int b = 0; b < down_blocks; b++) {
+            const int n1 = (b + 1) * ROW_BLOCK < D ? (b + 1) * ROW_BLOCK : D;
+            half_rows(kind, w2, D, F, b * ROW_BLOCK, n1, h, T, y);
         }
     }
     return 0;

@@ -123,6 +123,10 @@ def load(march: str = "native") -> ctypes.CDLL | None:
     lib.moe_qmatmul.restype = lib.moe_qexpert.restype = _c_int
     lib.moe_qmatmul.argtypes = [_c_int] * 5 + [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _c_int]
     lib.moe_qexpert.argtypes = [_c_int] * 5 + [_ptr, _i64, _ptr, _ptr] * 3 + [_ptr, _ptr, _ptr, _c_int]
+    lib.moe_mxfp4_matmul.restype = _c_int
+    lib.moe_mxfp4_matmul.argtypes = [_c_int] * 3 + [_ptr] * 5 + [_c_int]
+    lib.moe_hexpert.restype = _c_int
+    lib.moe_hexpert.argtypes = [_c_int] * 4 + [_ptr] * 6 + [_c_int]
     lib.moe_read_bandwidth.restype = ctypes.c_double
     lib.moe_read_bandwidth.argtypes = [_ptr, _i64, _c_int, _c_int]
     return lib
@@ -185,6 +189,60 @@ def qexpert(x: torch.Tensor, parts: dict[str, torch.Tensor], bits: int, group_si
     if lib.moe_qexpert(bits, group_size, D, F, T, *args, xf.data_ptr(), y.data_ptr(), work.data_ptr(),
                        torch.get_num_threads()):
         raise ValueError(f"the CPU kernel does not take a {bits}-bit expert [{F}, {D}] in groups of {group_size}")
+    return y.to(x.dtype)
+
+
+def supports_mxfp4(x: torch.Tensor) -> bool:
+    """Whether x [T, K] meets an MXFP4 weight through the kernels."""
+    return x.device.type == "cpu" and 1 <= x.shape[0] <= MAX_TOKENS and _library() is not None
+
+
+def mxfp4_matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                 lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [T, K] @ W.T for an MXFP4 weight W [N, K] stored as blocks uint8 [N, K/32, 16] and E8M0 scales uint8
+    [N, K/32] (quant/mxfp4.py): [T, N] in x's dtype. `lib` as in `qmatmul`."""
+    lib = lib or _library()
+    T, K = x.shape
+    N = blocks.shape[0]
+    for t in (blocks, scales):
+        if t.dtype != torch.uint8 or not t.is_contiguous():
+            raise ValueError(f"MXFP4 operands must be contiguous uint8, got {t.dtype}")
+    xf = _float_input(x)
+    y = torch.empty(T, N, dtype=torch.float32)
+    work = torch.empty(lib.moe_qmatmul_work(4, 32, N, K, T), dtype=torch.float32)
+    if lib.moe_mxfp4_matmul(N, K, T, blocks.data_ptr(), scales.data_ptr(), xf.data_ptr(), y.data_ptr(),
+                            work.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"the CPU kernel does not take an MXFP4 weight [{N}, {K}]")
+    return y.to(x.dtype)
+
+
+HALF_KINDS = {torch.bfloat16: 0, torch.float16: 1}
+
+
+def supports_half(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
+    """Whether a half-precision (bf16/fp16) expert meets x [T, D] through the kernels: for one token only,
+    where torch's bf16 matrix-vector product takes 1.5x the kernel's time; from 4 tokens on torch's
+    matrix-matrix path is the faster (bench/results/cpu-experts-cpu.json)."""
+    return (x.device.type == "cpu" and x.shape[0] == 1 and weight_dtype in HALF_KINDS
+            and _library() is not None)
+
+
+def hexpert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) for x [T, D] and bfloat16 or float16 weights w1, w3 [F, D], w2 [D, F], summed
+    in float32: [T, D] in x's dtype. `lib` as in `qmatmul`."""
+    lib = lib or _library()
+    T, D = x.shape
+    F = w1.shape[0]
+    for w in (w1, w2, w3):
+        if w.dtype != w1.dtype or not w.is_contiguous():
+            raise ValueError(f"kernel weights must be contiguous and of one dtype, got {w.dtype}")
+    xf = _float_input(x)
+    y = torch.empty(T, D, dtype=torch.float32)
+    work = torch.empty(3 * T * F, dtype=torch.float32)
+    if lib.moe_hexpert(HALF_KINDS[w1.dtype], D, F, T, w1.data_ptr(), w2.data_ptr(), w3.data_ptr(), xf.data_ptr(),
+                       y.data_ptr(), work.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"the CPU kernel does not take a {w1.dtype} expert")
     return y.to(x.dtype)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .blob import BlobLayout
 from .errors import UserError
 
@@ -122,11 +123,15 @@ def weight(views: dict[str, torch.Tensor], name: str, dtype: torch.dtype, r0: in
 
 
 def _linear(x: torch.Tensor, views: dict[str, torch.Tensor], name: str, row_block, bias: bool = False) -> torch.Tensor:
-    """x [T, C] @ W.T (+ its bias) for MXFP4 weight `name` [R, C], dequantized `row_block(x, C)` rows at a time, so
-    the temporary stays a few MB (the store's memory plan budgets one block, quant/expert.py's size)."""
+    """x [T, C] @ W.T (+ its bias) for MXFP4 weight `name` [R, C]: on the CPU through quant.cpu_kernels' fused
+    kernel (1..16 tokens), else dequantized `row_block(x, C)` rows at a time, so the temporary stays a few MB
+    (the store's memory plan budgets one block, quant/expert.py's size)."""
     rows, cols = views[f"{name}.scales"].shape[0], views[f"{name}.scales"].shape[1] * BLOCK
-    step = row_block(x, cols)
     b = views[f"{name}.bias"].to(x.dtype) if bias else None
+    if cpu_kernels.supports_mxfp4(x):  # the CPU's fused kernel: codes stay packed
+        y = cpu_kernels.mxfp4_matmul(x, views[f"{name}.blocks"].view(rows, -1), views[f"{name}.scales"])
+        return y if b is None else y + b
+    step = row_block(x, cols)
     return torch.cat([F.linear(x, weight(views, name, x.dtype, r, r + step), None if b is None else b[r:r + step])
                       for r in range(0, rows, step)], dim=1)
 
@@ -135,7 +140,8 @@ def expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.
                    fused: bool | None = None) -> torch.Tensor:
     """The expert of an MXFP4 blob on x [T, D] -> [T, D] in x's dtype, on x's device (quant.expert_forward
     calls it, with its `row_block` rule). One CUDA token runs the fused dequantize + GEMV kernels
-    (quant/triton_gemv.py); otherwise weights are dequantized a block of rows at a time, then multiplied."""
+    (quant/triton_gemv.py), CPU tokens the fused C kernel (quant/cpu_kernels.c); otherwise weights are
+    dequantized a block of rows at a time, then multiplied."""
     from .kernels import fused_kernels, use_fused
 
     if layout.kind != "mxfp4":

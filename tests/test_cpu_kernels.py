@@ -2,8 +2,8 @@
 
 Tolerance: the kernels sum in float32 in another order than the reference (per group, then scaled), so
 outputs differ by float rounding, bounded here by 1e-5 x sum_k |x_k W_nk| (float32 activations) and, for
-bfloat16 activations whose result is rounded to bfloat16, by one bfloat16 rounding of the output (2^-8
-relative) on top. Both the AVX-512 build (when this CPU has it) and the portable build are checked.
+half-precision activations whose result is rounded to their dtype, by one rounding of the output (bfloat16
+2^-8, float16 2^-10 relative) on top. Both the AVX-512 build (when this CPU has it) and the portable build are checked.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def assert_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """y ~ x @ w.T (x, w float32) within the tolerance of the module docstring."""
     ref = x @ w.T
     bound = 1e-5 * (x.abs() @ w.abs().T)
-    if y.dtype == torch.bfloat16:
-        bound = bound + ref.abs() * 2 ** -8
+    if y.dtype in (torch.bfloat16, torch.float16):  # one rounding of the output (bf16 2^-8, fp16 2^-10 relative)
+        bound = bound + ref.abs() * torch.finfo(y.dtype).eps
     err = (y.float() - ref).abs()
     assert (err <= bound).all(), f"worst excess {(err - bound).max().item():.3g} (max |ref| {ref.abs().max().item():.3g})"
 
@@ -84,6 +84,41 @@ def test_expert_equals_the_dequantized_expert(lib, bits, group_size):
         # and what the runtime calls: quant.expert_forward routes CPU tokens through the kernels
         if lib is cpu_kernels.load():
             assert torch.equal(quant.expert_forward(layout, layout.views(blob), x), y)
+
+
+@pytest.mark.parametrize("n,blocks", [(37, 3), (64, 17), (1, 1)])
+def test_mxfp4_matmul_equals_dequantize_then_matmul(lib, n, blocks):
+    """MXFP4 as gpt-oss ships it (quant/mxfp4.py): every E2M1 code, scales from 2^-127 (E8M0 0) up."""
+    from quant import mxfp4
+
+    k = 32 * blocks
+    gen = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(0, 256, (n, blocks, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(110, 135, (n, blocks), dtype=torch.uint8, generator=gen)
+    scales[0, 0] = 0
+    w = mxfp4.dequantize(codes, scales, torch.float32)
+    for t in range(1, 17):
+        x = torch.randn(t, k, generator=torch.Generator().manual_seed(t))
+        assert_close(cpu_kernels.mxfp4_matmul(x, codes.view(n, -1), scales, lib=lib), x, w)
+    xb = torch.randn(3, k).bfloat16()
+    y = cpu_kernels.mxfp4_matmul(xb, codes.view(n, -1), scales, lib=lib)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, xb.float(), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D,F_", [(64, 96), (40, 72)])  # the second: rows not a multiple of 16 or 32 weights
+def test_half_precision_expert_equals_torch_in_float32(lib, dtype, D, F_):
+    gen = torch.Generator().manual_seed(5)
+    w1, w2, w3 = ((torch.randn(*s, generator=gen) * 0.1).to(dtype) for s in ((F_, D), (D, F_), (F_, D)))
+    for t in (1, 2, 5, 16):
+        x = torch.randn(t, D, generator=gen)
+        h = F.silu(x @ w1.float().T) * (x @ w3.float().T)
+        assert_close(cpu_kernels.hexpert(x, w1, w2, w3, lib=lib), h, w2.float())
+        y = cpu_kernels.hexpert(x.to(dtype), w1, w2, w3, lib=lib)
+        assert y.dtype == dtype
+        xr = x.to(dtype).float()
+        assert_close(y, F.silu(xr @ w1.float().T) * (xr @ w3.float().T), w2.float())
 
 
 def test_the_kernels_are_deterministic_and_independent_of_the_thread_count():

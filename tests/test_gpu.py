@@ -232,3 +232,23 @@ def test_split_k_gives_the_unsplit_result_on_cuda(bits, group):
         assert torch.allclose(y, ref, atol=1e-4 * float(ref.abs().max()))
     again = g.dequant_gemv(q.q, q.scale, q.zero, x, bits, group)
     assert torch.equal(split, again)  # partial sums added in a fixed order: the same bits every call
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_cpu_experts_all_on_cuda_keeps_every_expert_in_ram_and_follows_the_gpu(tiny_checkpoint, tmp_path, quantized):
+    """--cpu-experts all on a GPU: no expert slot on the device, every expert (prefill too) computed on the CPU
+    from the host tier (the C kernels for a quantized folder), logits close to the all-GPU run's (the CPU
+    rounds differently) and the same at every --ram."""
+    folder = tiny_checkpoint
+    if quantized:
+        from offload.convert import convert
+
+        folder = convert(tiny_checkpoint, tmp_path / "q4", bits=4, group_size=32)
+    on_gpu, _ = greedy(folder)
+    logits, rt = greedy(folder, cpu_experts="all")
+    stats = rt.store.stats()
+    assert rt.store.plan.device_slots == 0 and stats["expert_hits"] == 0 and stats["cpu_experts"] == "all"
+    assert stats["cpu_expert_calls"] > 0 and stats["bytes_h2d"] == 0
+    assert torch.allclose(logits, on_gpu, atol=5e-2, rtol=5e-2)
+    streamed, _ = greedy(folder, cpu_experts="all", ram=3 * rt.store.plan.blob_bytes, prefetch=1)
+    assert torch.equal(streamed, logits)

@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 import quant
-from quant import mxfp4
+from quant import cpu_kernels, mxfp4
 from quant.blob import DTYPE_NAMES, BlobLayout
 from quant.errors import UserError
 from quant.files import pread_exactly
@@ -62,6 +62,8 @@ class CheckpointExperts:
         return total
 
     def compute(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == views["w1"].dtype and cpu_kernels.supports_half(x, x.dtype):  # bf16/fp16 on the CPU
+            return cpu_kernels.hexpert(x, views["w1"], views["w2"], views["w3"])
         return expert_ffn(x, views["w1"].to(x.dtype), views["w2"].to(x.dtype), views["w3"].to(x.dtype))
 
     def expected_shapes(self) -> dict:
