@@ -31,7 +31,7 @@ def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, 
 
     with progress_bar("reading experts into RAM", transient=True, disable=as_json) as progress:
         rt = offload.load(model, device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
-                          cpu_experts=cpu_experts, policy=cache_policy, threads=threads, progress=progress)
+                          cpu_experts=cpu_experts, policy=cache_policy, threads=_threads(threads), progress=progress)
     pieces = []
     out = sys.stderr if as_json else sys.stdout
     stream = rt.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)  # checks the request
@@ -51,6 +51,13 @@ def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, 
         s = rt.stats()
         typer.echo(f"[{s['new_tokens']} tokens, {s['tokens_per_s']:.2f} tok/s, prefill {s['prefill_s']:.3f}s, "
                    f"device {s['device']}]", err=True)
+
+
+def _threads(threads: Optional[int]) -> int:
+    """--threads, default the physical cores."""
+    from offload.runtime import physical_cores
+
+    return physical_cores() if threads is None else threads
 
 
 def _write(out: TextIO, text: str) -> None:
@@ -161,7 +168,7 @@ def demo(
 
     check_utf8(prompt)
     _generate("demo", prompt, max_new_tokens, temperature, top_k, top_p, seed, False, device, "auto", as_json, 2048,
-              vram, ram, prefetch, threads=threads)
+              vram, ram, prefetch, threads=_threads(threads))
 
 
 @app.command()
@@ -263,7 +270,7 @@ def profile(
     with progress_bar("reading experts into RAM", transient=True) as progress:
         result = run_profile(model, text, out, max_new_tokens, sampling, chat=chat, device=device, dtype=dtype,
                              context=context, vram=vram, ram=ram, prefetch=prefetch, cpu_experts=cpu_experts,
-                             policy=cache_policy, threads=threads, progress=progress)
+                             policy=cache_policy, threads=_threads(threads), progress=progress)
     from rich.console import Console
     from rich.table import Table
 
@@ -332,7 +339,7 @@ def serve(
     from quant.units import parse_bytes
 
     with progress_bar("reading experts into RAM", transient=True) as progress:
-        run_server(model, host, port, max_queue=max_queue, api_key=api_key, name=name, threads=threads,
+        run_server(model, host, port, max_queue=max_queue, api_key=api_key, name=name, threads=_threads(threads),
                    max_body=parse_bytes(max_body, "--max-body"), progress=progress,
                    ready=lambda url: typer.echo(f"moe-offload: serving {model} at {url}", err=True),
                    device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
@@ -362,7 +369,7 @@ def chat(
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     # The bar shows while the experts are read in and stops itself when they are, before the chat begins.
     with progress_bar("reading experts into RAM", transient=True) as progress:
-        run_chat(model, max_new_tokens=max_new_tokens, sampling=sampling, system=system, threads=threads,
+        run_chat(model, max_new_tokens=max_new_tokens, sampling=sampling, system=system, threads=_threads(threads),
                  write=lambda text: _write(sys.stdout, text), note=lambda text: typer.echo(text, err=True),
                  progress=progress, device=device, dtype=dtype, context=context, vram=vram, ram=ram,
                  prefetch=prefetch, cpu_experts=cpu_experts, policy=cache_policy)

@@ -284,11 +284,14 @@ class Runtime:
         self.close()
 
 
-def set_threads(threads: int | None = None) -> int:
+def physical_cores() -> int:
+    """The machine's physical cores: the CLI's default --threads."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def set_threads(threads: int) -> int:
     """Use `threads` CPU threads for torch and the CPU expert kernels (quant.cpu_kernels reads torch's
-    count) in this thread; default: the physical cores. Returns the count set."""
-    if threads is None:
-        threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    count) in this thread. Returns the count set."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UserError(f"--threads must be a whole number >= 1, got {threads!r}")
     torch.set_num_threads(threads)
@@ -298,13 +301,15 @@ def set_threads(threads: int | None = None) -> int:
 def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: str = "auto",
          context: int = 2048, progress=None, threads: int | None = None, **store_options) -> Runtime:
     """Open a model folder of any family in offload.models (or 'demo') for generation. Extra options go to
-    the expert store. `threads`: CPU threads (`set_threads`).
+    the expert store. `threads`: CPU threads (`set_threads`); None leaves torch's count as it is (a caller
+    that set it keeps it).
 
     When every expert fits in the host RAM budget, they are all read in now; `progress(done, total)` is
     called before the first and after each. On a GPU the host tier is page-locked first (seconds for tens
     of GB), counted by the same `progress` a host slot at a time, ahead of the experts."""
     check_torch()
-    set_threads(threads)
+    if threads is not None:
+        set_threads(threads)
     ckpt = open_checkpoint(resolve_model_path(path))
     cfg = ckpt.config
     dev = resolve_device(device)

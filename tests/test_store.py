@@ -419,8 +419,8 @@ def test_a_vram_budget_above_what_the_gpu_has_free_is_refused_before_allocating(
         ExpertStore(open_checkpoint(tiny_checkpoint), torch.device("cuda"), torch.float32, vram="2GiB", context=256)
 
 
-def test_cpu_expert_decision_compares_two_measured_costs_and_reports_them(tiny_checkpoint, monkeypatch):
-    """`--cpu-experts auto` on a GPU, run on the CPU with CUDA's synchronize faked: both costs are measured
+def test_cpu_expert_decision_compares_measured_costs_and_reports_them(tiny_checkpoint, monkeypatch):
+    """`--cpu-experts auto` on a GPU, run on the CPU with CUDA's synchronize faked: the costs are measured
     (each synchronized), the decision is their comparison, and stats() reports them."""
     from quant import pinned
 
@@ -433,9 +433,12 @@ def test_cpu_expert_decision_compares_two_measured_costs_and_reports_them(tiny_c
     store.cuda, store.cpu_experts = True, "auto"
     wins = store._decide_cpu_experts()
     costs = store.measured
-    assert set(costs) == {"cpu_expert_s", "h2d_blob_s"} and min(costs.values()) > 0
-    assert wins == (costs["cpu_expert_s"] < costs["h2d_blob_s"])
-    assert len(syncs) == 2 * 6  # each timing: a warm-up and 5 repeats, each synchronized
+    times = {"cpu_expert_s", "h2d_blob_s", "device_expert_s"}
+    assert set(costs) == times | {"blob_kind", "cpu_kernels"} and min(costs[k] for k in times) > 0
+    assert costs["blob_kind"] == "dense 32-bit" and costs["cpu_kernels"] in ("avx512", "portable", "torch")
+    # a CPU expert with its round trip against a blob's copy plus the expert's compute on the device
+    assert wins == (costs["cpu_expert_s"] < costs["h2d_blob_s"] + costs["device_expert_s"])
+    assert len(syncs) == 3 * 6  # each timing: a warm-up and 5 repeats, each synchronized
     assert store.stats()["cpu_expert_costs"] == costs
 
 

@@ -363,7 +363,16 @@ def serve(model: str | os.PathLike | None = "demo", host: str = "127.0.0.1", por
             log.warning("moe-offload: listening on %s without an API key: anyone who can reach this address can "
                         "use the model (--api-key or $%s)", where, API_KEY_ENV)
         if ready:
-            ready(f"http://{where}:{bound[1]}/v1")
+            # Said once uvicorn has started, inside its signal handlers: a Ctrl-C right after the line is
+            # then the server's graceful shutdown, not an interrupt of its start-up.
+            startup = server.startup
+
+            async def started(sockets=None):
+                await startup(sockets=sockets)
+                if server.started:
+                    ready(f"http://{where}:{bound[1]}/v1")
+
+            server.startup = started
         server.run(sockets=[sock])
     finally:
         engine.close()

@@ -137,7 +137,8 @@ def dense_bytes(cfg: ModelConfig, itemsize: int, dense_format: tuple[int, int] |
 def kv_bytes(cfg: ModelConfig, context: int, itemsize: int) -> int:
     """What the context sizes on the device: the preallocated KV cache, keys and values [L, K, S, Hd], and
     the rotary tables cos, sin [S, Hd]; a family with its own cache (DeepSeek's latent one) says its own."""
-    own = getattr(family(cfg), "kv_bytes", None)
+    # A MoLE table folder's config (lut.MoLEConfig) names no family: it has the plain cache.
+    own = getattr(family(cfg), "kv_bytes", None) if hasattr(cfg, "model_type") else None
     if own is not None:
         return own(cfg, context, itemsize)
     S = min(context, cfg.max_position_embeddings)
