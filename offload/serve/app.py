@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -373,7 +374,20 @@ def serve(model: str | os.PathLike | None = "demo", host: str = "127.0.0.1", por
                     ready(f"http://{where}:{bound[1]}/v1")
 
             server.startup = started
+        # uvicorn re-raises a Ctrl-C it shut down on once it is done, but from inside asyncio.run, whose own
+        # SIGINT handler then only cancels a task that may already have finished: the process could exit 0.
+        # The interrupt is kept here and raised after the run, so Ctrl-C always exits as an interrupt (130).
+        signals = []
+        handle_exit = server.handle_exit
+
+        def on_signal(sig, frame):
+            signals.append(sig)
+            handle_exit(sig, frame)
+
+        server.handle_exit = on_signal
         server.run(sockets=[sock])
+        if signal.SIGINT in signals:
+            raise KeyboardInterrupt
     finally:
         engine.close()
         sock.close()
