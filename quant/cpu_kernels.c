@@ -54,6 +54,27 @@ static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
  * the 16 odd ones (the low and high nibbles of 16 bytes). */
 static int split4(const Mat *m) { return MOE_AVX512 && m->bits == 4 && m->G % 32 == 0; }
 
+/* float16 bits -> float, without F16C (the portable build; AVX-512 builds use _cvtsh_ss / vcvtph2ps). */
+static inline float half_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023, bits;
+    if (e == 0) {
+        float v = ldexpf((float)mant, -24);
+        return sign ? -v : v;
+    }
+    bits = e == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((e + 112) << 23) | (mant << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* h = silu(gate) * up over n values; an `omp for` shared by the threads of the caller's parallel region. */
+static void swiglu(const float *gate, const float *up, float *h, int64_t n)
+{
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 static int ngroups_padded(const Mat *m) { return (m->K / m->G + 15) / 16 * 16; }
 
 /* x [T, K] -> xp [T, K] in the order the kernel reads, and xsum [T, NGpad] (zero past the last group). */
@@ -297,19 +318,6 @@ static void rows(const Mat *m, int n0, int n1, const float *xp, const float *xsu
 
 #else /* portable */
 
-static inline float half_to_float(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023, bits;
-    if (e == 0) {
-        float v = ldexpf((float)mant, -24);
-        return sign ? -v : v;
-    }
-    bits = e == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((e + 112) << 23) | (mant << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 static void rows(const Mat *m, int n0, int n1, const float *xp, const float *xsum, int T, float *y)
 {
     const int K = m->K, G = m->G, NG = K / G, NGp = ngroups_padded(m), mask = (1 << m->bits) - 1;
@@ -425,8 +433,7 @@ int moe_qexpert(int bits, int G, int D, int F, int T,
             if (b < up_blocks) rows(&w1, n0, n1, xp, xsum, T, gate);
             else rows(&w3, n0, n1, xp, xsum, T, up);
         }
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < (int64_t)T * F; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        swiglu(gate, up, h, (int64_t)T * F);
 #pragma omp single
         prepare_input(&w2, T, h, hp, hsum);
 #pragma omp for schedule(guided)
@@ -449,10 +456,7 @@ static inline float half_weight(int kind, uint16_t h)
 #if MOE_AVX512
         return _cvtsh_ss(h);
 #else
-        uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023, bits;
-        if (e == 0) { float v = ldexpf((float)mant, -24); return sign ? -v : v; }
-        bits = e == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((e + 112) << 23) | (mant << 13);
-        float f; memcpy(&f, &bits, 4); return f;
+        return half_to_float(h);
 #endif
     }
     uint32_t bits = (uint32_t)h << 16;
@@ -525,8 +529,7 @@ int moe_hexpert(int kind, int D, int F, int T, const uint16_t *w1, const uint16_
             if (b < up_blocks) half_rows(kind, w1, F, D, n0, n1, x, T, gate);
             else half_rows(kind, w3, F, D, n0, n1, x, T, up);
         }
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < (int64_t)T * F; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        swiglu(gate, up, h, (int64_t)T * F);
 #pragma omp for schedule(guided)
         for (int b = 0; b < down_blocks; b++) {
             const int n1 = (b + 1) * ROW_BLOCK < D ? (b + 1) * ROW_BLOCK : D;

@@ -5,6 +5,7 @@ MoLE checkpoint (written by lut's own model, its oracle) and its tables."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,14 @@ def reference_logits(model: MoLEForCausalLM, seq: list[int], start: int) -> torc
     with torch.no_grad():
         logits, _ = model(torch.tensor([seq]))
     return logits[0, start - 1:]
+
+
+def run_in_triton_interpreter(script: str, timeout: float = 300) -> None:
+    """Run `script` in a fresh interpreter under Triton's CPU interpreter (TRITON_INTERPRET=1, which must be set
+    before triton is imported); it checks the kernels itself and prints "ok" at the end."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
 def run_cli(*args: str, timeout: float = 300, stdin: str = "") -> subprocess.CompletedProcess:

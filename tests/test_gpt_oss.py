@@ -379,17 +379,10 @@ print("ok")
 
 def test_mxfp4_fused_gemv_matches_the_dequantized_matmul_in_the_interpreter():
     """quant/triton_gemv.py's MXFP4 kernel (both expert kinds), run by Triton's CPU interpreter."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
+    from conftest import run_in_triton_interpreter
 
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", MXFP4_INTERPRETER_CHECK], capture_output=True, text=True, env=env,
-                            cwd=REPO, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(MXFP4_INTERPRETER_CHECK)
 
 
 def test_mxfp4_kernel_compiles_to_cubin_for_ampere_and_hopper():

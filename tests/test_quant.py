@@ -8,16 +8,13 @@ scale and zero rounded to float16 as stored (see tests/hqq_ref.py, which benchma
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import quant
-from conftest import REPO
+from conftest import run_in_triton_interpreter
 from hqq_ref import hqq_bits_per_param, hqq_dequantize, hqq_folder, hqq_linear_dequantize, relative_error
 from quant.blob import BlobLayout
 from quant.errors import UserError
@@ -274,10 +271,7 @@ print("ok")
 def test_triton_kernels_in_the_interpreter():
     """The fused kernels' indexing and arithmetic, run by Triton's CPU interpreter (when triton is installed)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], capture_output=True, text=True, env=env,
-                            cwd=REPO, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(INTERPRETER_CHECK)
 
 
 def test_triton_kernels_compile_to_cubin_for_ampere_and_hopper():

@@ -4,13 +4,10 @@ the split count chosen for the device."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import run_in_triton_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -36,10 +33,7 @@ print("ok")
 
 
 def test_split_k_and_groups_across_units_match_the_torch_path_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", SPLIT_K_CHECK], capture_output=True, text=True, env=env, cwd=REPO,
-                            timeout=600)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(SPLIT_K_CHECK, timeout=600)
 
 
 def test_split_k_fills_the_device_only_where_rows_do_not(monkeypatch):
