@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,30 @@ def run_in_triton_interpreter(script: str, timeout: float = 300) -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=timeout,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def copy_with(folder: Path, dst: Path, config=None, tensors=None) -> Path:
+    """A copy of a one-shard model folder at `dst`, its config.json dict passed through `config` and its
+    tensors dict through `tensors` (each edits in place), for the tests of what a broken folder says."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dst)
+    if config:
+        raw = json.loads((dst / "config.json").read_text())
+        config(raw)
+        (dst / "config.json").write_text(json.dumps(raw))
+    if tensors:
+        t = load_file(dst / "model.safetensors")
+        tensors(t)
+        save_file(t, dst / "model.safetensors")
+    return dst
+
+
+def assert_generate_fails_in_one_line(folder: Path, needle: str) -> None:
+    """`moe-offload generate FOLDER` exits 2 with one line on stderr that contains `needle`."""
+    result = run_cli("generate", folder, "hello", "-n", "2")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert needle in result.stderr
 
 
 def run_cli(*args: str, timeout: float = 300, stdin: str = "") -> subprocess.CompletedProcess:

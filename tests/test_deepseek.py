@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_generate_fails_in_one_line, copy_with, run_cli
 from oracle import assert_greedy_matches, assert_logits_match, ours, save_reference
-from safetensors.torch import load_file, save_file
 
 VOCAB = 320
 PROMPT_LEN = 70
@@ -158,14 +156,7 @@ def test_v3_routing_uses_the_correction_bias_for_the_choice_and_prefetch_guesses
     (lambda c: c.pop("kv_lora_rank"), "missing field 'kv_lora_rank'"),
 ])
 def test_an_unsupported_or_bad_field_is_one_line_naming_it(v3_folder, tmp_path, change, needle):
-    copy = tmp_path / "m"
-    shutil.copytree(v3_folder, copy)
-    raw = json.loads((copy / "config.json").read_text())
-    change(raw)
-    (copy / "config.json").write_text(json.dumps(raw))
-    result = run_cli("generate", copy, "hello", "-n", "2")
-    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
-    assert needle in result.stderr
+    assert_generate_fails_in_one_line(copy_with(v3_folder, tmp_path / "m", config=change), needle)
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -178,14 +169,7 @@ def test_an_unsupported_or_bad_field_is_one_line_naming_it(v3_folder, tmp_path, 
 ])
 def test_a_missing_kv_b_proj_or_a_wrong_latent_rank_is_one_line_naming_the_tensor(v3_folder, tmp_path, change,
                                                                                      needle):
-    copy = tmp_path / "m"
-    shutil.copytree(v3_folder, copy)
-    tensors = load_file(copy / "model.safetensors")
-    change(tensors)
-    save_file(tensors, copy / "model.safetensors")
-    result = run_cli("generate", copy, "hello", "-n", "2")
-    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
-    assert needle in result.stderr
+    assert_generate_fails_in_one_line(copy_with(v3_folder, tmp_path / "m", tensors=change), needle)
 
 
 DEEPSEEK_V2_LITE = {  # its published config.json (the fields that set its size and math)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import offload
-from conftest import greedy_logits, make_checkpoint, run_cli
+from conftest import assert_generate_fails_in_one_line, copy_with, greedy_logits, make_checkpoint, run_cli
 from offload.models import FAMILIES
 
 PROMPT = [1, 17, 42, 99, 17, 250, 3, 61]
@@ -211,22 +211,13 @@ def test_an_unknown_model_type_lists_the_supported_ones(family, tmp_path):
 
 
 def test_a_missing_or_misshapen_tensor_is_one_line_naming_it(family, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     name, folder = family
     cfg = offload.models.open_checkpoint(folder).config
     dense = offload.models.family(cfg).dense_shapes(cfg)
     victim = next(n for n in dense if "shared_expert" in n or "norm" in n and "layers" in n)
     for change, needle in ((lambda t: t.pop(victim), f"has no tensor {victim}"),
                            (lambda t: t.__setitem__(victim, torch.zeros(3, 3)), f"tensor {victim} has shape [3, 3]")):
-        copy = tmp_path / f"m{len(needle)}"
-        shutil.copytree(folder, copy)
-        tensors = load_file(copy / "model.safetensors")
-        change(tensors)
-        save_file(tensors, copy / "model.safetensors")
-        result = run_cli("generate", copy, "hello", "-n", "2")
-        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
-        assert needle in result.stderr
+        assert_generate_fails_in_one_line(copy_with(folder, tmp_path / f"m{len(needle)}", tensors=change), needle)
 
 
 QWEN3_30B_A3B = {  # its published config.json (the fields that set its size)

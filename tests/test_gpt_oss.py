@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_generate_fails_in_one_line, copy_with, run_cli
 from oracle import assert_greedy_matches, assert_logits_match, ours, save_reference
 from safetensors.torch import load_file, save_file
 
@@ -96,26 +96,6 @@ def test_the_parts_are_what_the_config_says(folder):
         torch.testing.assert_close(weights.sum(dim=-1), torch.ones(32))
 
 
-def copy_with(folder, tmp_path, config=None, tensors=None):
-    copy = tmp_path / "m"
-    shutil.copytree(folder, copy)
-    if config:
-        raw = json.loads((copy / "config.json").read_text())
-        config(raw)
-        (copy / "config.json").write_text(json.dumps(raw))
-    if tensors:
-        t = load_file(copy / "model.safetensors")
-        tensors(t)
-        save_file(t, copy / "model.safetensors")
-    return copy
-
-
-def one_line(copy, needle):
-    result = run_cli("generate", copy, "hello", "-n", "2")
-    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
-    assert needle in result.stderr
-
-
 @pytest.mark.parametrize("change, needle", [
     (lambda c: c.update(quantization_config={"quant_method": "bitsandbytes"}),
      "field 'quantization_config.quant_method' is \"bitsandbytes\""),
@@ -126,16 +106,15 @@ def one_line(copy, needle):
     (lambda c: c.pop("num_local_experts"), "missing field 'num_local_experts'"),
 ])
 def test_an_unsupported_or_bad_field_is_one_line_naming_it(folder, tmp_path, change, needle):
-    one_line(copy_with(folder, tmp_path, config=change), needle)
+    assert_generate_fails_in_one_line(copy_with(folder, tmp_path / "m", config=change), needle)
 
 
 def test_a_missing_sink_or_a_misshapen_fused_expert_is_one_line_naming_the_tensor(folder, tmp_path):
-    one_line(copy_with(folder, tmp_path, tensors=lambda t: t.pop("model.layers.2.self_attn.sinks")),
-             "has no tensor model.layers.2.self_attn.sinks")
-    shutil.rmtree(tmp_path / "m")
+    no_sink = copy_with(folder, tmp_path / "no-sink", tensors=lambda t: t.pop("model.layers.2.self_attn.sinks"))
+    assert_generate_fails_in_one_line(no_sink, "has no tensor model.layers.2.self_attn.sinks")
     name = "model.layers.1.mlp.experts.down_proj"
-    one_line(copy_with(folder, tmp_path, tensors=lambda t: t.__setitem__(name, t[name][:4].contiguous())),
-             f"tensor {name} has shape [4, 32, 64]")
+    cut = copy_with(folder, tmp_path / "cut", tensors=lambda t: t.__setitem__(name, t[name][:4].contiguous()))
+    assert_generate_fails_in_one_line(cut, f"tensor {name} has shape [4, 32, 64]")
 
 
 # ---- MXFP4 experts as the Hub ships them ------------------------------------------------------------------
@@ -241,7 +220,7 @@ def test_mxfp4_blobs_tiers_and_copies_carry_4_25_bits_per_weight(mxfp4_folder):
 ])
 def test_mxfp4_a_missing_or_disagreeing_scales_tensor_is_one_line(mxfp4_folder, tmp_path, change, needle):
     folder, _, _ = mxfp4_folder
-    one_line(copy_with(folder, tmp_path, tensors=change), needle)
+    assert_generate_fails_in_one_line(copy_with(folder, tmp_path / "m", tensors=change), needle)
 
 
 def test_mxfp4_quantize_rounds_as_the_reference_and_round_trips_its_own_values():
