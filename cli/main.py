@@ -294,6 +294,18 @@ def convert(
     dense_bits: int = typer.Option(16, "--dense-bits", help="Attention projections: 16 (fp16), or 8 or 4 bits "
                                                             "(group 64), kept quantized on the GPU. Embeddings, "
                                                             "norms, routers and lm_head stay fp16."),
+    sparse: Optional[float] = typer.Option(None, "--sparse", help="Sparse experts (FloE): drop this fraction "
+                                                                  "(in [0, 1)) of each expert's neurons on the "
+                                                                  "calibration text; a miss then moves the up "
+                                                                  "projection (at --bits) and only the neurons it "
+                                                                  "activates."),
+    chunk_bits: Optional[int] = typer.Option(None, "--chunk-bits", help="With --sparse: bits of each neuron's gate "
+                                                                        "row and down column (16, 8, 4, 3, 2; "
+                                                                        "default --bits)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="With --sparse: a UTF-8 text file to "
+                                                                          "calibrate the thresholds on (default: "
+                                                                          "the demo model's training text, "
+                                                                          "pydoc_data.topics)."),
 ) -> None:
     """Write a copy of SRC with quantized expert blobs, which `generate` runs directly."""
     from cli.progress import progress_bar
@@ -303,8 +315,8 @@ def convert(
     existed = Path(dst).exists()  # convert accepts an existing DST only as a finished, intact earlier run
     with progress_bar("converting experts") as progress:
         out = run_convert(resolve_model_path(src), dst, bits=int(bits) if bits.isdigit() else bits,
-                          group_size=group_size, dense_bits=dense_bits,
-                          progress=progress)
+                          group_size=group_size, dense_bits=dense_bits, progress=progress,
+                          sparse=sparse, chunk_bits=chunk_bits, calibration=calibration)
     typer.echo(f"{out}: already converted from {src} with these settings; nothing to do" if existed
                else f"wrote {out}", err=True)
 

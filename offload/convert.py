@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 import quant
-from quant import mxfp4
+from quant import mxfp4, sparse as sparse_blob
 from quant.errors import UserError, writing
 from quant.files import copy_input, save_tensors
 
+from . import calibrate
 from .formats.checkpoint import Checkpoint
 from .formats.converted import (BITS, COPIED, DENSE_BITS, DENSE_GROUP_SIZE, EXPERTS_FILE, FILE_HEADER, FILE_VERSION,
                                 FORMAT, INFO_FILE, PARTIAL_MARKER, STRIDE_ALIGN, read_info, write_experts_header)
@@ -31,6 +32,10 @@ from .models import EXPERT_MODEL_TYPES, expected_shapes, family, open_checkpoint
 from .runtime import open_checked
 from .store.sources import converted_layout
 from .tokenizer import Tokenizer
+
+# Families whose routed experts `--sparse` refuses, besides those stored fused (gpt-oss): MoLE's experts read the
+# token embedding and become lookup tables.
+SPARSE_REFUSED = ("mole",)
 
 
 def fingerprint(ckpt: Checkpoint) -> dict:
@@ -41,10 +46,27 @@ def fingerprint(ckpt: Checkpoint) -> dict:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_size: int = 64,
-            dense_bits: int = 16, workers: int | None = None, progress=None) -> Path:
-    """Convert the model folder `src` into a quantized folder `dst`; returns dst. `progress(done, total)`."""
+            dense_bits: int = 16, workers: int | None = None, progress=None, sparse: float | None = None,
+            chunk_bits: int | None = None, calibration: str | None = None,
+            calibration_tokens: int = calibrate.MAX_TOKENS) -> Path:
+    """Convert the model folder `src` into a quantized folder `dst`; returns dst. `progress(done, total)`.
+
+    `sparse`: write sparse blobs (quant/sparse.py) instead, TARGET the fraction of neurons dropped on the
+    `calibration` text (a UTF-8 file; None: the demo model's training corpus), the up projection at `bits`,
+    the neuron chunks at `chunk_bits` (default `bits`; 16 keeps them float16)."""
     if bits not in BITS:
         raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+    if sparse is not None:
+        if isinstance(sparse, bool) or not isinstance(sparse, (int, float)) or not 0 <= sparse < 1:
+            raise UserError(f"--sparse must be a fraction of neurons to drop in [0, 1), got {sparse}")
+        if bits == "mxfp4":
+            raise UserError("--sparse keeps the up projection group-wise quantized: use --bits 8, 4, 3 or 2")
+        chunk_bits = bits if chunk_bits is None else chunk_bits
+        if chunk_bits not in sparse_blob.CHUNK_BITS:
+            raise UserError(f"--chunk-bits must be one of {', '.join(map(str, sparse_blob.CHUNK_BITS))}, "
+                            f"got {chunk_bits}")
+    elif chunk_bits is not None or calibration is not None:
+        raise UserError("--chunk-bits and --calibration apply to sparse experts only: add --sparse TARGET")
     if bits == "mxfp4":
         group_size = mxfp4.BLOCK  # one power-of-two scale per 32 values, by the format
     if dense_bits not in DENSE_BITS:
@@ -60,6 +82,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
     fused = hasattr(family(cfg), "expert_tensors")  # gpt-oss: experts stored fused per layer, with biases
     if fused and getattr(cfg, "mxfp4", False):
         raise UserError(f"{ckpt.path}: its experts already ship in MXFP4; generate runs them as they are")
+    if sparse is not None and (fused or cfg.model_type in SPARSE_REFUSED):
+        why = ("its experts are fused per layer with biases and a clamped SwiGLU, no separate gate projection"
+               if fused else "its experts read the token embedding and become lookup tables")
+        raise UserError(f"--sparse: {cfg.model_type} experts cannot be sparsified ({why}); sparse experts need "
+                        f"gated SwiGLU experts (w1 gate, w3 up, w2 down)")
     if fused and bits != "mxfp4":
         raise UserError(f"--bits {bits}: {cfg.model_type} experts (biased, clamped SwiGLU) convert to --bits mxfp4 only")
     for dim, name in ((cfg.hidden_size, "hidden_size"), (cfg.intermediate_size, "intermediate_size")):
@@ -72,7 +99,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
                 raise UserError(f"--dense-bits {dense_bits}: the attention projections' rows ({cols}, in {name}) are "
                                 f"not a multiple of the dense group size {DENSE_GROUP_SIZE}; use --dense-bits 16")
     dst = Path(dst)
-    settings = {"bits": bits, "group_size": group_size, "dense_bits": dense_bits}
+    calib_text, calib_name = calibrate.calibration_text(calibration) if sparse is not None else (None, None)
+    settings = {"bits": bits, "group_size": group_size, "dense_bits": dense_bits,
+                "sparse": None if sparse is None else {"target": float(sparse), "chunk_bits": chunk_bits,
+                                                      "calibration": calib_name}}
     if dst.resolve() == ckpt.path.resolve():
         raise UserError(f"{dst}: the destination is the source folder")
     if dst.exists() or dst.is_symlink():
@@ -83,7 +113,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
             check_finished(dst, ckpt.path, info)
             return dst  # already converted with these settings
         raise UserError(f"{dst}: holds a conversion with other settings ({info['bits']} bits, group {info['group_size']}, "
-                        f"dense {info.get('dense_bits', 16)} bits); "
+                        f"dense {info.get('dense_bits', 16)} bits, sparse {json.dumps(info.get('sparse'))}); "
                         f"remove it or choose another destination")
     partial = dst.with_name(dst.name + ".partial")
     with writing(partial):
@@ -92,7 +122,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
             for name in COPIED:
                 if (ckpt.path / name).is_file():
                     copy_input(ckpt.path / name, partial / name)
-            _write_output(ckpt, partial, bits, group_size, dense_fmt, settings, workers, progress)
+            calib = None
+            if sparse is not None:
+                calib = calibrate.record(ckpt.path, calib_text, calib_name, calibration_tokens,
+                                         progress=(lambda d, t: progress(d, t + _experts_total(cfg)))
+                                         if progress else None)
+            _write_output(ckpt, partial, bits, group_size, dense_fmt, settings, workers, progress, calib)
         except Exception:
             # A full disk, an unreadable source tensor: rerunning starts over anyway, so give the space back
             # now. (Ctrl-C keeps DST.partial, marked as unfinished, for the rerun to clear.)
@@ -131,8 +166,12 @@ def _start_partial(partial: Path, src: Path) -> None:
     (partial / PARTIAL_MARKER).write_text(json.dumps({"source": str(src.resolve())}) + "\n")
 
 
+def _experts_total(cfg) -> int:
+    return len(cfg.moe_layers) * cfg.num_local_experts
+
+
 def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, dense_fmt: tuple[int, int] | None,
-                  settings: dict, workers: int | None, progress) -> None:
+                  settings: dict, workers: int | None, progress, calib: calibrate.Calibration | None = None) -> None:
     """Write model.safetensors, experts.bin and, last, moe_offload.json into `partial`."""
     cfg, fam = ckpt.config, family(ckpt.config)
     dense = {}
@@ -146,14 +185,24 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
     save_tensors(dense, partial / "model.safetensors")
     del dense
 
-    layout = converted_layout(cfg, bits, group_size)
+    layout = converted_layout(cfg, bits, group_size, settings["sparse"])
     stride = (layout.nbytes + STRIDE_ALIGN - 1) // STRIDE_ALIGN * STRIDE_ALIGN
     # Blobs of the layers with experts, in layer order (formats/converted.py): a dense layer has none.
     layers, E = cfg.moe_layers, cfg.num_local_experts
     L = len(layers)
     workers = workers or max(1, min(E, os.cpu_count() or 1))
 
+    fallback: list[list[int]] = []
+
     def one(key):
+        if calib is not None:
+            w1, w2, w3 = (ckpt.read(n, dtype=torch.float32) for n in fam.expert_names(*key))
+            up = quant.quantize(w3, bits, group_size)
+            x, wide = calib.inputs(*key)
+            if wide:
+                fallback.append(list(key))
+            thr = calibrate.threshold(x, up, settings["sparse"]["target"])
+            return key, sparse_blob.pack_sparse(w1, w2, up, thr, layout)
         if bits != "mxfp4":
             w1, w2, w3 = (ckpt.read(n, dtype=torch.float32) for n in fam.expert_names(*key))
             return key, quant.pack_expert(w1, w2, w3, bits, group_size)
@@ -170,6 +219,7 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
         return key, mxfp4.pack_expert(weights, layout)
 
     start = time.perf_counter()
+    base = -(-calib.tokens // calibrate.WINDOW) if calib else 0  # calibration windows, counted first
     with open(partial / EXPERTS_FILE, "wb") as f, ThreadPoolExecutor(workers) as pool:
         write_experts_header(f, L, E, stride, layout.nbytes)
         f.truncate(FILE_HEADER + L * E * stride)
@@ -180,13 +230,15 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
                 f.write(blob.numpy().tobytes())
                 done += 1
                 if progress:
-                    progress(done, L * E)
+                    progress(base + done, base + L * E)
         f.flush()
         os.fsync(f.fileno())
     info = {"format": FORMAT, "version": FILE_VERSION, **settings,
             **({"dense_group_size": DENSE_GROUP_SIZE, "dense_quantized": "attention projections q, k, v, o"}
                if dense_fmt else {}),
             "source": fingerprint(ckpt),
+            **({"sparse_calibration": {"tokens": calib.tokens, "min_routed_tokens": calibrate.MIN_ROUTED,
+                                       "calibrated_on_whole_layer": sorted(fallback)}} if calib else {}),
             "blob_bytes": layout.nbytes, "experts_file": EXPERTS_FILE,
             "bits_per_param": round(8 * layout.nbytes / cfg.expert_params, 4),
             "seconds": round(time.perf_counter() - start, 2)}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels, mxfp4
+from . import cpu_kernels, mxfp4, sparse
 from .blob import BlobLayout
 from .errors import UserError
 from .kernels import fused_kernels, use_fused
@@ -74,6 +74,8 @@ def expert_forward(layout: BlobLayout, blob_views: dict[str, torch.Tensor], x: t
     the compiled kernels run when `quant.cpu_kernels.supports` the call."""
     if layout.kind == "mxfp4":
         return mxfp4.expert_forward(layout, blob_views, x, _row_block, fused)
+    if layout.kind == sparse.KIND:
+        return sparse.expert_forward(layout, blob_views, x)
     if layout.kind != "quant":
         raise UserError(f"expert_forward needs a quantized blob layout, got kind {layout.kind!r}")
     if use_fused(x, fused):

@@ -4,10 +4,10 @@
     model.safetensors                 every dense tensor (attention, norms, routers, embeddings, lm_head), fp16;
                                       with --dense-bits 8|4 each attention projection W is stored quantized
                                       instead, as W.q (uint8 codes), W.scale and W.zero (fp16), group 64
-    experts.bin                       a file header, then one quantized blob per expert at a fixed stride, in
+    experts.bin                       a file header, then one quantized (or sparse) blob per expert at a fixed stride, in
                                       (layer, expert) order: one pread moves one whole expert
-    moe_offload.json                  how it was made (source, its fingerprint, bits, group sizes, dense bits),
-                                      written last
+    moe_offload.json                  how it was made (source, its fingerprint, bits, group sizes, dense bits,
+                                      and with --sparse the target, chunk bits and calibration), written last
 
 experts.bin: bytes [0, 4096) hold MAGIC, a version and a JSON index (layers, experts, stride, blob bytes);
 "layers" counts the layers that have experts (a model's dense layers have none), and the blob of expert e
@@ -41,6 +41,7 @@ DENSE_BITS = (16, 8, 4)
 # Attention projections are quantized in groups of 64 whatever the experts use: every Mixtral-class
 # attention dimension is a multiple of 64, and 64 keeps fp16 scale + zero at 0.5 bits per weight.
 DENSE_GROUP_SIZE = 64
+SPARSE_CHUNK_BITS = (16, 8, 4, 3, 2)  # --sparse: a neuron chunk float16 or group-wise (quant/sparse.py)
 PARTIAL_MARKER = ".moe-offload-partial"  # in DST.partial/ from its mkdir on: proof that convert made the folder
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
           "special_tokens_map.json", "tokenizer.model")
@@ -68,6 +69,13 @@ def read_info(folder: Path) -> dict | None:
     for field in sizes:
         if not is_count(info.get(field)) or not info[field]:
             raise UserError(f"{path}: field '{field}' must be a positive integer, got {json.dumps(info.get(field))}")
+    sparse = info.get("sparse")
+    if sparse is not None:
+        target = sparse.get("target") if isinstance(sparse, dict) else None
+        if (not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 <= target < 1
+                or sparse.get("chunk_bits") not in SPARSE_CHUNK_BITS or info["bits"] == "mxfp4"):
+            raise UserError(f"{path}: field 'sparse' is {json.dumps(sparse)}; this build reads a target in [0, 1) "
+                            f"and chunk_bits {' or '.join(map(str, SPARSE_CHUNK_BITS))} over group-wise bits")
     return info
 
 

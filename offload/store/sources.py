@@ -15,6 +15,7 @@ import torch
 
 import quant
 from quant import cpu_kernels, mxfp4
+from quant import sparse as quant_sparse
 from quant.blob import DTYPE_NAMES, BlobLayout
 from quant.errors import UserError
 from quant.files import pread_exactly
@@ -139,7 +140,7 @@ class BlobFileExperts:
             self.layout = BlobLayout.parse(f.read(65536), source=f"{self.path} (expert 0,0)")
         if self.layout.nbytes != index["blob_bytes"] or self.layout.nbytes > self.stride:
             raise UserError(f"{self.path}: blob size {self.layout.nbytes} does not match its index")
-        expected = converted_layout(cfg, info["bits"], info["group_size"])
+        expected = converted_layout(cfg, info["bits"], info["group_size"], info.get("sparse"))
         if self.layout != expected:
             raise UserError(f"{self.path}: blob layout does not match config.json and {info['bits']}-bit, "
                             f"group {info['group_size']} experts")
@@ -163,9 +164,13 @@ class BlobFileExperts:
         return {}
 
 
-def converted_layout(cfg, bits: int | str, group_size: int) -> BlobLayout:
+def converted_layout(cfg, bits: int | str, group_size: int, sparse: dict | None = None) -> BlobLayout:
     """The blob layout `convert` writes for this config's experts: group-wise `bits`, or MXFP4 (a gpt-oss
-    expert's fused gate_up and down with their biases, float32; any other family's w1, w2, w3)."""
+    expert's fused gate_up and down with their biases, float32; any other family's w1, w2, w3); with `sparse`
+    (the record's settings), sparse blobs: the up projection at `bits`, neuron chunks at its chunk_bits."""
+    if sparse is not None:
+        return quant_sparse.sparse_layout(cfg.hidden_size, cfg.intermediate_size, bits, group_size,
+                                          sparse["chunk_bits"], group_size)
     if bits != "mxfp4":
         return quant.expert_layout(cfg.hidden_size, cfg.intermediate_size, bits, group_size)
     fam = family(cfg)
