@@ -210,6 +210,19 @@ def test_prefetch_hits_on_the_trained_demo_model():
     assert s["prefetch_issued"] > 0 and s["prefetch_hits"] > 0
 
 
+@pytest.mark.parametrize("slots", [4])
+def test_prefetch_on_the_trained_demo_model_raises_hits_for_at_most_a_tenth_more_bytes(slots):
+    """Guesses pay for their wrong copies and for the demand misses of the experts those evicted: hits rise,
+    bytes host->device stay within 10% of prefetch off's, and the tokens do not change."""
+    off = run("demo", steps=60, vram=budget("demo", slots), prefetch=0)
+    for prefetch in (1, 2):
+        on = run("demo", steps=60, vram=budget("demo", slots), prefetch=prefetch)
+        assert on[2]["prefetch_issued"] > 0
+        assert on[2]["expert_hits"] > off[2]["expert_hits"]
+        assert on[2]["bytes_h2d"] <= 1.1 * off[2]["bytes_h2d"]
+        assert on[0] == off[0] and torch.equal(on[1], off[1])
+
+
 def test_peak_device_bytes_stay_within_the_budget(tiny_checkpoint):
     vram = budget(tiny_checkpoint, 4)
     _, _, s, _ = run(tiny_checkpoint, vram=vram, prefetch=1)

@@ -154,7 +154,12 @@ class ExpertStore:
         # only when this says it pays for itself (`_worth_copying`).
         self.guess_outcomes: dict[tuple[int, int, int], list[int]] = {}
         self.pending_guesses: dict[int, list[tuple[int, int, int]]] = {}  # layer -> (ahead, rank, expert)
-        self.wrong_guess_copies = 0                  # copied guesses their layer did not use (this run)
+        # What copying guesses cost this run beyond the copies prefetch-off would make: wrong guesses (copied, not
+        # used when their layer ran) and reloads (demand misses of an expert a wrong guess had evicted; a right
+        # guess's eviction is the one its own miss would have made).
+        self.wrong_guess_copies = 0
+        self.guess_reloads = 0
+        self.guess_evicted: dict[Key, Key] = {}      # expert evicted by a guess copy -> that guess, until either
         # Guess copies queued or running on a GPU, oldest first: (key, event recorded after the copy). At most
         # one layer's worth at a time, so a miss of the next layer shares the copy engine with few of them.
         self.guess_copies: list[tuple[Key, object]] = []
@@ -247,10 +252,11 @@ class ExpertStore:
 
     # A guess is copied only when its measured accuracy p (`guess_outcomes`) says it pays for itself: a right
     # guess moves the bytes its miss would have moved anyway, a wrong one moves them for nothing, so p must
-    # beat even odds, and the wrong guesses copied in a run may add at most WASTE_SHARE to its bytes.
+    # beat even odds; and what guesses cost a run beyond prefetch-off's copies (wrong guesses, and the demand
+    # misses of experts a guess evicted: `guess_reloads`) may add at most WASTE_SHARE to its bytes.
     # Until a kind of guess has been scored GUESS_WARMUP times it is not copied.
     MIN_GUESS_ACCURACY = 0.5
-    WASTE_SHARE = 0.05
+    WASTE_SHARE = 0.04
     GUESS_WARMUP = 8
 
     def _score_guesses(self, layer: int, experts: list[int]) -> None:
@@ -262,11 +268,16 @@ class ExpertStore:
             tally[0] += e in used
             tally[1] += 1
         self.wrong_guess_copies += len({e for _, _, e in pending if e not in used and (layer, e) in self.prefetched})
+        if self.guess_evicted:  # the right guesses' evictions are not theirs to pay for
+            right = {(layer, e) for e in used}
+            self.guess_evicted = {k: g for k, g in self.guess_evicted.items() if g not in right}
 
     def guess_accuracy(self, layer: int, ahead: int, rank: int) -> float | None:
-        """The measured share of guesses of this kind that their layer used; None before GUESS_WARMUP."""
+        """The measured share of guesses of this kind, made for an expert not on the device, that their layer
+        used, counted as if two more had been wrong (a few lucky guesses do not look sure: at large budgets the
+        guesses a copy would be for are few); None before GUESS_WARMUP."""
         used, total = self.guess_outcomes.get((layer, ahead, rank), (0, 0))
-        return used / total if total and total >= self.GUESS_WARMUP else None
+        return used / (total + 2) if total and total >= self.GUESS_WARMUP else None
 
     def _worth_copying(self, key: Key, p: float | None, ahead: int, keep: set) -> bool:
         """Copy a guess used with probability p, `ahead` layers from now? Not unless it beats even odds and
@@ -275,7 +286,8 @@ class ExpertStore:
         if p is None or p < self.MIN_GUESS_ACCURACY:
             return False
         blob = self.layout.nbytes
-        if (self.wrong_guess_copies + 1 - p) * blob > self.WASTE_SHARE * (self.stats_.bytes_h2d + blob):
+        spent = self.wrong_guess_copies + self.guess_reloads
+        if (spent + 1 - p) * blob > self.WASTE_SHARE * (self.stats_.bytes_h2d + blob):
             return False
         next_use = getattr(self.dev_table.policy, "next_use", None)
         if next_use is None or self.dev_table.free:
@@ -297,11 +309,13 @@ class ExpertStore:
         keep = set(needed) | {k for k, _ in self._guesses_in_flight()} | self.dev_table.keys_of_layer(ahead[0])
         for distance, (nxt, guess) in enumerate(zip(ahead, guesses), start=1):
             for rank, e in enumerate(dict.fromkeys(guess)):
-                self.pending_guesses.setdefault(nxt, []).append((distance, rank, e))  # scored when nxt runs
                 key = (nxt, e)
                 if key in self.dev_table:
                     keep.add(key)
                     continue
+                # Scored when nxt runs; only the guesses a copy would be for: with most experts resident, the few
+                # that are not are the rarely used ones, and a guess of one is right far less often.
+                self.pending_guesses.setdefault(nxt, []).append((distance, rank, e))
                 with self.lock:
                     in_ram = key in self.host_table and key not in self.host_reads
                 # With the CPU chosen for misses, a guess is only read into RAM: copying it only when its read
@@ -445,6 +459,10 @@ class ExpertStore:
         if evicted in self.prefetched:  # copied by a guess and never used: those bytes moved for nothing
             self.prefetched.discard(evicted)
             self.stats_.prefetch_wasted += 1
+        if prefetch and evicted is not None:
+            self.guess_evicted[evicted] = key
+        if self.guess_evicted.pop(key, None) is not None:  # back on the device: a demand miss a wrong guess caused
+            self.guess_reloads += not prefetch
         if evicted in self.plan_of:
             # Fewer slots than this layer's experts: the evicted one (hit or copied) is loaded again when it runs.
             self.plan_of[evicted] = ("miss", None)
@@ -593,7 +611,8 @@ class ExpertStore:
         # The experts an earlier run prefetched and never used stay in their slots, but a hit on one now is
         # not this run's prefetch hit: it issued none of them.
         self.prefetched.clear()
-        self.wrong_guess_copies = 0
+        self.wrong_guess_copies = self.guess_reloads = 0
+        self.guess_evicted.clear()
         self.peak_before = 0
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
