@@ -10,6 +10,8 @@ What it measures, and against what:
     with the store's rule that the experts of the layer being run never evict each other, against Belady's
     MIN on the same trace under the same rule (on a miss, evict the resident expert used farthest in the
     future): the best any policy can do without prefetch. Figures: hit rates and policy / MIN;
+  * what the gap is made of: the cycle policy told, for the next 1, 2, .. layers of the token, which of their
+    experts each will use (not an online policy: `Told`), / MIN;
   * a check that the replay is the store: the runtime's own hit rate with prefetch off at one slot count,
     decoding the same prompts, equals the replayed default policy's;
   * prefetch's cost and worth, from the store itself (default policy, every slot count): decode hit rate and
@@ -23,6 +25,7 @@ Not a test: nothing is asserted. The trace does not depend on the device (greedy
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -35,8 +38,8 @@ import offload  # noqa: E402
 from common import RESULTS, device_name, save_record  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
 from offload.store import Stats  # noqa: E402
-from offload.store.cache import DEFAULT_POLICY, POLICIES  # noqa: E402
-from offload.store.optimum import optimum, rate, replay  # noqa: E402
+from offload.store.cache import DEFAULT_POLICY, POLICIES, Cycle, SlotTable  # noqa: E402
+from offload.store.optimum import _uses, optimum, rate, replay  # noqa: E402
 
 FINEGRAINED = Path(__file__).resolve().parents[1] / "runs" / "qwen3-demo"
 Key = tuple[int, int]
@@ -64,9 +67,63 @@ def record_trace(folder: Path, texts: list[str], tokens: int, dtype: str = "floa
     return steps
 
 
-def policy_rows(trace: list[list], total: int, per_token: int, fractions=(1 / 8, 1 / 4, 1 / 2, 3 / 4)) -> list[dict]:
+class Told(Cycle):
+    """The cycle policy told the truth about the next `horizon` layers of the token: for each of their
+    resident experts, whether the layer's next visit uses it (used: its next use is that visit; not: a visit
+    later, at its rate). Not an online policy: it measures how much of the gap to the optimum is knowing which
+    experts the layers still to run will pick, which the best online signal, their routers applied ahead
+    (prefetch's guesses), gets right only part of the time (`guess_accuracy`)."""
+
+    def __init__(self, trace: list[list], horizon: int):
+        super().__init__()
+        self.horizon = horizon
+        steps = [(needed[0][0], {e for _, e in needed}) for _, needed in _uses(trace) if needed]
+        upcoming: dict[int, set] = {}
+        self.future: list[dict[int, set]] = [{}] * len(steps)  # step -> layer -> experts of its next visit
+        for i in range(len(steps) - 1, -1, -1):
+            self.future[i] = dict(upcoming)
+            upcoming[steps[i][0]] = steps[i][1]
+        self.step = -1
+
+    def visit(self, layer: int) -> None:
+        super().visit(layer)
+        self.step += 1
+
+    def next_use(self, key: Key) -> float:
+        L = len(self.position) or 1
+        d = (self.position.get(key[0], 0) - self.position.get(self.current, -1) - 1) % L + 1
+        if d > self.horizon or d == L:
+            return super().next_use(key)
+        if key[1] in self.future[self.step].get(key[0], ()):
+            return d
+        r = self._rate(key)
+        return d + L / r if r > 0 else math.inf
+
+    def victim(self, keys, protected):
+        candidates = [k for k in keys if k not in protected]
+        return max(candidates, key=self.next_use) if candidates else None
+
+
+def told_rate(trace: list[list], slots: int, horizon: int) -> float:
+    """`Told`'s demand hit rate on the trace, replayed as `optimum.replay` does."""
+    table = SlotTable(slots, Told(trace, horizon))
+    hits = uses = 0
+    for decode, needed in _uses(trace):
+        if needed:
+            table.visit(needed[0][0])
+        for key in needed:
+            hit = table.lookup(key) is not None
+            if not hit:
+                table.assign(key, set(needed))
+            hits += hit and decode
+            uses += decode
+    return hits / uses
+
+
+def policy_rows(trace: list[list], total: int, per_token: int, layers: int,
+                fractions=(1 / 8, 1 / 4, 1 / 2, 3 / 4)) -> list[dict]:
     """For slot counts that are these fractions of the experts: Belady's optimum and each policy's demand hit
-    rate on the trace, with policy / optimum."""
+    rate on the trace, with policy / optimum; and the cycle policy told the next 1 .. L-1 layers' picks."""
     rows = []
     for fraction in fractions:
         slots = max(per_token, round(total * fraction))
@@ -76,6 +133,8 @@ def policy_rows(trace: list[list], total: int, per_token: int, fractions=(1 / 8,
             got = rate(replay(trace, slots, policy))
             row[policy] = round(got, 4)
             row[f"{policy}_vs_min"] = round(got / best, 3) if best else None
+        for horizon in range(1, layers):
+            row[f"cycle_told_{horizon}_layers_vs_min"] = round(told_rate(trace, slots, horizon) / best, 3) if best else None
         rows.append(row)
         print("  " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     return rows
@@ -93,7 +152,7 @@ def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
     trace = record_trace(folder, texts, tokens)
     cfg = offload.models.open_checkpoint(folder).config
     total = cfg.experts_total
-    rows = policy_rows(trace, total, cfg.num_experts_per_tok)
+    rows = policy_rows(trace, total, cfg.num_experts_per_tok, len(cfg.moe_layers))
     # The replay is the store: the runtime's default policy with prefetch off, at one budget, on the same prompts.
     check_slots = rows[1]["device_slots"]
     store = measure_decode(folder, texts, tokens, vram_for(folder, check_slots), prefetch=0)
