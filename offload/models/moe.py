@@ -120,14 +120,21 @@ class MoE:
             self.experts.prepare(self.layer, h, used, guesses)
         else:
             self.experts.prepare(self.layer, h, used)
-        out = torch.zeros_like(h)
-        start = 0
-        for e, n in zip(used, counts):
-            slots = order[start:start + n]          # positions in the flattened [T*k] routing
-            start += n
-            tokens = slots // k
-            y = self.experts.run(self.layer, e, x[tokens])                # [n, D]
-            out.index_add_(0, tokens, y * weights.flatten()[slots, None])
+        if h.shape[0] == 1:
+            # One token (decode): every expert reads x itself, and the token sums its k weighted outputs in
+            # one reduction. Per expert, the index_add_ below costs a scatter of hundreds of microseconds on a
+            # CPU, where a token uses 8 of 128 small experts (measured on the Qwen3-30B-A3B slice).
+            ys = [self.experts.run(self.layer, e, x) for e in used]                         # k x [1, D]
+            out = (torch.cat(ys) * weights.flatten()[order, None]).sum(0, keepdim=True)     # [1, D]
+        else:
+            out = torch.zeros_like(h)
+            start = 0
+            for e, n in zip(used, counts):
+                slots = order[start:start + n]          # positions in the flattened [T*k] routing
+                start += n
+                tokens = slots // k
+                y = self.experts.run(self.layer, e, x[tokens])                # [n, D]
+                out.index_add_(0, tokens, y * weights.flatten()[slots, None])
         if self.shared is not None:
             out = out + self.shared(h)
         return out
