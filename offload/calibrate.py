@@ -34,6 +34,7 @@ class Calibration:
     hidden: dict[int, torch.Tensor]   # layer -> h [N, D] float32, the MoE block's expert input per token
     routed: dict[int, torch.Tensor]   # layer -> expert ids [N, k]
     tokens: int
+    windows: int                      # forwards the text took (`progress` counts them)
     source: str                       # the file, or DEFAULT_CORPUS
 
     def inputs(self, layer: int, e: int) -> tuple[torch.Tensor, bool]:
@@ -85,7 +86,7 @@ def record(src: Path, text: str, name: str, max_tokens: int = MAX_TOKENS, progre
     from .models.moe import MoE
     from .runtime import load
 
-    rt = load(src, device="cpu", dtype="float32", context=WINDOW + 1)
+    rt = load(src, device="cpu", dtype="float32", context=WINDOW + 1)  # capped at the model's positions
     try:
         ids = rt.tokenizer.encode(text)
         bos = rt.tokenizer.bos_id
@@ -96,12 +97,13 @@ def record(src: Path, text: str, name: str, max_tokens: int = MAX_TOKENS, progre
         sink: dict[int, list[torch.Tensor]] = {}
         routed: dict[int, list[torch.Tensor]] = {}
         stores = [b.experts for b in blocks]
-        windows = list(range(0, len(ids), WINDOW))
+        window = min(WINDOW, rt.model.max_seq - 1)  # a model with fewer positions: shorter windows
+        windows = list(range(0, len(ids), window))
         try:
             for b in blocks:
                 b.experts = _Recorder(b.experts, sink)
             for done, i in enumerate(windows, 1):
-                chunk = ids[i:i + WINDOW]
+                chunk = ids[i:i + window]
                 with torch.no_grad():
                     rt.model.forward(torch.tensor([bos] + chunk), 0)
                 for b in blocks:  # drop bos: its input is the same in every window
@@ -115,7 +117,7 @@ def record(src: Path, text: str, name: str, max_tokens: int = MAX_TOKENS, progre
     finally:
         rt.close()
     return Calibration({layer: torch.cat(hs) for layer, hs in sink.items()},
-                       {layer: torch.cat(r) for layer, r in routed.items()}, len(ids), name)
+                       {layer: torch.cat(r) for layer, r in routed.items()}, len(ids), len(windows), name)
 
 
 def threshold(x: torch.Tensor, up: quant.QuantizedTensor, target: float) -> float:

@@ -219,7 +219,7 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
         return key, mxfp4.pack_expert(weights, layout)
 
     start = time.perf_counter()
-    base = -(-calib.tokens // calibrate.WINDOW) if calib else 0  # calibration windows, counted first
+    base = calib.windows if calib else 0  # calibration windows, counted first
     with open(partial / EXPERTS_FILE, "wb") as f, ThreadPoolExecutor(workers) as pool:
         write_experts_header(f, L, E, stride, layout.nbytes)
         f.truncate(FILE_HEADER + L * E * stride)

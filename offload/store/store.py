@@ -32,12 +32,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from quant import cpu_kernels, pinned
+from quant import cpu_kernels, pinned, sparse
 from quant.errors import UserError
 from quant.units import parse_bytes
 
 from ..formats.checkpoint import Checkpoint
 from .cache import DEFAULT_POLICY, LRU, POLICIES, SlotTable
+from .partial import PartialSlots
 from .memory import device_bytes_free, device_capability, human, plan_memory
 from .reader import Reader
 from .sources import open_source
@@ -144,6 +145,9 @@ class ExpertStore:
         # Device tier: one allocation for every slot, made here and never again.
         self.dev = torch.empty((self.plan.device_slots, N), dtype=torch.uint8, device=device)
         self.dev_views = [self.layout.views(self.dev[s]) for s in range(self.plan.device_slots)]
+        # Sparse experts: a device slot holds the base and only the neuron chunks used (offload/store/partial.py).
+        self.partial = (PartialSlots(self.layout, self.dev, self.host, self.cuda, device)
+                        if self.layout.kind == sparse.KIND else None)
         layers = cfg.num_hidden_layers if per_layer_cache else 0
         if layers and self.plan.device_slots < layers * cfg.num_experts_per_tok:
             raise UserError(f"a per-layer cache needs at least {layers * cfg.num_experts_per_tok} device slots")
@@ -358,12 +362,39 @@ class ExpertStore:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
         started = prof.mark() if prof else None
-        y = self.source.compute(self.dev_views[slot], x)
+        if self.partial is not None:
+            y = self._run_sparse(key, slot, x)
+        else:
+            y = self.source.compute(self.dev_views[slot], x)
         if self.cuda:
             self.free[slot].record(torch.cuda.current_stream(self.device))
         if prof:
             prof.expert(key, kind, waited, started, prof.mark())
         return y
+
+    def _run_sparse(self, key: Key, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """A sparse expert on its device slot: the up projection (in the slot's base) decides the active neurons
+        (their count crosses to the host: a sync), the chunks the slot lacks are copied in, then the expert runs
+        over exactly those neurons. What it computes depends on x and the threshold only, never on what the slot
+        held before."""
+        v, mask, idx = sparse.active_neurons(self.layout, self.dev_views[slot], x)
+        missing = self.partial.missing(slot, idx.cpu())
+        if missing.numel():
+            host = self._host_slot(key)
+            if self.cuda:
+                compute = torch.cuda.current_stream(self.device)
+                with torch.cuda.stream(self.copy_stream):
+                    # The copy stream's order after the up projection just queued (the slot's rows it places are
+                    # read by no kernel: they were not held), and compute after the placement.
+                    self.copy_stream.wait_stream(compute)
+                    moved = self.partial.copy_chunks(slot, host, missing)
+                    self.ready[slot].record(self.copy_stream)
+                compute.wait_event(self.ready[slot])
+            else:
+                moved = self.partial.copy_chunks(slot, host, missing)
+            self.stats_.bytes_h2d += moved
+            self.stats_.layer(key[0], "bytes_h2d", moved)
+        return sparse.forward_active(self.layout, x, v, mask, idx, self.partial.chunks(slot, idx))
 
     # ---- tiers ---------------------------------------------------------------------------------------
 
@@ -487,7 +518,7 @@ class ExpertStore:
                 stream.wait_event(self.free[slot])
                 stream.wait_event(self.ready[slot])
                 started = prof.mark(stream) if prof else None
-                self._h2d(slot, host)
+                moved = self._h2d(slot, host, key)
                 self.ready[slot].record(stream)
                 done = torch.cuda.Event()
                 done.record(stream)
@@ -498,11 +529,11 @@ class ExpertStore:
                 self.guess_copies.append((key, done))
         else:
             started = prof.mark() if prof else None
-            self.dev[slot].copy_(self.host[host])
+            moved = self._h2d(slot, host, key)
         if prof:
-            prof.copy(key, prefetch, started, prof.mark(stream), self.layout.nbytes)
-        self.stats_.bytes_h2d += self.layout.nbytes
-        self.stats_.layer(key[0], "bytes_h2d", self.layout.nbytes)
+            prof.copy(key, prefetch, started, prof.mark(stream), moved)
+        self.stats_.bytes_h2d += moved
+        self.stats_.layer(key[0], "bytes_h2d", moved)
         if prefetch:
             self.prefetched.add(key)
 
@@ -521,9 +552,13 @@ class ExpertStore:
             self.ready[slot].synchronize()
         return self.dev[slot]
 
-    def _h2d(self, slot: int, host: int) -> None:
-        """Queue the copy of host slot `host` into device slot `slot` on the current (copy) stream."""
+    def _h2d(self, slot: int, host: int, key: Key | None = None) -> int:
+        """Queue the copy of host slot `host` (expert `key`) into device slot `slot` on the current (copy)
+        stream; the bytes it moves: the whole blob, or a sparse expert's base and any guessed chunks."""
+        if self.partial is not None and key is not None:
+            return self.partial.fill(slot, host, key)
         self.dev[slot].copy_(self.host[host], non_blocking=True)
+        return self.layout.nbytes
 
     def fill_host(self, progress: Callable[[int, int], None] | None = None) -> None:
         """When every expert fits in the host tier, read them all into it now, so no token waits on the disk.
@@ -671,7 +706,7 @@ class ExpertStore:
         host, self.host, self.host_views = self.host, None, []
         pinned.release(host)
         del host
-        self.dev, self.dev_views = None, []
+        self.dev, self.dev_views, self.partial = None, [], None
         self.routers, self.model_tensors = {}, None  # the model's tensors: the runtime drops the model
         if self.cuda:
             self.ready, self.free = [], []
