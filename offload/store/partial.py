@@ -28,8 +28,6 @@ import torch
 from quant import pinned, sparse
 from quant.blob import BlobLayout
 
-Key = tuple[int, int]  # (layer, expert)
-
 
 class _Staging:
     """One stream's staging pair: pinned host rows [F, C], and on a GPU device rows [F, C] (sized for a whole
@@ -51,8 +49,6 @@ class PartialSlots:
         self.chunk_offset, (self.F, self.C) = rec.offset, rec.shape
         self.held = torch.zeros(dev.shape[0], self.F, dtype=torch.bool)  # [S, F], host-side: slot s holds chunk i
         self.staging: dict[object, _Staging] = {}
-        # Neurons a predictor guessed for an expert not yet on the device: its fill copies them with the base.
-        self.guesses: dict[Key, torch.Tensor] = {}
 
     def _chunks(self, row: torch.Tensor) -> torch.Tensor:
         """The chunk rows [F, C] of one blob buffer (a host or device slot)."""
@@ -64,14 +60,13 @@ class PartialSlots:
             self.staging[stream] = _Staging(self.F, self.C, self.cuda, self.device)
         return self.staging[stream]
 
-    def fill(self, slot: int, host: int, key: Key) -> int:
-        """Device slot `slot` now holds expert `key` from host slot `host`: copy its base and the chunks a
-        predictor guessed for it (if any). Returns the bytes moved. On a GPU the caller has made the current
-        stream wait until nothing reads or writes the slot, and records the slot's ready event afterwards."""
+    def fill(self, slot: int, host: int) -> int:
+        """Device slot `slot` now holds another expert, from host slot `host`: copy its base, no chunk yet (its
+        first use finds which it needs). Returns the bytes moved. On a GPU the caller has made the current stream
+        wait until nothing reads or writes the slot, and records the slot's ready event afterwards."""
         self.held[slot] = False
         self.dev[slot, :self.base].copy_(self.host[host, :self.base], non_blocking=True)
-        guess = self.guesses.pop(key, None)
-        return self.base + (self.copy_chunks(slot, host, guess) if guess is not None else 0)
+        return self.base
 
     def missing(self, slot: int, idx: torch.Tensor) -> torch.Tensor:
         """The neurons of idx [n] (ascending, on the host) whose chunks slot `slot` does not hold."""

@@ -518,7 +518,7 @@ class ExpertStore:
                 stream.wait_event(self.free[slot])
                 stream.wait_event(self.ready[slot])
                 started = prof.mark(stream) if prof else None
-                moved = self._h2d(slot, host, key)
+                moved = self._h2d(slot, host)
                 self.ready[slot].record(stream)
                 done = torch.cuda.Event()
                 done.record(stream)
@@ -529,7 +529,7 @@ class ExpertStore:
                 self.guess_copies.append((key, done))
         else:
             started = prof.mark() if prof else None
-            moved = self._h2d(slot, host, key)
+            moved = self._h2d(slot, host)
         if prof:
             prof.copy(key, prefetch, started, prof.mark(stream), moved)
         self.stats_.bytes_h2d += moved
@@ -552,11 +552,11 @@ class ExpertStore:
             self.ready[slot].synchronize()
         return self.dev[slot]
 
-    def _h2d(self, slot: int, host: int, key: Key | None = None) -> int:
-        """Queue the copy of host slot `host` (expert `key`) into device slot `slot` on the current (copy)
-        stream; the bytes it moves: the whole blob, or a sparse expert's base and any guessed chunks."""
-        if self.partial is not None and key is not None:
-            return self.partial.fill(slot, host, key)
+    def _h2d(self, slot: int, host: int) -> int:
+        """Queue the copy of host slot `host` into device slot `slot` on the current (copy) stream; the bytes
+        it moves: the whole blob, or a sparse expert's base (its chunks follow when it runs: `_run_sparse`)."""
+        if self.partial is not None:
+            return self.partial.fill(slot, host)
         self.dev[slot].copy_(self.host[host], non_blocking=True)
         return self.layout.nbytes
 
