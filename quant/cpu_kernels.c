@@ -445,6 +445,59 @@ int moe_qexpert(int bits, int G, int D, int F, int T,
     return 0;
 }
 
+#define MAX_GROUP 64 /* experts in one moe_qexperts call */
+
+/* Several SwiGLU experts of one layer in one OpenMP region: a fine-grained model's token uses 8 small experts
+ * a layer, where one region per expert pays its fork and barriers 8 times. Expert e (all alike: bits, G, D,
+ * F) reads tokens [t0, t0 + Ts[e]) of x [sum Ts, D] and writes the same rows of y; its 12 pointer-sized
+ * arguments (q, qrow, scale, zero for w1, w2, w3) are p[12e .. 12e + 11]. Every row is summed exactly as
+ * moe_qexpert sums it, so each output equals that expert's own moe_qexpert call bit for bit. Workspace:
+ * moe_qexpert_work(bits, G, D, F, sum Ts) floats. */
+int moe_qexperts(int n, int bits, int G, int D, int F, const int *Ts, const int64_t *p, const float *x, float *y,
+                 float *work, int nthreads)
+{
+    Mat w1[MAX_GROUP], w2[MAX_GROUP], w3[MAX_GROUP];
+    int64_t t0[MAX_GROUP + 1];
+    if (n < 1 || n > MAX_GROUP) return 1;
+    t0[0] = 0;
+    for (int e = 0; e < n; e++) {
+        const int64_t *a = p + 12 * e;
+        Mat m1 = {bits, G, F, D, (const uint8_t *)a[0], a[1], (const uint16_t *)a[2], (const uint16_t *)a[3], NULL};
+        Mat m2 = {bits, G, D, F, (const uint8_t *)a[4], a[5], (const uint16_t *)a[6], (const uint16_t *)a[7], NULL};
+        Mat m3 = {bits, G, F, D, (const uint8_t *)a[8], a[9], (const uint16_t *)a[10], (const uint16_t *)a[11], NULL};
+        w1[e] = m1, w2[e] = m2, w3[e] = m3;
+        if (check(&m1, Ts[e]) || check(&m2, Ts[e]) || check(&m3, Ts[e])) return 1;
+        t0[e + 1] = t0[e] + Ts[e];
+    }
+    const int64_t S = t0[n];
+    const int NG1 = ngroups_padded(&w1[0]), NG2 = ngroups_padded(&w2[0]);
+    float *xp = work, *xsum = xp + S * D, *hp = xsum + S * NG1, *hsum = hp + S * F;
+    float *gate = hsum + S * NG2, *up = gate + S * F, *h = up + S * F;
+    const int up_blocks = (F + ROW_BLOCK - 1) / ROW_BLOCK, down_blocks = (D + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int e = 0; e < n; e++) prepare_input(&w1[e], Ts[e], x + t0[e] * D, xp + t0[e] * D, xsum + t0[e] * NG1);
+#pragma omp for schedule(guided)
+        for (int b = 0; b < 2 * up_blocks * n; b++) {
+            const int e = b / (2 * up_blocks), i = b % (2 * up_blocks), r = i % up_blocks;
+            const int n0 = r * ROW_BLOCK, n1 = n0 + ROW_BLOCK < F ? n0 + ROW_BLOCK : F;
+            rows(i < up_blocks ? &w1[e] : &w3[e], n0, n1, xp + t0[e] * D, xsum + t0[e] * NG1, Ts[e],
+                 (i < up_blocks ? gate : up) + t0[e] * F);
+        }
+        swiglu(gate, up, h, S * F);
+#pragma omp for schedule(static)
+        for (int e = 0; e < n; e++) prepare_input(&w2[e], Ts[e], h + t0[e] * F, hp + t0[e] * F, hsum + t0[e] * NG2);
+#pragma omp for schedule(guided)
+        for (int b = 0; b < down_blocks * n; b++) {
+            const int e = b / down_blocks, r = b % down_blocks;
+            const int n1 = (r + 1) * ROW_BLOCK < D ? (r + 1) * ROW_BLOCK : D;
+            rows(&w2[e], r * ROW_BLOCK, n1, hp + t0[e] * F, hsum + t0[e] * NG2, Ts[e], y + t0[e] * D);
+        }
+    }
+    return 0;
+}
+
 /* ---- half-precision (bfloat16 / float16) dense experts ------------------------------------------
  * torch's bf16 matrix-vector product for one token runs at 1.7x the time of reading the weights here (a
  * second token costs nothing more: it takes another path); this one reads each weight once for 1..16

@@ -123,6 +123,8 @@ def load(march: str = "native") -> ctypes.CDLL | None:
     lib.moe_qmatmul.restype = lib.moe_qexpert.restype = _c_int
     lib.moe_qmatmul.argtypes = [_c_int] * 5 + [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _c_int]
     lib.moe_qexpert.argtypes = [_c_int] * 5 + [_ptr, _i64, _ptr, _ptr] * 3 + [_ptr, _ptr, _ptr, _c_int]
+    lib.moe_qexperts.restype = _c_int
+    lib.moe_qexperts.argtypes = [_c_int] * 5 + [_ptr] * 5 + [_c_int]
     lib.moe_mxfp4_matmul.restype = _c_int
     lib.moe_mxfp4_matmul.argtypes = [_c_int] * 3 + [_ptr] * 5 + [_c_int]
     lib.moe_hexpert.restype = _c_int
@@ -190,6 +192,30 @@ def qexpert(x: torch.Tensor, parts: dict[str, torch.Tensor], bits: int, group_si
                        torch.get_num_threads()):
         raise ValueError(f"the CPU kernel does not take a {bits}-bit expert [{F}, {D}] in groups of {group_size}")
     return y.to(x.dtype)
+
+
+MAX_GROUP = 64  # experts in one `qexperts` call (the C side's MAX_GROUP)
+
+
+def qexperts(xs: list[torch.Tensor], parts: list[dict[str, torch.Tensor]], bits: int, group_size: int,
+             lib: ctypes.CDLL | None = None) -> list[torch.Tensor]:
+    """`qexpert` of several experts of one layer (alike: bits, group size, shapes), expert i on xs[i]
+    [T_i, D], in one call and one thread region: each result equals its own `qexpert` call bit for bit."""
+    lib = lib or _library()
+    if not 1 <= len(xs) == len(parts) <= MAX_GROUP:
+        raise ValueError(f"qexperts takes 1 to {MAX_GROUP} experts with one input each, got {len(parts)} "
+                         f"experts and {len(xs)} inputs")
+    D, F = xs[0].shape[1], parts[0]["w1.q"].shape[0]
+    x = torch.cat([_float_input(t) for t in xs]) if len(xs) > 1 else _float_input(xs[0])  # [sum T_i, D]
+    y = torch.empty(x.shape[0], D, dtype=torch.float32)
+    work = torch.empty(lib.moe_qexpert_work(bits, group_size, D, F, x.shape[0]), dtype=torch.float32)
+    counts = (ctypes.c_int * len(xs))(*(t.shape[0] for t in xs))
+    ptrs = torch.tensor([a for p in parts for name in ("w1", "w2", "w3")
+                         for a in _rows(p[f"{name}.q"], p[f"{name}.scale"], p[f"{name}.zero"])], dtype=torch.int64)
+    if lib.moe_qexperts(len(xs), bits, group_size, D, F, ctypes.addressof(counts), ptrs.data_ptr(), x.data_ptr(),
+                        y.data_ptr(), work.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"the CPU kernel does not take {bits}-bit experts [{F}, {D}] in groups of {group_size}")
+    return [out.to(t.dtype) for out, t in zip(y.split([t.shape[0] for t in xs]), xs)]
 
 
 def supports_mxfp4(x: torch.Tensor) -> bool:

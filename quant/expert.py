@@ -94,6 +94,17 @@ def expert_forward(layout: BlobLayout, blob_views: dict[str, torch.Tensor], x: t
     return torch.cat([h @ rows("w2", r, r + step).T for r in range(0, hidden, step)], dim=1)  # [T, D]
 
 
+def experts_forward(layout: BlobLayout, blob_views: list[dict[str, torch.Tensor]],
+                    xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`expert_forward` of several experts of one layout, expert i on xs[i], with the same results: on the CPU,
+    group-wise experts the compiled kernels take run in one call (`cpu_kernels.qexperts`: one thread region
+    for all of them, where a fine-grained layer's 8 small experts would pay 8), the rest one by one."""
+    if (layout.kind == "quant" and 1 < len(xs) <= cpu_kernels.MAX_GROUP
+            and all(cpu_kernels.supports(x, layout.bits, layout.group_size) for x in xs)):
+        return cpu_kernels.qexperts(xs, blob_views, layout.bits, layout.group_size)
+    return [expert_forward(layout, v, x) for v, x in zip(blob_views, xs)]
+
+
 def _row_block(x: torch.Tensor, cols: int) -> int:
     """Rows to dequantize at once: a few MB on the CPU; on a GPU larger blocks (each costs kernel launches),
     still bounded, since a whole Mixtral matrix in float32 temporaries would outgrow the planned workspace."""

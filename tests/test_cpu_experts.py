@@ -11,6 +11,7 @@ from conftest import run_cli
 from offload.convert import convert
 from offload.models import open_checkpoint
 from offload.store.memory import plan_memory
+from offload.store.store import ExpertStore
 from quant import cpu_kernels
 from test_store import budget, run
 
@@ -57,6 +58,26 @@ def test_quantized_experts_through_the_kernels_are_bit_identical_across_budgets(
     with cpu_kernels.torch_path():
         tokens, logits, _, _ = run(quantized)
     assert torch.allclose(logits, reference[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(cpu_kernels.path() == "torch", reason="no C compiler here: the kernels are not built")
+def test_a_layers_experts_run_together_with_the_same_results(quantized, monkeypatch):
+    """A decode step's experts computed on the CPU go to the kernels in one call (`ExpertStore.run_group`):
+    the same tokens and logits as one call per expert, in the CPU slot pool and under --cpu-experts all."""
+    calls = []
+    grouped = cpu_kernels.qexperts
+    monkeypatch.setattr(cpu_kernels, "qexperts", lambda xs, *a, **k: calls.append(len(xs)) or grouped(xs, *a, **k))
+    options = [dict(), dict(cpu_experts="all"), dict(vram=budget(quantized, 3))]
+    together = [run(quantized, **o) for o in options]
+    assert calls and all(n == 2 for n in calls)  # top-2: both experts of a decode step in one call
+    monkeypatch.setattr(ExpertStore, "run_group", None)  # the MoE block then runs them one at a time
+    calls.clear()
+    for o, (tokens, logits, stats, _) in zip(options, together):
+        alone = run(quantized, **o)
+        assert tokens == alone[0] and torch.equal(logits, alone[1]), o
+        assert {k: stats[k] for k in ("uses", "expert_hits", "cpu_expert_calls")} == \
+            {k: alone[2][k] for k in ("uses", "expert_hits", "cpu_expert_calls")}, o
+    assert not calls
 
 
 def test_cli_cpu_experts_all_and_threads(tiny_checkpoint):

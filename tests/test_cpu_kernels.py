@@ -86,6 +86,25 @@ def test_expert_equals_the_dequantized_expert(lib, bits, group_size):
             assert torch.equal(quant.expert_forward(layout, layout.views(blob), x), y)
 
 
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 64), (4, 16), (3, 32), (2, 16)])
+def test_a_group_of_experts_equals_each_expert_alone(lib, bits, group_size):
+    """One call for several experts of a layer (the fine-grained decode path) sums every row as each expert's
+    own call does: bit-identical outputs, whatever each expert's token count."""
+    D, F_ = 128, 192
+    gen = torch.Generator().manual_seed(bits + group_size)
+    layout = quant.expert_layout(D, F_, bits, group_size)
+    views = [layout.views(quant.pack_expert(*(torch.randn(*shape, generator=gen) * 0.05
+                                               for shape in ((F_, D), (D, F_), (F_, D))), bits, group_size))
+             for _ in range(5)]
+    xs = [torch.randn(t, D, generator=gen) for t in (1, 4, 1, 16, 3)]
+    ys = cpu_kernels.qexperts(xs, views, bits, group_size, lib=lib)
+    for x, v, y in zip(xs, views, ys):
+        assert torch.equal(y, cpu_kernels.qexpert(x, v, bits, group_size, lib=lib))
+    assert cpu_kernels.qexperts(xs[:1], views[:1], bits, group_size, lib=lib)[0].shape == (1, D)
+    with pytest.raises(ValueError, match="1 to 64 experts"):
+        cpu_kernels.qexperts(xs[:2], views[:1], bits, group_size, lib=lib)
+
+
 @pytest.mark.parametrize("n,blocks", [(37, 3), (64, 17), (1, 1)])
 def test_mxfp4_matmul_equals_dequantize_then_matmul(lib, n, blocks):
     """MXFP4 as gpt-oss ships it (quant/mxfp4.py): every E2M1 code, scales from 2^-127 (E8M0 0) up."""

@@ -24,9 +24,25 @@ def run(folder, steps: int = 12, **options):
     rt = offload.load(folder, device="cpu", context=256, **options)
     ids = rt.encode(PROMPT)
     store, model = rt.store, rt.model
-    calls = []
-    inner = store.run
-    store.run = lambda layer, e, x: (calls.append((layer, e)), inner(layer, e, x))[1]
+    calls, grouped = [], []  # every expert use, whichever way the MoE block asks for it
+    inner, inner_group = store.run, store.run_group
+
+    def run_one(layer, e, x):
+        if not grouped:  # `run_group` counted it already
+            calls.append((layer, e))
+        return inner(layer, e, x)
+
+    def run_group(layer, experts, x):
+        calls.extend((layer, e) for e in experts)
+        grouped.append(True)
+        try:
+            return inner_group(layer, experts, x)
+        finally:
+            grouped.pop()
+
+    store.run = run_one
+    if inner_group is not None:  # a test may take it away
+        store.run_group = run_group
     store.reset_stats()
     logits = [prefill(model, torch.tensor(ids))]
     tokens = [int(logits[-1].argmax())]

@@ -27,7 +27,8 @@ class ExpertProvider(Protocol):
         `guesses`: `guess(layer, h)`'s tensors as lists, when the provider has `guess`."""
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert (layer, expert) applied to x [t, D] -> [t, D], in x's dtype and on x's device."""
+        """Expert (layer, expert) applied to x [t, D] -> [t, D], in x's dtype and on x's device. A provider may
+        also have `run_group(layer, experts, x)`: `run` of each of `experts` on one token's x [1, D]."""
 
 
 def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -121,10 +122,12 @@ class MoE:
         else:
             self.experts.prepare(self.layer, h, used)
         if h.shape[0] == 1:
-            # One token (decode): every expert reads x itself, and the token sums its k weighted outputs in
-            # one reduction. Per expert, the index_add_ below costs a scatter of hundreds of microseconds on a
-            # CPU, where a token uses 8 of 128 small experts (measured on the Qwen3-30B-A3B slice).
-            ys = [self.experts.run(self.layer, e, x) for e in used]                         # k x [1, D]
+            # One token (decode): every expert reads x itself (the provider may run them together), and the
+            # token sums its k weighted outputs in one reduction. Per expert, the index_add_ below costs a
+            # scatter of hundreds of microseconds on a CPU, where a token uses 8 of 128 small experts
+            # (measured on the Qwen3-30B-A3B slice).
+            group = getattr(self.experts, "run_group", None)  # a provider that runs several experts at once
+            ys = group(self.layer, used, x) if group else [self.experts.run(self.layer, e, x) for e in used]
             out = (torch.cat(ys) * weights.flatten()[order, None]).sum(0, keepdim=True)     # [1, D]
         else:
             out = torch.zeros_like(h)

@@ -159,6 +159,11 @@ class BlobFileExperts:
     def compute(self, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return quant.expert_forward(self.layout, views, x)
 
+    def compute_group(self, views: list[dict[str, torch.Tensor]], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`compute` of several experts, expert i on xs[i], with the same results (the CPU kernels run a
+        layer's quantized experts in one call)."""
+        return quant.experts_forward(self.layout, views, xs)
+
     def expected_shapes(self) -> dict:
         """None: every expert is in experts.bin, whose header and layout were checked above."""
         return {}

@@ -341,21 +341,11 @@ class ExpertStore:
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert (layer, expert) on x [t, D], as planned by `prepare`."""
         key = (layer, expert)
-        kind, slot = self.plan_of.pop(key)
-        s = self.stats_
-        if kind == "hit":
-            s.expert_hits += 1
-            s.layer(layer, "hits")
-            if key in self.prefetched:
-                s.prefetch_hits += 1
-                s.layer(layer, "prefetch_hits")
-        else:
-            s.expert_misses += 1
-            s.layer(layer, "misses")
-            if kind == "cpu":
-                return self._run_on_cpu(key, x)
-            if slot is None:
-                slot = self._to_device(key, protected=set(), prefetch=False)
+        kind, slot = self._count_use(key)
+        if kind == "cpu":
+            return self._run_on_cpu(key, x)
+        if slot is None:  # a miss `prepare` found no slot for (every slot held this layer's experts)
+            slot = self._to_device(key, protected=set(), prefetch=False)
         self.prefetched.discard(key)
         prof = self.profiler
         waited = prof.mark() if prof else None  # marks on the compute stream: the wait below is the copy stall
@@ -371,6 +361,71 @@ class ExpertStore:
         if prof:
             prof.expert(key, kind, waited, started, prof.mark())
         return y
+
+    def _count_use(self, key: Key) -> tuple[str, int | None]:
+        """Take `key`'s plan from `prepare` and count its use (hit or miss, a prefetch's hit)."""
+        kind, slot = self.plan_of.pop(key)
+        s = self.stats_
+        if kind == "hit":
+            s.expert_hits += 1
+            s.layer(key[0], "hits")
+            if key in self.prefetched:
+                s.prefetch_hits += 1
+                s.layer(key[0], "prefetch_hits")
+        else:
+            s.expert_misses += 1
+            s.layer(key[0], "misses")
+        return kind, slot
+
+    def run_group(self, layer: int, experts: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+        """`run` of several experts of one layer on one token's x [1, D] (a decode step), with the same results.
+
+        The experts computed on the CPU from slots that nothing can take before they run (a CPU slot pool whose
+        slots `prepare` planned; a host tier that holds every expert, under --cpu-experts) go to the source's
+        `compute_group` together: the CPU kernels run a layer's quantized experts in one call, where a
+        fine-grained model's 8 small experts a token would pay 8 thread regions. The others go through `run`."""
+        group = getattr(self.source, "compute_group", None)
+        plans = [self.plan_of.get((layer, e)) for e in experts]
+        host_all = self.plan.host_slots >= self.plan.experts_total
+        together = [i for i, (kind, slot) in enumerate(plans)
+                    if (kind == "cpu" and host_all) or (kind != "cpu" and slot is not None and not self.cuda)]
+        # A device miss without a slot is loaded when it runs, over a slot it picks then: nothing runs together.
+        if (group is None or self.partial is not None or len(together) < 2
+                or any(kind != "cpu" and slot is None for kind, slot in plans)):
+            return [self.run(layer, e, x) for e in experts]
+        out: list = [None] * len(experts)
+        for i, e in enumerate(experts):
+            if i not in together:
+                out[i] = self.run(layer, e, x)
+        x_cpu = x.to("cpu")  # [1, D]; on a GPU this waits for the compute stream to produce x
+        views, xs = [], []
+        for i in together:
+            key = (layer, experts[i])
+            kind, slot = self._count_use(key)
+            if kind == "cpu":
+                host = self._host_slot(key)
+                with self.lock:  # the host tier's policy counts the use
+                    self.host_table.lookup(key)
+                self.stats_.cpu_expert_calls += 1
+                views.append(self.host_views[host])
+            else:
+                self.prefetched.discard(key)
+                views.append(self.dev_views[slot])
+            xs.append(x_cpu)
+        prof = self.profiler
+        t0 = time.perf_counter() if prof else 0.0
+        ys = group(views, xs)
+        if prof:  # one call for the group: each expert is charged an equal share of its time
+            share = (time.perf_counter() - t0) / len(together)
+            for j, i in enumerate(together):
+                key, start = (layer, experts[i]), t0 + j * share
+                if plans[i][0] == "cpu":
+                    prof.cpu_expert(key, start, start + share)
+                else:
+                    prof.expert(key, plans[i][0], start, start, start + share)
+        for i, y in zip(together, ys):
+            out[i] = y.to(x.device, non_blocking=True)
+        return out
 
     def _run_sparse(self, key: Key, slot: int, x: torch.Tensor) -> torch.Tensor:
         """A sparse expert on its device slot: the up projection (in the slot's base) decides the active neurons
