@@ -121,7 +121,9 @@ def simulate_cuda(store, monkeypatch) -> None:
     store.copy_stream, store.guess_stream = copy, SimStream(lazy=True)
     store.ready = [SimEvent() for _ in store.dev_views]
     store.free = [SimEvent() for _ in store.dev_views]
-    store._h2d = lambda slot, host: current[-1].enqueue(lambda: store.dev[slot].copy_(store.host[host]))
+    # queues the whole blob's copy on the simulated current stream; returns the bytes it moves, as `_h2d` does
+    store._h2d = lambda slot, host: (current[-1].enqueue(lambda: store.dev[slot].copy_(store.host[host])),
+                                     store.layout.nbytes)[1]
 
 
 def decode(rt, steps: int = 10) -> torch.Tensor:
@@ -302,6 +304,7 @@ def watch_copy_order(store, monkeypatch) -> dict:
         copy_kind = kind[0]
         torch.cuda.current_stream().enqueue(
             lambda: (log["ran"].append(copy_kind), store.dev[slot].copy_(store.host[host])))
+        return store.layout.nbytes
 
     compute = torch.cuda.current_stream()
 
