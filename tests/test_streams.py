@@ -339,6 +339,7 @@ def test_a_copy_needed_now_never_waits_behind_a_guess(tiny_checkpoint, reference
 
 
 def test_the_simulation_catches_a_copy_queued_behind_a_guess(tiny_checkpoint, reference, monkeypatch):
+    copy_every_guess(monkeypatch)  # as the test it checks: guess copies in flight for a demand copy to queue behind
     rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=2, cpu_experts="never",
                       **budgets(tiny_checkpoint, 4, 18))
     simulate_cuda(rt.store, monkeypatch)
