@@ -306,6 +306,10 @@ def convert(
                                                                           "calibrate the thresholds on (default: "
                                                                           "the demo model's training text, "
                                                                           "pydoc_data.topics)."),
+    predictor_rank: Optional[int] = typer.Option(None, "--predictor-rank", help="With --sparse: rank of the neuron "
+                                                                                "predictors that let prefetch copy "
+                                                                                "a guessed expert's likely neurons "
+                                                                                "early (default 32; 0: none)."),
 ) -> None:
     """Write a copy of SRC with quantized expert blobs, which `generate` runs directly."""
     from cli.progress import progress_bar
@@ -316,7 +320,8 @@ def convert(
     with progress_bar("converting experts") as progress:
         out = run_convert(resolve_model_path(src), dst, bits=int(bits) if bits.isdigit() else bits,
                           group_size=group_size, dense_bits=dense_bits, progress=progress,
-                          sparse=sparse, chunk_bits=chunk_bits, calibration=calibration)
+                          sparse=sparse, chunk_bits=chunk_bits, calibration=calibration,
+                          predictor_rank=predictor_rank)
     typer.echo(f"{out}: already converted from {src} with these settings; nothing to do" if existed
                else f"wrote {out}", err=True)
 

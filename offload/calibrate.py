@@ -128,3 +128,92 @@ def threshold(x: torch.Tensor, up: quant.QuantizedTensor, target: float) -> floa
     v = F.linear(x, quant.dequantize(up)).abs().flatten()  # [n * F]
     k = max(1, min(v.numel(), round(target * v.numel())))
     return float(torch.kthvalue(v, k).values)
+
+
+HOLDOUT = 8  # the predictors are fit on the first 7/8 of the calibration tokens and scored on the last 1/8
+
+
+def fit_predictor(calib: Calibration, key: tuple[int, int], source: int, up: quant.QuantizedTensor, thr: float,
+                  rank: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Expert `key`'s neuron predictor (offload/store/predictor.py) from the input of MoE layer `source`, and its
+    score on the held-out calibration tokens (counts: guessed, active, both).
+
+    Ridge regression of v = up(x) [n, F] on [h_source, 1] [n, D + 1] over the tokens routed to the expert
+    (the layer's tokens when fewer than MIN_ROUTED, as `inputs`), reduced to rank r along the fit's top
+    singular directions; its threshold guesses as many (token, neuron) pairs as are active in the fit."""
+    layer, e = key
+    routed = (calib.routed[layer] == e).any(1)
+    if int(routed.sum()) < MIN_ROUTED:
+        routed = torch.ones_like(routed)
+    n = calib.hidden[layer].shape[0]
+    fit = routed & (torch.arange(n) < n - n // HOLDOUT)
+    w3 = quant.dequantize(up)                                                           # [F, D]
+    h = calib.hidden[source][fit]
+    X = torch.cat([h, torch.ones(h.shape[0], 1)], dim=1)                                # [n, D + 1]
+    v = F.linear(calib.hidden[layer][fit], w3)                                          # [n, F]
+    gram = (X.T @ X).double()
+    gram += (1e-3 * gram.diagonal().mean() + 1e-6) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    B = torch.linalg.solve(gram, (X.T @ v).double())                                    # [D + 1, F]
+    # The fit's top right singular vectors: those of M = L^T B (L L^T = gram), from the small [D+1, D+1]
+    # eigenproblem of M M^T (deterministic, and no SVD of an [n, F] or [D+1, F] matrix).
+    M = torch.linalg.cholesky(gram).T @ B                                               # [D + 1, F]
+    evals, U = torch.linalg.eigh(M @ M.T)                                               # ascending
+    top = evals.flip(0)[:rank].clamp_min(1e-30).sqrt()
+    Q = (M.T @ U.flip(1)[:, :rank]) / top                                               # [F, r'], r' <= r
+    Q = torch.cat([Q, Q.new_zeros(Q.shape[0], rank - Q.shape[1])], 1)                   # [F, r]
+    A = B @ Q                                                                           # [D + 1, r]
+    tensors = {"proj": A[:-1].T.half(), "bias": A[-1].half(), "out": Q.half()}
+
+    def estimate(h):  # |v_hat| [n, F] as the runtime computes it: float16 weights, float32 arithmetic
+        return ((h @ tensors["proj"].float().T + tensors["bias"].float()) @ tensors["out"].float().T).abs()
+
+    est = estimate(h)
+    active = int((v.abs() > thr).sum())
+    k = est.numel() - active  # guess the `active` largest |v_hat|
+    thr_hat = float(est.max()) if active == 0 else float(torch.kthvalue(est.flatten(), k).values) if k else 0.0
+    tensors["thr"] = torch.tensor(thr_hat)
+    held = routed & ~fit
+    score = {"guessed": 0, "active": 0, "both": 0}
+    if held.any():
+        guess = estimate(calib.hidden[source][held]) > thr_hat
+        truth = F.linear(calib.hidden[layer][held], w3).abs() > thr
+        score = {"guessed": int(guess.sum()), "active": int(truth.sum()), "both": int((guess & truth).sum())}
+    return tensors, score
+
+
+def score_predictor(folder: Path, text: str, name: str, max_tokens: int = MAX_TOKENS) -> dict:
+    """How well the neuron predictors of the sparse folder `folder` guess on `text` (teacher-forced through the
+    sparse model itself): over every (token, routed expert) pair of each predicted layer, the share of guessed
+    neurons that are active (precision) and of active neurons that were guessed (recall)."""
+    from quant import sparse
+
+    from .runtime import open_checked
+
+    calib = record(folder, text, name, max_tokens)
+    ckpt, source, _ = open_checked(folder)
+    counts = {"guessed": 0, "active": 0, "both": 0, "pairs": 0}
+    try:
+        pred = source.predictor
+        if pred is None:
+            raise UserError(f"{folder}: has no neuron predictors (convert with --predictor-rank > 0)")
+        blob = torch.empty(source.layout.nbytes, dtype=torch.uint8)
+        for layer, src in pred.source.items():
+            for e in range(ckpt.config.num_local_experts):
+                routed = (calib.routed[layer] == e).any(1)
+                if not routed.any():
+                    continue
+                source.read_into((layer, e), blob)
+                _, truth, _ = sparse.active_neurons(source.layout, source.layout.views(blob), calib.hidden[layer][routed])
+                guess = torch.zeros_like(truth)
+                for row, h in enumerate(calib.hidden[src][routed]):
+                    guess[row, pred.predict(layer, e, h[None])] = True
+                counts["guessed"] += int(guess.sum())
+                counts["active"] += int(truth.sum())
+                counts["both"] += int((guess & truth).sum())
+                counts["pairs"] += int(routed.sum())
+    finally:
+        ckpt.close()
+    return {"precision": counts["both"] / max(1, counts["guessed"]), "recall": counts["both"] / max(1, counts["active"]),
+            "guessed_share": counts["guessed"] / max(1, counts["pairs"] * source.layout.extra["ffn"]),
+            "active_share": counts["active"] / max(1, counts["pairs"] * source.layout.extra["ffn"]),
+            "tokens": calib.tokens, **counts}

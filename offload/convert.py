@@ -30,6 +30,7 @@ from .formats.converted import (BITS, COPIED, DENSE_BITS, DENSE_GROUP_SIZE, EXPE
                                 FORMAT, INFO_FILE, PARTIAL_MARKER, STRIDE_ALIGN, read_info, write_experts_header)
 from .models import EXPERT_MODEL_TYPES, expected_shapes, family, open_checkpoint
 from .runtime import open_checked
+from .store import predictor
 from .store.sources import converted_layout
 from .tokenizer import Tokenizer
 
@@ -48,12 +49,14 @@ def fingerprint(ckpt: Checkpoint) -> dict:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_size: int = 64,
             dense_bits: int = 16, workers: int | None = None, progress=None, sparse: float | None = None,
             chunk_bits: int | None = None, calibration: str | None = None,
-            calibration_tokens: int = calibrate.MAX_TOKENS) -> Path:
+            calibration_tokens: int = calibrate.MAX_TOKENS, predictor_rank: int | None = None) -> Path:
     """Convert the model folder `src` into a quantized folder `dst`; returns dst. `progress(done, total)`.
 
     `sparse`: write sparse blobs (quant/sparse.py) instead, TARGET the fraction of neurons dropped on the
     `calibration` text (a UTF-8 file; None: the demo model's training corpus), the up projection at `bits`,
-    the neuron chunks at `chunk_bits` (default `bits`; 16 keeps them float16)."""
+    the neuron chunks at `chunk_bits` (default `bits`; 16 keeps them float16), and neuron predictors of rank
+    `predictor_rank` (offload/store/predictor.py; default DEFAULT_RANK, 0 for none) that let router-ahead prefetch
+    copy a guessed expert's likely neurons early."""
     if bits not in BITS:
         raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
     if sparse is not None:
@@ -65,8 +68,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
         if chunk_bits not in sparse_blob.CHUNK_BITS:
             raise UserError(f"--chunk-bits must be one of {', '.join(map(str, sparse_blob.CHUNK_BITS))}, "
                             f"got {chunk_bits}")
-    elif chunk_bits is not None or calibration is not None:
-        raise UserError("--chunk-bits and --calibration apply to sparse experts only: add --sparse TARGET")
+        predictor_rank = predictor.DEFAULT_RANK if predictor_rank is None else predictor_rank
+        if isinstance(predictor_rank, bool) or not isinstance(predictor_rank, int) or predictor_rank < 0:
+            raise UserError(f"--predictor-rank must be 0 (no neuron predictor) or a positive rank, got {predictor_rank}")
+    elif chunk_bits is not None or calibration is not None or predictor_rank is not None:
+        raise UserError("--chunk-bits, --calibration and --predictor-rank apply to sparse experts only: add --sparse "
+                        "TARGET")
     if bits == "mxfp4":
         group_size = mxfp4.BLOCK  # one power-of-two scale per 32 values, by the format
     if dense_bits not in DENSE_BITS:
@@ -102,7 +109,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
     calib_text, calib_name = calibrate.calibration_text(calibration) if sparse is not None else (None, None)
     settings = {"bits": bits, "group_size": group_size, "dense_bits": dense_bits,
                 "sparse": None if sparse is None else {"target": float(sparse), "chunk_bits": chunk_bits,
-                                                      "calibration": calib_name}}
+                                                      "calibration": calib_name, "predictor_rank": predictor_rank}}
     if dst.resolve() == ckpt.path.resolve():
         raise UserError(f"{dst}: the destination is the source folder")
     if dst.exists() or dst.is_symlink():
@@ -193,6 +200,11 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
     workers = workers or max(1, min(E, os.cpu_count() or 1))
 
     fallback: list[list[int]] = []
+    # Neuron predictors (sparse, rank > 0): each MoE layer's experts from the previous MoE layer's input.
+    rank = settings["sparse"].get("predictor_rank", 0) if calib is not None else 0
+    sources = dict(zip(layers[1:], layers[:-1])) if rank else {}
+    predictors: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    scores: dict[tuple[int, int], dict[str, int]] = {}  # per expert: its predictor on held-out calibration tokens
 
     def one(key):
         if calib is not None:
@@ -202,6 +214,8 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
             if wide:
                 fallback.append(list(key))
             thr = calibrate.threshold(x, up, settings["sparse"]["target"])
+            if key[0] in sources:
+                predictors[key], scores[key] = calibrate.fit_predictor(calib, key, sources[key[0]], up, thr, rank)
             return key, sparse_blob.pack_sparse(w1, w2, up, thr, layout)
         if bits != "mxfp4":
             w1, w2, w3 = (ckpt.read(n, dtype=torch.float32) for n in fam.expert_names(*key))
@@ -233,12 +247,23 @@ def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, d
                     progress(base + done, base + L * E)
         f.flush()
         os.fsync(f.fileno())
+    score = {k: sum(s[k] for s in scores.values()) for k in ("guessed", "active", "both")}
+    if sources:
+        predictor.save(partial / predictor.FILE,
+                       {layer: {name: torch.stack([predictors[(layer, e)][name] for e in range(E)])
+                                for name in predictors[(layer, 0)]} for layer in sources},
+                       sources, cfg.hidden_size, cfg.intermediate_size, rank, E)
     info = {"format": FORMAT, "version": FILE_VERSION, **settings,
             **({"dense_group_size": DENSE_GROUP_SIZE, "dense_quantized": "attention projections q, k, v, o"}
                if dense_fmt else {}),
             "source": fingerprint(ckpt),
             **({"sparse_calibration": {"tokens": calib.tokens, "min_routed_tokens": calibrate.MIN_ROUTED,
                                        "calibrated_on_whole_layer": sorted(fallback)}} if calib else {}),
+            **({"predictor": {"file": predictor.FILE, "rank": rank, "reads": "the previous MoE layer's input",
+                              "heldout_calibration_tokens": calib.tokens // calibrate.HOLDOUT,
+                              "heldout_precision": round(score["both"] / max(1, score["guessed"]), 4),
+                              "heldout_recall": round(score["both"] / max(1, score["active"]), 4)}}
+               if sources else {}),
             "blob_bytes": layout.nbytes, "experts_file": EXPERTS_FILE,
             "bits_per_param": round(8 * layout.nbytes / cfg.expert_params, 4),
             "seconds": round(time.perf_counter() - start, 2)}

@@ -38,13 +38,13 @@ def pread_exactly(fd: int, view: memoryview, offset: int, path, what: str) -> No
         got += n
 
 
-def save_tensors(tensors: dict, path) -> None:
-    """safetensors' `save_file`, leaving the file readable as any file this process creates (the library
-    writes it owner-only, 0600, which a model folder shared with others cannot be). Best effort: a
-    filesystem that refuses chmod keeps the library's mode."""
+def save_tensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file` (with `metadata`, strings, beside torch's "format"), leaving the file readable
+    as any file this process creates (the library writes it owner-only, 0600, which a model folder shared with
+    others cannot be). Best effort: a filesystem that refuses chmod keeps the library's mode."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
     try:
         os.chmod(path, 0o666 & ~current_umask())
     except OSError:

@@ -21,7 +21,7 @@ row [w1[i], w2[:, i]] of 2D values, either float16 (`chunk_bits` 16) or quantize
     codes uint8 [P] (P = pack.packed_length(2D, bits), padded to even) | scale fp16 [2D/G] | zero fp16 [2D/G]
 
 The compute below reads only the base and the chunks of the active neurons: `active_neurons` decides
-which, from the up projection; `forward_active` takes them (from a whole blob, or gathered), in ascending
+which, from the up projection; `forward_active` reads them (from a whole blob, or a device slot), in ascending
 neuron order, with dropped (token, neuron) pairs multiplied by zero. What is computed therefore depends on
 x and the thresholds only, never on which chunks a slot happened to hold.
 """
@@ -151,15 +151,24 @@ def active_neurons(layout: BlobLayout, views: dict[str, torch.Tensor],
 
 
 def forward_active(layout: BlobLayout, x: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor,
-                   chunks: torch.Tensor) -> torch.Tensor:
-    """y = w2[:, A] (silu(w1[A] x) * v[A]) for x [T, D], with the chunks [n, C] of the neurons idx [n]
-    (ascending), each (token, neuron) pair that is not active multiplied by zero; [T, D] in x's dtype."""
+                   rows: torch.Tensor) -> torch.Tensor:
+    """y = w2[:, A] (silu(w1[A] x) * v[A]) for x [T, D], reading the chunks of the neurons idx [n] (ascending) from
+    the chunk rows [F, C] of a blob or device slot, each (token, neuron) pair that is not active multiplied by
+    zero; [T, D] in x's dtype. A block of neurons at a time (ROW_BLOCK_ELEMS gate and down values): the dequantized
+    weights stay within the workspace the memory plan reserves for quantized experts, however many are active;
+    the blocks depend on idx alone, so the result does too."""
     if idx.numel() == 0:
         return torch.zeros_like(x)
-    gate, down = chunk_weights(layout, chunks, x.dtype)                      # [n, D] each
-    h = F.silu(F.linear(x, gate)) * (v[:, idx] * mask[:, idx].to(v.dtype))  # [T, n]
-    # down.T made contiguous: with every neuron active this is the dense F.linear(h, w2) call exactly.
-    return F.linear(h, down.T.contiguous())
+    step = max(1, ROW_BLOCK_ELEMS // (2 * layout.extra["hidden"]))
+    y = None
+    for r in range(0, idx.numel(), step):
+        block = idx[r:r + step]                                                      # [b]
+        gate, down = chunk_weights(layout, rows.index_select(0, block), x.dtype)     # [b, D] each
+        h = F.silu(F.linear(x, gate)) * (v[:, block] * mask[:, block].to(v.dtype))  # [T, b]
+        # down.T made contiguous: with every neuron active (in one block) this is the dense F.linear(h, w2) call.
+        part = F.linear(h, down.T.contiguous())                                      # [T, D]
+        y = part if y is None else y.add_(part)
+    return y
 
 
 def expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +176,7 @@ def expert_forward(layout: BlobLayout, views: dict[str, torch.Tensor], x: torch.
     if layout.kind != KIND:
         raise UserError(f"sparse expert_forward needs a sparse blob layout, got kind {layout.kind!r}")
     v, mask, idx = active_neurons(layout, views, x)
-    return forward_active(layout, x, v, mask, idx, views["chunks"].index_select(0, idx))
+    return forward_active(layout, x, v, mask, idx, views["chunks"])
 
 
 def unpack_sparse(layout: BlobLayout, blob: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict:

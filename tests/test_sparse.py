@@ -1,6 +1,8 @@
-"""Sparse experts (quant/sparse.py, `convert --sparse`, offload/store/partial.py): the sparse forward is the
-dense one with the dropped neurons zeroed; TARGET 0 is the dense model; tokens do not depend on budgets or
-prefetch; a partial copy moves the base and the missing chunks, and bytes_h2d counts exactly that."""
+"""Sparse experts (quant/sparse.py, `convert --sparse`, offload/store/partial.py, offload/store/predictor.py):
+the sparse forward is the dense one with the dropped neurons zeroed; TARGET 0 is the dense model; tokens do
+not depend on budgets, prefetch or the neuron predictors; a partial copy moves the base and the missing chunks,
+a guess copy the base and its predicted chunks, and bytes_h2d counts exactly that; the staging buffers are
+inside the device budget."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from offload.convert import convert
 from offload.demo import DEMO_DIR
 from offload.generate import decode_one
 from offload.models import family, open_checkpoint
+from offload.store import predictor
 from quant import sparse
 from quant.blob import BlobLayout
 
@@ -84,7 +87,7 @@ def greedy(folder, steps=12, **options):
 def vram_for(folder, slots: int) -> int:
     with offload.load(folder, device="cpu", dtype="float32", context=128) as rt:
         plan = rt.store.plan
-    return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
+    return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.staging_bytes + slots * plan.blob_bytes
 
 
 def test_target_zero_equals_the_dense_model_whose_up_projection_is_quantized_alike(tmp_path):
@@ -182,8 +185,13 @@ def test_a_smaller_device_budget_reuses_held_chunks_and_counts_each_copy(demo_sp
 
 def test_convert_sparse_records_its_settings_and_a_rerun_with_others_is_refused(demo_sparse, tmp_path):
     info = json.loads((demo_sparse / "moe_offload.json").read_text())
-    assert info["sparse"] == {"target": 0.6, "chunk_bits": 4, "calibration": "pydoc_data.topics"}
+    assert info["sparse"] == {"target": 0.6, "chunk_bits": 4, "calibration": "pydoc_data.topics",
+                              "predictor_rank": predictor.DEFAULT_RANK}
     assert info["sparse_calibration"]["tokens"] > 1000
+    # The predictors guess the next layer's active neurons far better than chance (40% of them are active) on
+    # calibration tokens they were not fit on.
+    assert info["predictor"]["file"] == predictor.FILE
+    assert info["predictor"]["heldout_precision"] > 0.6 and info["predictor"]["heldout_recall"] > 0.6
     assert convert(DEMO_DIR, demo_sparse, 4, 64, sparse=0.6) == demo_sparse  # same settings: nothing to do
     with pytest.raises(quant.UserError, match="other settings"):
         convert(DEMO_DIR, demo_sparse, 4, 64, sparse=0.5)
@@ -214,6 +222,13 @@ def test_a_missing_or_empty_calibration_file_is_one_line(tmp_path):
     (tmp_path / "empty.txt").write_text(" \n")
     one_line_error("demo", tmp_path / "out", "--sparse", "0.5", "--calibration", tmp_path / "empty.txt",
                    needle="the file is empty")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_predictor_rank_without_sparse_or_below_zero_is_one_line(tmp_path):
+    one_line_error("demo", tmp_path / "out", "--predictor-rank", "8", needle="apply to sparse experts only")
+    one_line_error("demo", tmp_path / "out", "--sparse", "0.5", "--predictor-rank", "-1",
+                   needle="--predictor-rank must be 0")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -248,7 +263,7 @@ def test_every_family_with_gated_experts_converts_sparse_and_keeps_the_invariant
 def vram_for_small(folder) -> int:
     with offload.load(folder, device="cpu", dtype="float32", context=64) as rt:
         plan = rt.store.plan
-    return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + 3 * plan.blob_bytes
+    return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.staging_bytes + 3 * plan.blob_bytes
 
 
 def test_mixtral_tiny_checkpoint_converts_with_a_calibration_file(tmp_path, calibration_file):
@@ -260,3 +275,106 @@ def test_mixtral_tiny_checkpoint_converts_with_a_calibration_file(tmp_path, cali
     assert info["sparse"]["chunk_bits"] == 8 and info["sparse"]["calibration"] == str(calibration_file)
     result = run_cli("generate", tmp_path / "dst", "The quick brown fox", "-n", "4", "--json")
     assert result.returncode == 0, result.stderr
+
+
+# ---- neuron predictors (offload/store/predictor.py) and the staging buffers -----------------------------------
+
+def without_predictor(folder, dst):
+    """A copy of the sparse folder as converted with --predictor-rank 0: no predictor file, none in its record."""
+    shutil.copytree(folder, dst)
+    (dst / predictor.FILE).unlink()
+    info = json.loads((dst / "moe_offload.json").read_text())
+    del info["predictor"]
+    info["sparse"]["predictor_rank"] = 0
+    (dst / "moe_offload.json").write_text(json.dumps(info))
+    return dst
+
+
+def test_the_predictor_file_describes_itself_and_guesses_from_the_previous_moe_layer(demo_sparse):
+    from safetensors import safe_open
+
+    with safe_open(str(demo_sparse / predictor.FILE), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["moe_offload"] == predictor.FORMAT and int(meta["rank"]) == predictor.DEFAULT_RANK
+    with offload.load(demo_sparse, device="cpu", dtype="float32", context=64) as rt:
+        pred, layers = rt.store.predictor, rt.config.moe_layers
+        assert pred.source == dict(zip(layers[1:], layers[:-1]))
+        idx = pred.predict(layers[1], 3, torch.randn(1, rt.config.hidden_size))
+        assert idx.dtype == torch.int64 and torch.equal(idx, idx.unique())  # ascending neurons, each once
+
+
+def test_tokens_and_logits_do_not_depend_on_the_predictor_and_bytes_count_its_chunks(demo_sparse, tmp_path):
+    """With prefetch, guess copies bring their predicted chunks; tokens and logits are bit-identical to the same
+    folder without predictors and to no prefetch at all. Every byte moved is a base or a whole chunk, the guessed
+    chunks among them; a guessed chunk is used (a hit), gone with its slot (wasted), or still held unused."""
+    plain = without_predictor(demo_sparse, tmp_path / "plain")
+    steps, vram = 40, vram_for(demo_sparse, 6)
+    seq, logits, _, _ = greedy(demo_sparse, steps=steps)
+    for folder in (demo_sparse, plain):
+        with offload.load(folder, device="cpu", dtype="float32", context=128, vram=vram, prefetch=1) as rt:
+            got_seq, got = greedy_logits(rt, rt.encode(PROMPT), steps)
+            stats, store = rt.stats(), rt.store
+            guessed, held = store.partial.guessed.clone(), store.partial.held.clone()
+        assert got_seq == seq and torch.equal(got, logits), folder
+        base, C = sparse.base_nbytes(store.layout), store.layout.extra["chunk_nbytes"]
+        fills = stats["expert_misses"] + stats["prefetch_issued"]
+        chunks, rest = divmod(stats["bytes_h2d"] - fills * base, C)
+        assert rest == 0 and chunks >= stats["chunk_guesses"]
+        # What a wasted prefetch moved: its base and the chunks guessed with it, not a whole blob.
+        assert stats["bytes_prefetch_wasted"] >= stats["prefetch_wasted"] * base
+        assert (stats["bytes_prefetch_wasted"] - stats["prefetch_wasted"] * base) % C == 0
+        unused = int(guessed.sum())
+        assert stats["chunk_guess_hits"] + stats["chunk_guess_wasted"] + unused == stats["chunk_guesses"]
+        assert not (guessed & ~held).any()
+        if folder == plain:
+            assert store.predictor is None and stats["chunk_guesses"] == 0
+        else:
+            assert stats["prefetch_issued"] > 0 and stats["chunk_guesses"] > 0
+            assert stats["chunk_guess_hits"] > stats["chunk_guess_wasted"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "not safetensors", "other shapes"])
+def test_a_missing_or_damaged_predictor_file_is_one_line(demo_sparse, tmp_path, damage):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(demo_sparse, folder)
+    path = folder / predictor.FILE
+    if damage == "missing":
+        path.unlink()
+    elif damage == "not safetensors":
+        path.write_bytes(b"\x00" * 64)
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = {k: t.clone() for k, t in load_file(path).items()}
+        name = next(k for k in tensors if k.endswith(".out"))
+        tensors[name] = tensors[name][:, :-1].contiguous()
+        from quant.files import save_tensors
+
+        save_tensors(tensors, path, metadata=meta)
+    result = run_cli("generate", folder, "The quick brown fox", "-n", "2")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert predictor.FILE in result.stderr and "convert the folder again" in result.stderr, result.stderr
+
+
+def test_the_staging_buffers_are_inside_the_device_budget(demo_sparse):
+    """Measured from the tensors: the slot pool, the partial copies' staging rows, the dense weights and the KV
+    cache are what the plan says, and one byte less than that budget holds one expert slot fewer."""
+    with offload.load(demo_sparse, device="cpu", dtype="float32", context=128) as rt:
+        plan = rt.store.plan
+    layout = rt.store.layout
+    assert plan.staging_bytes == layout.record("chunks").shape[0] * layout.extra["chunk_nbytes"]
+    vram = vram_for(demo_sparse, 5)
+    with offload.load(demo_sparse, device="cpu", dtype="float32", context=128, vram=vram) as rt:
+        store, plan = rt.store, rt.store.plan
+        assert plan.device_slots == 5
+        staged = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in store.partial.device_tensors()}
+        assert sum(staged.values()) == plan.staging_bytes
+        greedy_logits(rt, rt.encode(PROMPT), 4)
+        held = store.held_device_bytes()
+        assert held == plan.dense_bytes + plan.kv_bytes + plan.staging_bytes + plan.expert_pool_bytes <= vram
+    with offload.load(demo_sparse, device="cpu", dtype="float32", context=128, vram=vram - 1) as rt:
+        assert rt.store.plan.device_slots == 4

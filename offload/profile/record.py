@@ -87,7 +87,7 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
         "prefetch_issued": counts["prefetch_issued"], "prefetch_hits": counts["prefetch_hits"],
         "prefetch_accuracy": counts["prefetch_hits"] / counts["prefetch_issued"] if counts["prefetch_issued"] else None,
         "prefetch_wasted": counts["prefetch_wasted"], "prefetch_skipped": counts["prefetch_skipped"],
-        "bytes_prefetch_wasted": counts["prefetch_wasted"] * plan.blob_bytes,
+        "bytes_prefetch_wasted": counts["bytes_prefetch_wasted"],
         "cpu_expert_calls": counts["cpu_expert_calls"],
         "bytes_h2d": counts["bytes_h2d"], "bytes_disk": counts["bytes_disk"],
         "h2d_bandwidth_bytes_per_s": bandwidth,

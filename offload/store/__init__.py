@@ -7,6 +7,8 @@ runtime or the tools.
     memory.py   MemoryPlan: what the --vram and --ram budgets hold
     reader.py   the disk reader thread
     sources.py  where experts come from on disk and how a blob is computed
+    partial.py  sparse experts: which neuron chunks each device slot holds, and the partial copies
+    predictor.py  sparse experts: the neuron predictors that pick a guess copy's chunks
     timing.py   the timing helpers the store and the profiler share
 """
 

@@ -37,7 +37,7 @@ DEFAULT_HEADROOM = 1 << 30
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """How the device budget splits: dense weights + KV cache + workspace margin + expert slots."""
+    """How the device budget splits: dense weights + KV cache + workspace margin + staging + expert slots."""
 
     device: str
     vram_budget: int
@@ -51,6 +51,7 @@ class MemoryPlan:
     device_slots: int
     host_slots: int
     workspace: Workspace | None = None  # what margin_bytes is made of (None: a margin given as a number)
+    staging_bytes: int = 0  # sparse experts: the partial copies' staging rows (offload/store/partial.py)
 
     @property
     def expert_pool_bytes(self) -> int:
@@ -65,11 +66,11 @@ class MemoryPlan:
     def make(cls, device: str, vram: int | None, ram: int | None, dense_bytes: int, kv_bytes: int,
              margin_bytes: int, blob_bytes: int, experts_total: int, experts_per_token: int,
              free_device_bytes: int | None, workspace: Workspace | None = None,
-             device_experts: bool = True) -> "MemoryPlan":
+             device_experts: bool = True, staging_bytes: int = 0) -> "MemoryPlan":
         """Check the budgets and size both expert pools; raise UserError with the numbers when they cannot work.
         `device_experts` False (`--cpu-experts all`): no expert slot on the device, every expert is computed
-        from the host tier."""
-        fixed = dense_bytes + kv_bytes + margin_bytes
+        from the host tier. `staging_bytes`: what partial copies stage on the device besides the slots."""
+        fixed = dense_bytes + kv_bytes + margin_bytes + staging_bytes
         slot = blob_bytes if device_experts else 0
         default = vram is None
         if default:
@@ -79,9 +80,10 @@ class MemoryPlan:
         if vram < fixed + slot:
             what = (f"what the GPU has free ({human(free_device_bytes)}) less {human(DEFAULT_HEADROOM)} of headroom "
                     f"for CUDA's libraries ({human(vram)})" if default else f"--vram {human(vram)}")
+            staging = f" + staging ({human(staging_bytes)})" if staging_bytes else ""
             raise UserError(f"{what} cannot hold the dense part ({human(dense_bytes)}) + KV cache "
-                            f"({human(kv_bytes)}) + workspace ({human(margin_bytes)}) + one expert ({human(slot)}): "
-                            f"need at least {human(fixed + slot)}")
+                            f"({human(kv_bytes)}) + workspace ({human(margin_bytes)}){staging} + one expert "
+                            f"({human(slot)}): need at least {human(fixed + slot)}")
         device_slots = min(experts_total, (vram - fixed) // blob_bytes) if device_experts else 0
         if ram is None:
             ram = default_ram_budget()
@@ -93,7 +95,7 @@ class MemoryPlan:
                             f"the host tier needs to stream one layer's experts from disk")
         host_slots = min(experts_total, ram // blob_bytes)
         return cls(device, vram, ram, dense_bytes, kv_bytes, margin_bytes, blob_bytes, experts_total,
-                   experts_per_token, int(device_slots), int(host_slots), workspace)
+                   experts_per_token, int(device_slots), int(host_slots), workspace, staging_bytes)
 
 
 def device_bytes_free(device) -> int:
@@ -361,10 +363,10 @@ def plan_workspace(cfg: ModelConfig, context: int, dtype: torch.dtype, device_ty
 def plan_memory(cfg: ModelConfig, itemsize: int, device: str, vram: int | None, ram: int | None, context: int,
                 blob_bytes: int, free_device_bytes: int | None = None, dense: int = 0,
                 dense_format: tuple[int, int] | None = None, capability: tuple[int, int] | None = None,
-                quantized_experts: bool = False, device_experts: bool = True) -> MemoryPlan:
+                quantized_experts: bool = False, device_experts: bool = True, staging_bytes: int = 0) -> MemoryPlan:
     """The MemoryPlan of a model under these budgets, from its config alone (no weights are read).
     `capability`: the CUDA device's (major, minor), which decides the attention kernel (None: sm_80+);
-    `device_experts` as in `MemoryPlan.make`."""
+    `device_experts` and `staging_bytes` as in `MemoryPlan.make`."""
     dtype = {4: torch.float32, 2: torch.float16}[itemsize]  # the attention kernel depends on the width only
     ws = plan_workspace(cfg, context, dtype, torch.device(device).type, capability, quantized_experts, dense_format)
     return MemoryPlan.make(
@@ -372,7 +374,7 @@ def plan_memory(cfg: ModelConfig, itemsize: int, device: str, vram: int | None, 
         kv_bytes=kv_bytes(cfg, context, itemsize), margin_bytes=ws.total,
         blob_bytes=blob_bytes, experts_total=cfg.experts_total,
         experts_per_token=cfg.num_experts_per_tok, free_device_bytes=free_device_bytes, workspace=ws,
-        device_experts=device_experts)
+        device_experts=device_experts, staging_bytes=staging_bytes if device_experts else 0)
 
 
 def expected_traffic(plan: MemoryPlan, layers: int, hit_rate: float, bandwidth: float) -> dict:

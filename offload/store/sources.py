@@ -9,6 +9,7 @@ or MXFP4 as shipped); `BlobFileExperts` reads whole quantized blobs written by `
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import torch
@@ -24,6 +25,8 @@ from ..formats.checkpoint import Checkpoint
 from ..formats.converted import EXPERTS_FILE, FILE_HEADER, INFO_FILE, dense_format, read_experts_header, read_info
 from ..models import expert_shapes, family
 from ..models.moe import expert_ffn
+from .predictor import FILE as PREDICTOR_FILE
+from .predictor import NeuronPredictor
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -145,6 +148,14 @@ class BlobFileExperts:
             raise UserError(f"{self.path}: blob layout does not match config.json and {info['bits']}-bit, "
                             f"group {info['group_size']} experts")
         self.header = self.layout.header()
+        # Sparse experts may have neuron predictors (offload/store/predictor.py), which router-ahead prefetch uses.
+        self.predictor = None
+        if info.get("predictor") is not None:
+            record = info["predictor"]
+            if info.get("sparse") is None or not isinstance(record, dict) or record.get("file") != PREDICTOR_FILE:
+                raise UserError(f"{ckpt.path / INFO_FILE}: field 'predictor' is {json.dumps(info['predictor'])}; this "
+                                f"build reads neuron predictors of sparse experts from {PREDICTOR_FILE}")
+            self.predictor = NeuronPredictor.load(ckpt.path, cfg)
 
     def read_into(self, key: Key, blob: torch.Tensor) -> int:
         layer, e = key

@@ -38,7 +38,7 @@ from quant.units import parse_bytes
 
 from ..formats.checkpoint import Checkpoint
 from .cache import DEFAULT_POLICY, LRU, POLICIES, SlotTable
-from .partial import PartialSlots
+from .partial import PartialSlots, staging_nbytes, staging_streams
 from .memory import device_bytes_free, device_capability, human, plan_memory
 from .reader import Reader
 from .sources import open_source
@@ -53,10 +53,14 @@ CPU_EXPERTS = ("auto", "never", "always", "all")
 class Stats:
     """Counters of one generation. hits + misses = expert uses; bytes are what actually moved."""
 
-    # prefetch_wasted: prefetched copies evicted before any use (their bytes moved for nothing);
-    # prefetch_skipped: router-ahead guesses not copied because their measured accuracy would not repay them.
+    # prefetch_wasted: prefetched copies evicted before any use (their bytes moved for nothing: bytes_prefetch_wasted,
+    # for a sparse expert its base and the chunks guessed with it); prefetch_skipped: router-ahead guesses not
+    # copied because their measured accuracy would not repay them. Sparse experts: chunk_guesses, chunks a neuron
+    # predictor had a guess copy bring (their bytes are in bytes_h2d); of those, chunk_guess_hits were needed by a
+    # use before their slot was filled again, chunk_guess_wasted were not (the rest are still unused in a slot).
     FIELDS = ("expert_hits", "expert_misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted",
-              "prefetch_skipped", "cpu_expert_calls", "bytes_h2d", "bytes_disk")
+              "prefetch_skipped", "cpu_expert_calls", "bytes_h2d", "bytes_disk", "bytes_prefetch_wasted",
+              "chunk_guesses", "chunk_guess_hits", "chunk_guess_wasted")
 
     def __init__(self) -> None:
         self.reset()
@@ -118,7 +122,9 @@ class ExpertStore:
             cfg, dtype.itemsize, str(device), vram=vram, ram=parse_bytes(ram, "--ram"),
             context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
             free_device_bytes=free, capability=device_capability(device) if self.cuda else None,
-            quantized_experts=self.layout.kind != "dense", device_experts=cpu_experts != "all")
+            quantized_experts=self.layout.kind != "dense", device_experts=cpu_experts != "all",
+            staging_bytes=staging_nbytes(self.layout, staging_streams(self.cuda, 1))
+            if self.layout.kind == sparse.KIND else 0)
         N = self.layout.nbytes
 
         # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), to the
@@ -145,9 +151,6 @@ class ExpertStore:
         # Device tier: one allocation for every slot, made here and never again.
         self.dev = torch.empty((self.plan.device_slots, N), dtype=torch.uint8, device=device)
         self.dev_views = [self.layout.views(self.dev[s]) for s in range(self.plan.device_slots)]
-        # Sparse experts: a device slot holds the base and only the neuron chunks used (offload/store/partial.py).
-        self.partial = (PartialSlots(self.layout, self.dev, self.host, self.cuda, device)
-                        if self.layout.kind == sparse.KIND else None)
         layers = cfg.num_hidden_layers if per_layer_cache else 0
         if layers and self.plan.device_slots < layers * cfg.num_experts_per_tok:
             raise UserError(f"a per-layer cache needs at least {layers * cfg.num_experts_per_tok} device slots")
@@ -188,6 +191,15 @@ class ExpertStore:
                 self.dev.record_stream(stream)
             self.ready = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
             self.free = [torch.cuda.Event() for _ in range(self.plan.device_slots)]
+        # Sparse experts: a device slot holds the base and only the neuron chunks used or guessed
+        # (offload/store/partial.py), staged per copy stream; a folder's neuron predictors say which chunks a
+        # guess copy brings (offload/store/predictor.py). Results never depend on them: only bytes and timing do.
+        self.partial, self.predictor = None, None
+        if self.layout.kind == sparse.KIND:
+            streams = self.copy_streams() if self.cuda else [None]
+            self.partial = PartialSlots(self.layout, self.dev, self.host, self.cuda, device,
+                                        streams[:staging_streams(self.cuda, self.plan.device_slots)])
+            self.predictor = getattr(self.source, "predictor", None)
         self.cpu_wins = self._decide_cpu_experts()
 
     # ---- the model's seam ---------------------------------------------------------------------------
@@ -252,7 +264,7 @@ class ExpertStore:
         if self.prefetch and decode:
             if guesses is None:
                 guesses = [g.flatten().tolist() for g in self.guess(layer, h)]
-            self._prefetch(layer, guesses, set(needed))
+            self._prefetch(layer, guesses, set(needed), h)
 
     # A guess is copied only when its measured accuracy p (`guess_outcomes`) says it pays for itself: a right
     # guess moves the bytes its miss would have moved anyway, a wrong one moves them for nothing, so p must
@@ -289,7 +301,7 @@ class ExpertStore:
         policy expects to be used sooner than the guess (ahead / p layer steps, its expected wait)."""
         if p is None or p < self.MIN_GUESS_ACCURACY:
             return False
-        blob = self.layout.nbytes
+        blob = self._copy_bytes()
         spent = self.wrong_guess_copies + self.guess_reloads
         if (spent + 1 - p) * blob > self.WASTE_SHARE * (self.stats_.bytes_h2d + blob):
             return False
@@ -299,17 +311,26 @@ class ExpertStore:
         victim = self.dev_table.policy.victim(self.dev_table.slot_of, keep)
         return victim is not None and next_use(victim) > ahead / p
 
-    def _prefetch(self, layer: int, guesses: list[list[int]], needed: set) -> None:
+    def _copy_bytes(self) -> int:
+        """What copying one expert moves, to weigh a guess: its blob; a sparse expert's base plus the chunks its
+        uses come to need, measured as what the resident experts hold on average."""
+        if self.partial is None:
+            return self.layout.nbytes
+        return self.partial.base + round(self.partial.mean_chunks(list(self.dev_table.slot_of.values())) * self.partial.C)
+
+    def _prefetch(self, layer: int, guesses: list[list[int]], needed: set, h: torch.Tensor | None = None) -> None:
         """Router-ahead: the residual stream changes slowly, so layer L+j's router applied to layer L's
         hidden state picks most of the experts L+j will use (`guesses`, one list per layer ahead, the
         router's best pick first). Guesses already in host RAM are copied to the device now, a few at a
         time, when they pay for themselves (`_worth_copying`); the others are read from disk into RAM (never
         blocking this thread). A guess never evicts this layer's experts, another guess, or an expert of
         the next layer (the likeliest to be used next: a guess two layers ahead, or a wrong one, must not
-        push them out)."""
+        push them out). A sparse guess of the next layer also brings the chunks its neuron predictor guesses
+        from h [1, D], this layer's input (`_guess_chunks`)."""
         ahead = self.layers_ahead(layer)
         if not ahead:
             return
+        h_host = None
         keep = set(needed) | {k for k, _ in self._guesses_in_flight()} | self.dev_table.keys_of_layer(ahead[0])
         for distance, (nxt, guess) in enumerate(zip(ahead, guesses), start=1):
             for rank, e in enumerate(dict.fromkeys(guess)):
@@ -329,7 +350,13 @@ class ExpertStore:
                 elif len(self._guesses_in_flight()) < self.max_guess_copies:
                     if not self._worth_copying(key, self.guess_accuracy(nxt, distance, rank), distance, keep):
                         self.stats_.prefetch_skipped += 1
-                    elif self._to_device(key, protected=keep, prefetch=True) is not None:
+                        continue
+                    chunks = None
+                    if self.predictor is not None and h is not None and self.predictor.predicts(nxt, layer):
+                        if h_host is None:  # [1, D]; h is ready (the block brought its routing over after it)
+                            h_host = h.detach().to("cpu", torch.float32)
+                        chunks = self.predictor.predict(nxt, e, h_host)
+                    if self._to_device(key, protected=keep, prefetch=True, chunks=chunks) is not None:
                         self.stats_.prefetch_issued += 1
                         keep.add(key)
 
@@ -433,7 +460,9 @@ class ExpertStore:
         over exactly those neurons. What it computes depends on x and the threshold only, never on what the slot
         held before."""
         v, mask, idx = sparse.active_neurons(self.layout, self.dev_views[slot], x)
-        missing = self.partial.missing(slot, idx.cpu())
+        needed = idx.cpu()
+        missing = self.partial.missing(slot, needed)
+        self.stats_.chunk_guess_hits += self.partial.use(slot, needed)
         if missing.numel():
             host = self._host_slot(key)
             if self.cuda:
@@ -449,7 +478,7 @@ class ExpertStore:
                 moved = self.partial.copy_chunks(slot, host, missing)
             self.stats_.bytes_h2d += moved
             self.stats_.layer(key[0], "bytes_h2d", moved)
-        return sparse.forward_active(self.layout, x, v, mask, idx, self.partial.chunks(slot, idx))
+        return sparse.forward_active(self.layout, x, v, mask, idx, self.partial.rows(slot))
 
     # ---- tiers ---------------------------------------------------------------------------------------
 
@@ -536,8 +565,9 @@ class ExpertStore:
         except OSError as exc:
             raise UserError(f"reading expert {key}: {exc}") from None
 
-    def _to_device(self, key: Key, protected: set, prefetch: bool) -> int | None:
-        """Copy `key` from its host slot into a device slot (evicting LRU); None if nothing may be evicted."""
+    def _to_device(self, key: Key, protected: set, prefetch: bool, chunks: torch.Tensor | None = None) -> int | None:
+        """Copy `key` from its host slot into a device slot (evicting LRU); None if nothing may be evicted.
+        `chunks`: a sparse guess's predicted neurons [n], copied with its base."""
         got = self.dev_table.assign(key, protected, use=not prefetch)
         if got is None:
             return None
@@ -545,6 +575,8 @@ class ExpertStore:
         if evicted in self.prefetched:  # copied by a guess and never used: those bytes moved for nothing
             self.prefetched.discard(evicted)
             self.stats_.prefetch_wasted += 1
+            self.stats_.bytes_prefetch_wasted += (self.layout.nbytes if self.partial is None
+                                                  else self.partial.held_bytes(slot))
         if prefetch and evicted is not None:
             self.guess_evicted[evicted] = key
         if self.guess_evicted.pop(key, None) is not None:  # back on the device: a demand miss a wrong guess caused
@@ -553,7 +585,7 @@ class ExpertStore:
             # Fewer slots than this layer's experts: the evicted one (hit or copied) is loaded again when it runs.
             self.plan_of[evicted] = ("miss", None)
         try:
-            self._fill_slot(key, slot, prefetch)
+            self._fill_slot(key, slot, prefetch, chunks)
         except BaseException:
             # A failed read or copy (or Ctrl-C while waiting for one): the slot does not hold `key`, and a
             # runtime used again afterwards must not take it for a hit.
@@ -561,8 +593,9 @@ class ExpertStore:
             raise
         return slot
 
-    def _fill_slot(self, key: Key, slot: int, prefetch: bool) -> None:
-        """Copy `key` from its host slot (read from disk first if it is not there) into device slot `slot`."""
+    def _fill_slot(self, key: Key, slot: int, prefetch: bool, chunks: torch.Tensor | None = None) -> None:
+        """Copy `key` from its host slot (read from disk first if it is not there) into device slot `slot`, with
+        a sparse guess's predicted `chunks` (`_guess_chunks`)."""
         host = self._host_slot(key)
         prof = self.profiler
         stream = (self.guess_stream if prefetch else self.copy_stream) if self.cuda else None
@@ -573,7 +606,7 @@ class ExpertStore:
                 stream.wait_event(self.free[slot])
                 stream.wait_event(self.ready[slot])
                 started = prof.mark(stream) if prof else None
-                moved = self._h2d(slot, host)
+                moved = self._h2d(slot, host) + self._guess_chunks(slot, host, chunks)
                 self.ready[slot].record(stream)
                 done = torch.cuda.Event()
                 done.record(stream)
@@ -584,7 +617,7 @@ class ExpertStore:
                 self.guess_copies.append((key, done))
         else:
             started = prof.mark() if prof else None
-            moved = self._h2d(slot, host)
+            moved = self._h2d(slot, host) + self._guess_chunks(slot, host, chunks)
         if prof:
             prof.copy(key, prefetch, started, prof.mark(stream), moved)
         self.stats_.bytes_h2d += moved
@@ -611,9 +644,21 @@ class ExpertStore:
         """Queue the copy of host slot `host` into device slot `slot` on the current (copy) stream; the bytes
         it moves: the whole blob, or a sparse expert's base (its chunks follow when it runs: `_run_sparse`)."""
         if self.partial is not None:
-            return self.partial.fill(slot, host)
+            moved, wasted = self.partial.fill(slot, host)
+            self.stats_.chunk_guess_wasted += wasted
+            return moved
         self.dev[slot].copy_(self.host[host], non_blocking=True)
         return self.layout.nbytes
+
+    def _guess_chunks(self, slot: int, host: int, chunks: torch.Tensor | None) -> int:
+        """After a guess's base (same stream): the chunks its neuron predictor guessed, if the stream's staging
+        is free (a guess never makes the host wait); the bytes moved. The expert's uses copy what is still
+        missing, so a wrong guess costs bytes only."""
+        if chunks is None or not chunks.numel() or not self.partial.staging_free():
+            return 0
+        moved = self.partial.guess_chunks(slot, host, chunks)
+        self.stats_.chunk_guesses += moved // self.partial.C
+        return moved
 
     def fill_host(self, progress: Callable[[int, int], None] | None = None) -> None:
         """When every expert fits in the host tier, read them all into it now, so no token waits on the disk.
@@ -724,6 +769,8 @@ class ExpertStore:
         the expert slot pool and the model's tensors given to `attach`. Not the plan's numbers: a pool or a
         cache allocated larger than planned shows here."""
         tensors = [self.dev] if self.dev is not None else []
+        if self.partial is not None:
+            tensors += self.partial.device_tensors()
         if self.model_tensors is not None:
             tensors += self.model_tensors()
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
@@ -738,7 +785,6 @@ class ExpertStore:
             "vram_budget": self.plan.vram_budget, "ram_budget": self.plan.ram_budget,
             "device_slots": self.plan.device_slots, "host_slots": self.plan.host_slots,
             "blob_bytes": self.layout.nbytes, "prefetch": self.prefetch, "cache_policy": self.policy,
-            "bytes_prefetch_wasted": self.stats_.prefetch_wasted * self.layout.nbytes,
             "cpu_experts": (self.cpu_experts if not self.cuda or self.cpu_experts == "all"
                             else ("on" if self.cpu_wins else "off")),
             "cpu_expert_costs": self.measured,  # what decided --cpu-experts auto on a GPU; None otherwise
