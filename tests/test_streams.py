@@ -296,9 +296,9 @@ def watch_copy_order(store, monkeypatch) -> dict:
     kind = ["demand"]
     fill = store._fill_slot
 
-    def tagged_fill(key, slot, prefetch):
+    def tagged_fill(key, slot, prefetch, *chunks):
         kind[0] = log["slot_kind"][slot] = "guess" if prefetch else "demand"
-        fill(key, slot, prefetch)
+        fill(key, slot, prefetch, *chunks)
 
     def h2d(slot, host):
         copy_kind = kind[0]
@@ -360,8 +360,8 @@ def test_guess_copies_in_flight_are_bounded_to_one_layers_worth(tiny_checkpoint,
     store, most = rt.store, []
     fill = store._fill_slot
 
-    def counted_fill(key, slot, prefetch):
-        fill(key, slot, prefetch)
+    def counted_fill(key, slot, prefetch, *chunks):
+        fill(key, slot, prefetch, *chunks)
         most.append(sum(1 for op in store.guess_stream.queue if not isinstance(op, Marker)))
 
     store._fill_slot = counted_fill
