@@ -131,6 +131,10 @@ def threshold(x: torch.Tensor, up: quant.QuantizedTensor, target: float) -> floa
 
 
 HOLDOUT = 8  # the predictors are fit on the first 7/8 of the calibration tokens and scored on the last 1/8
+# A predictor guesses this share of as many (token, neuron) pairs as are active, its surest: a guessed chunk that
+# no use needs is bytes moved for nothing, one it misses is only copied later. On the demo (target 0.5, held-out
+# text) guessing as many as are active is right 72% of the time and finds 72% of them; half as many, 86% and 43%.
+GUESS_SHARE = 0.5
 
 
 def fit_predictor(calib: Calibration, key: tuple[int, int], source: int, up: quant.QuantizedTensor, thr: float,
@@ -140,7 +144,7 @@ def fit_predictor(calib: Calibration, key: tuple[int, int], source: int, up: qua
 
     Ridge regression of v = up(x) [n, F] on [h_source, 1] [n, D + 1] over the tokens routed to the expert
     (the layer's tokens when fewer than MIN_ROUTED, as `inputs`), reduced to rank r along the fit's top
-    singular directions; its threshold guesses as many (token, neuron) pairs as are active in the fit."""
+    singular directions; its threshold guesses GUESS_SHARE as many (token, neuron) pairs as are active in the fit."""
     layer, e = key
     routed = (calib.routed[layer] == e).any(1)
     if int(routed.sum()) < MIN_ROUTED:
@@ -168,9 +172,9 @@ def fit_predictor(calib: Calibration, key: tuple[int, int], source: int, up: qua
         return ((h @ tensors["proj"].float().T + tensors["bias"].float()) @ tensors["out"].float().T).abs()
 
     est = estimate(h)
-    active = int((v.abs() > thr).sum())
-    k = est.numel() - active  # guess the `active` largest |v_hat|
-    thr_hat = float(est.max()) if active == 0 else float(torch.kthvalue(est.flatten(), k).values) if k else 0.0
+    guessed = round(GUESS_SHARE * int((v.abs() > thr).sum()))
+    k = est.numel() - guessed  # guess the `guessed` largest |v_hat|
+    thr_hat = float(est.max()) if guessed == 0 else float(torch.kthvalue(est.flatten(), k).values) if k else 0.0
     tensors["thr"] = torch.tensor(thr_hat)
     held = routed & ~fit
     score = {"guessed": 0, "active": 0, "both": 0}
@@ -203,7 +207,8 @@ def score_predictor(folder: Path, text: str, name: str, max_tokens: int = MAX_TO
                 if not routed.any():
                     continue
                 source.read_into((layer, e), blob)
-                _, truth, _ = sparse.active_neurons(source.layout, source.layout.views(blob), calib.hidden[layer][routed])
+                views = source.layout.views(blob)
+                _, truth, _ = sparse.active_neurons(source.layout, views, calib.hidden[layer][routed])
                 guess = torch.zeros_like(truth)
                 for row, h in enumerate(calib.hidden[src][routed]):
                     guess[row, pred.predict(layer, e, h[None])] = True
@@ -213,7 +218,8 @@ def score_predictor(folder: Path, text: str, name: str, max_tokens: int = MAX_TO
                 counts["pairs"] += int(routed.sum())
     finally:
         ckpt.close()
-    return {"precision": counts["both"] / max(1, counts["guessed"]), "recall": counts["both"] / max(1, counts["active"]),
+    return {"precision": counts["both"] / max(1, counts["guessed"]),
+            "recall": counts["both"] / max(1, counts["active"]),
             "guessed_share": counts["guessed"] / max(1, counts["pairs"] * source.layout.extra["ffn"]),
             "active_share": counts["active"] / max(1, counts["pairs"] * source.layout.extra["ffn"]),
             "tokens": calib.tokens, **counts}

@@ -70,7 +70,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
                             f"got {chunk_bits}")
         predictor_rank = predictor.DEFAULT_RANK if predictor_rank is None else predictor_rank
         if isinstance(predictor_rank, bool) or not isinstance(predictor_rank, int) or predictor_rank < 0:
-            raise UserError(f"--predictor-rank must be 0 (no neuron predictor) or a positive rank, got {predictor_rank}")
+            raise UserError(f"--predictor-rank must be 0 (no neuron predictor) or a positive rank, "
+                            f"got {predictor_rank}")
     elif chunk_bits is not None or calibration is not None or predictor_rank is not None:
         raise UserError("--chunk-bits, --calibration and --predictor-rank apply to sparse experts only: add --sparse "
                         "TARGET")

@@ -189,9 +189,9 @@ def test_convert_sparse_records_its_settings_and_a_rerun_with_others_is_refused(
                               "predictor_rank": predictor.DEFAULT_RANK}
     assert info["sparse_calibration"]["tokens"] > 1000
     # The predictors guess the next layer's active neurons far better than chance (40% of them are active) on
-    # calibration tokens they were not fit on.
+    # calibration tokens they were not fit on; half as many as are active, so they find fewer than half.
     assert info["predictor"]["file"] == predictor.FILE
-    assert info["predictor"]["heldout_precision"] > 0.6 and info["predictor"]["heldout_recall"] > 0.6
+    assert info["predictor"]["heldout_precision"] > 0.7 and 0.25 < info["predictor"]["heldout_recall"] < 0.5
     assert convert(DEMO_DIR, demo_sparse, 4, 64, sparse=0.6) == demo_sparse  # same settings: nothing to do
     with pytest.raises(quant.UserError, match="other settings"):
         convert(DEMO_DIR, demo_sparse, 4, 64, sparse=0.5)

@@ -10,7 +10,7 @@ before it (`source` of L):
     guessed neurons = { i : |v_hat[i]| > thr[e] }
 
 trained by `convert --sparse` on the calibration text (offload/calibrate.py `train_predictor`: ridge regression
-of v on h, reduced to rank r; thr[e] makes as many (token, neuron) pairs guessed as are active there). The
+of v on h, reduced to rank r; thr[e] guesses the surest half as many (token, neuron) pairs as are active there). The
 guesses only choose which chunks move early: what an expert computes depends on its own up projection and
 threshold alone (quant/sparse.py), so a wrong guess costs bytes, never a different result.
 
@@ -78,13 +78,15 @@ class NeuronPredictor:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("moe_offload") != FORMAT or meta.get("version") != VERSION:
+                    said = json.dumps({k: meta.get(k) for k in ("moe_offload", "version")})
                     raise UserError(f"{path}: not a moe-offload neuron predictor file of version {VERSION} "
-                                    f"(metadata {json.dumps({k: meta.get(k) for k in ('moe_offload', 'version')})}); {fix}")
+                                    f"(metadata {said}); {fix}")
                 try:
                     D, Fn, r, E = (int(meta[k]) for k in ("hidden", "ffn", "rank", "experts"))
                     source = {int(k): int(v) for k, v in json.loads(meta["layers"]).items()}
                 except (KeyError, ValueError, TypeError, AttributeError):
-                    raise UserError(f"{path}: its metadata does not say hidden, ffn, rank, experts and layers; {fix}") from None
+                    raise UserError(f"{path}: its metadata does not say hidden, ffn, rank, experts and layers; "
+                                    f"{fix}") from None
                 if (D, Fn, E) != (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts):
                     raise UserError(f"{path}: made for hidden {D}, ffn {Fn}, {E} experts; config.json says "
                                     f"{cfg.hidden_size}, {cfg.intermediate_size}, {cfg.num_local_experts}; {fix}")

@@ -316,7 +316,8 @@ class ExpertStore:
         uses come to need, measured as what the resident experts hold on average."""
         if self.partial is None:
             return self.layout.nbytes
-        return self.partial.base + round(self.partial.mean_chunks(list(self.dev_table.slot_of.values())) * self.partial.C)
+        held = self.partial.mean_chunks(list(self.dev_table.slot_of.values()))
+        return self.partial.base + round(held * self.partial.C)
 
     def _prefetch(self, layer: int, guesses: list[list[int]], needed: set, h: torch.Tensor | None = None) -> None:
         """Router-ahead: the residual stream changes slowly, so layer L+j's router applied to layer L's
