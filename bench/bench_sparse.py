@@ -15,6 +15,14 @@ What it measures, and against what (every setting on the trained demo model, off
     base (header, threshold, up projection) of each miss plus the chunks of the neurons its uses found active
     and its slot did not hold yet (offload/store/partial.py);
   * the share of (token, neuron) pairs active on the held-out decode (against the calibration target);
+  * neuron predictors (offload/store/predictor.py, rank 32, trained by the same convert): bytes per token of the
+    same decode with router-ahead prefetch 1, with the predictors (a guess copy brings its predicted chunks) and
+    without them (the same folder less its predictor file: guess copies move bases only), and of what the
+    guessed chunks became (used by the expert before its slot was refilled: hits; refilled unused: wasted);
+    and the predictors' precision and recall on the held-out text (guessed neurons that were active, active
+    ones that were guessed, over every token and routed expert of the predicted layers); and what chose the
+    predictor (`predictor_choice`: rank 8-192 and the share of active pairs guessed, against the next expert's
+    own up projection applied to the previous layer's input, on the float model's held-out text, 4-bit up);
   * a Mixtral-8x7B-shaped expert (D=4096, F=14336), from the layouts alone: bytes of one miss, plain at each
     width and sparse assuming the neurons active per token are 1 - TARGET (as calibrated), against plain 4-bit.
 Which sparse settings dominate which plain ones (no more bytes and no higher perplexity) is computed and
@@ -45,11 +53,14 @@ import offload  # noqa: E402
 import quant  # noqa: E402
 from bench_quant import SETTINGS, WINDOW, perplexity  # noqa: E402
 from common import RESULTS, device_name, load_average, save_record  # noqa: E402
+from offload import calibrate  # noqa: E402
+from offload.calibrate import score_predictor  # noqa: E402
 from offload.convert import convert  # noqa: E402
 from offload.demo import corpus  # noqa: E402
 from offload.generate import decode_one, prefill  # noqa: E402
 from offload.models import open_checkpoint  # noqa: E402
 from offload.runtime import resolve_model_path  # noqa: E402
+from offload.store import predictor  # noqa: E402
 from quant import sparse  # noqa: E402
 
 DECODE_TOKENS = 256
@@ -60,9 +71,9 @@ SPARSE = [(4, 4, (0.5, 0.7)), (2, 4, (0.5, 0.6, 0.7)), (3, 3, (0.5, 0.6, 0.7)), 
 MIXTRAL = (4096, 14336)
 
 
-def decode_bytes(folder: Path, vram: int, tokens: int) -> dict:
+def decode_bytes(folder: Path, vram: int, tokens: int, prefetch: int = 0) -> dict:
     """bytes_h2d per token over a teacher-forced decode of the first `tokens` held-out tokens, at `vram`."""
-    with offload.load(folder, device="cpu", dtype="float32", context=tokens + 2, vram=vram) as rt:
+    with offload.load(folder, device="cpu", dtype="float32", context=tokens + 2, vram=vram, prefetch=prefetch) as rt:
         ids = [t for t in rt.tokenizer.encode(corpus("heldout")) if t != rt.tokenizer.bos_id][:tokens]
         prefill(rt.model, torch.tensor([rt.tokenizer.bos_id]))
         rt.store.reset_stats()
@@ -75,7 +86,24 @@ def decode_bytes(folder: Path, vram: int, tokens: int) -> dict:
         if store.partial is not None:
             out["base_bytes"] = sparse.base_nbytes(store.layout)
             out["chunk_bytes"] = store.layout.extra["chunk_nbytes"]
+        if prefetch:
+            out.update({k: stats[k] for k in ("prefetch_issued", "prefetch_hits", "prefetch_wasted",
+                                              "bytes_prefetch_wasted", "chunk_guesses", "chunk_guess_hits",
+                                              "chunk_guess_wasted")})
+            if stats["chunk_guesses"]:
+                out["chunk_guess_precision"] = round(stats["chunk_guess_hits"] / stats["chunk_guesses"], 4)
     return out
+
+
+def without_predictor(folder: Path, dst: Path) -> Path:
+    """A copy of a sparse folder as `convert --predictor-rank 0` writes it: no predictor file, none in its record."""
+    shutil.copytree(folder, dst)
+    (dst / predictor.FILE).unlink()
+    info = json.loads((dst / "moe_offload.json").read_text())
+    info = {**info, "sparse": {**info["sparse"], "predictor_rank": 0}}
+    del info["predictor"]
+    (dst / "moe_offload.json").write_text(json.dumps(info))
+    return dst
 
 
 def active_share(folder: Path, tokens: int) -> float:
@@ -121,6 +149,52 @@ def mixtral_bytes() -> dict:
                     "calibration target; the demo's held-out share is measured above); no Mixtral weights run"}
 
 
+def predictor_choice(src: Path, target: float = 0.5) -> dict:
+    """Precision/recall of predictor variants on the held-out text (the float model's inputs), 4-bit up projection:
+    rank r fits (calibrate.fit_predictor) guessing `share` x as many pairs as are active, and the baseline that
+    needs no bytes of its own, |w3 h_prev| > a threshold calibrated to as many guesses as active pairs."""
+    import torch.nn.functional as F
+
+    from offload.models import family
+
+    train = calibrate.record(src, corpus("train"), "train")
+    held = calibrate.record(src, corpus("heldout"), "heldout")
+    ckpt = open_checkpoint(src)
+    cfg, fam, layers = ckpt.config, family(ckpt.config), ckpt.config.moe_layers
+    counts: dict[str, list[int]] = {}  # variant -> [guessed, active, both]
+
+    def tally(name, guess, truth):
+        c = counts.setdefault(name, [0, 0, 0])
+        c[0] += int(guess.sum())
+        c[1] += int(truth.sum())
+        c[2] += int((guess & truth).sum())
+
+    for prev, layer in zip(layers[:-1], layers[1:]):
+        for e in range(cfg.num_local_experts):
+            up = quant.quantize(ckpt.read(fam.expert_names(layer, e)[2], dtype=torch.float32), 4, 64)
+            w3 = quant.dequantize(up)
+            thr = calibrate.threshold(train.inputs(layer, e)[0], up, target)
+            routed, fit = (held.routed[layer] == e).any(1), (train.routed[layer] == e).any(1)
+            truth = F.linear(held.hidden[layer][routed], w3).abs() > thr
+            for rank in (8, 16, 32, 64, 192):
+                t, _ = calibrate.fit_predictor(train, (layer, e), prev, up, thr, rank)
+                def est(h, t=t):  # |v_hat| [n, F]
+                    return ((h @ t["proj"].float().T + t["bias"].float()) @ t["out"].float().T).abs()
+
+                on_fit = est(train.hidden[prev][fit])
+                active = int((F.linear(train.hidden[layer][fit], w3).abs() > thr).sum())
+                for share in ((0.3, 0.5, 0.75, 1.0) if rank == 32 else (0.5, 1.0)):
+                    k = on_fit.numel() - round(share * active)
+                    cut = float(torch.kthvalue(on_fit.flatten(), max(1, k)).values)
+                    tally(f"rank {rank} share {share}", est(held.hidden[prev][routed]) > cut, truth)
+            own = F.linear(train.hidden[prev][fit], w3).abs()
+            cut = float(torch.kthvalue(own.flatten(), max(1, own.numel() - active)).values)
+            tally("own up projection on h_prev, share 1.0", F.linear(held.hidden[prev][routed], w3).abs() > cut, truth)
+    ckpt.close()
+    return {"target": target, "rows": {k: {"precision": round(c[2] / max(1, c[0]), 4),
+                                           "recall": round(c[2] / max(1, c[1]), 4)} for k, c in counts.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="where the record goes (default: "
@@ -154,14 +228,27 @@ def main() -> None:
         for name, options in settings:
             dst = convert(src, tmp / name.replace(" ", "_"), **options)
             row = {"ppl": round(perplexity(dst)["ppl"], 4), **decode_bytes(dst, vram, args.decode_tokens)}
+            row["prefetch_1"] = decode_bytes(dst, vram, args.decode_tokens, prefetch=1)
             if "sparse" in options:
                 row["target"] = options["sparse"]
                 row["active_share_heldout"] = round(active_share(dst, args.decode_tokens), 4)
+                row["predictor"] = json.loads((dst / "moe_offload.json").read_text())["predictor"]
+                scored = score_predictor(dst, corpus("heldout"), "heldout")
+                row["predictor"]["heldout_text"] = {k: round(v, 4) if isinstance(v, float) else v
+                                                    for k, v in scored.items()}
+                plain_copy = without_predictor(dst, tmp / "no-predictor")
+                row["prefetch_1_no_predictor"] = decode_bytes(plain_copy, vram, args.decode_tokens, prefetch=1)
+                shutil.rmtree(plain_copy)
             shutil.rmtree(dst)
             record["rows"][name] = row
             print(f"{name}: ppl {row['ppl']}, {row['bytes_per_token']} B/token, {row['device_slots']} slots, "
-                  f"hit {row['hit_rate']}" + (f", active {row['active_share_heldout']}" if "sparse" in options else ""),
-                  flush=True)
+                  f"hit {row['hit_rate']}, prefetch 1 {row['prefetch_1']['bytes_per_token']} B/token"
+                  + (f", active {row['active_share_heldout']}, no predictor "
+                     f"{row['prefetch_1_no_predictor']['bytes_per_token']} B/token, chunk guesses "
+                     f"{row['prefetch_1'].get('chunk_guess_precision')} used, predictor precision "
+                     f"{row['predictor']['heldout_text']['precision']} "
+                     f"recall {row['predictor']['heldout_text']['recall']}"
+                     if "sparse" in options else ""), flush=True)
             save_record(record, out)
         shutil.rmtree(four)
     rows = record["rows"]
@@ -183,6 +270,18 @@ def main() -> None:
         "ppl_vs_4bit": within[best]["ppl_vs_4bit"] if best else None,
         "met": bool(best and within[best]["bytes_per_token"] * 2 <= ref["bytes_per_token"]),
     }
+    record["predictor"] = {
+        "what": "prefetch 1 bytes/token with the neuron predictors over without them (1.0: no rise), the share of "
+                "guessed chunks used before their slot was refilled, and precision/recall on the held-out text",
+        "rows": {s: {"bytes_with_over_without": round(r["prefetch_1"]["bytes_per_token"]
+                                                      / r["prefetch_1_no_predictor"]["bytes_per_token"], 4),
+                     "prefetch_1_over_prefetch_off": round(r["prefetch_1"]["bytes_per_token"]
+                                                           / r["bytes_per_token"], 4),
+                     "chunk_guess_precision": r["prefetch_1"].get("chunk_guess_precision"),
+                     "heldout_precision": r["predictor"]["heldout_text"]["precision"],
+                     "heldout_recall": r["predictor"]["heldout_text"]["recall"]}
+                 for s, r in sparse_rows.items()}}
+    record["predictor_choice"] = predictor_choice(src)
     record["seconds"] = round(time.perf_counter() - start, 1)
     save_record(record, out)
     print(json.dumps({"dominates": record["dominates"], "acceptance": record["acceptance"]}, indent=1))
