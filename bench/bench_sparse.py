@@ -1,6 +1,8 @@
 """Sparse experts (FloE) against plain quantization: held-out perplexity against bytes moved per token.
 
-What it measures, and against what (every setting on the trained demo model, offload/demo_model):
+What it measures, and against what (every setting on the trained demo model, offload/demo_model, or with
+--model runs/qwen3-demo the small fine-grained Qwen3-MoE of scripts/train_finegrained.py: the same corpus and
+tokenizer; groups of 16 where its ffn of 80 takes no 64, a device budget of a quarter of its experts):
   * (a) plain group-wise experts at 8/4/3/2 bits (groups 64/64/64/16, as bench_quant.py), and (b) sparse
     blobs (`convert --sparse TARGET`: the up projection at U bits, each neuron's gate row and down column as one
     chunk at C bits, thresholds calibrated on the demo's training text) at several targets over 4-bit and 3-bit
@@ -29,6 +31,7 @@ Which sparse settings dominate which plain ones (no more bytes and no higher per
 stated; the acceptance check: the sparse settings within 4-bit's perplexity + 5%, and their bytes against 4-bit.
 
     python bench/bench_sparse.py            # writes bench/results/sparse-<cpu|cuda>.json (or --out FILE)
+    python bench/bench_sparse.py --model runs/qwen3-demo   # writes bench/results/sparse-qwen3-demo-cpu.json
 
 Not a test: nothing is asserted.
 """
@@ -198,17 +201,28 @@ def predictor_choice(src: Path, target: float = 0.5) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="where the record goes (default: "
-                                                           "bench/results/sparse-<cpu|cuda>.json)")
+                                                           "bench/results/sparse-[MODEL-]<cpu|cuda>.json)")
     ap.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
+    ap.add_argument("--model", default="demo", help="a folder trained on the demo corpus with its tokenizer: 'demo' "
+                                                    "(default), or runs/qwen3-demo (scripts/train_finegrained.py)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    src = resolve_model_path("demo")
+    src = resolve_model_path(args.model)
     cfg = open_checkpoint(src).config
+    # Groups of 64 where the expert dims allow (the demo's D 192, F 320), else the largest that divides both.
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    group = next(g for g in (64, 32, 16) if D % g == 0 and F % g == 0)
+    plain_settings = [(b, g if D % g == 0 and F % g == 0 else group) for b, g in SETTINGS]
+    experts = len(cfg.moe_layers) * cfg.num_local_experts
+    slots = experts * SLOTS // 32  # the demo's 8 of 32: a quarter of the experts
     start = time.perf_counter()
-    out = args.out or RESULTS / f"sparse-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = "" if args.model == "demo" else f"{Path(args.model).name}-"
+    out = args.out or RESULTS / f"sparse-{name}{device}.json"
     record = {
         "device": device_name("cpu"), "load_average": load_average(),
-        "model": "offload/demo_model (trained demo: 4 layers, 8 experts top-2, D=192, F=320)",
+        "model": f"{args.model} ({cfg.model_type}: {cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts "
+                 f"top-{cfg.num_experts_per_tok}, D={D}, F={F})",
         "eval": f'ppl: offload.demo.corpus("heldout"), windows of {WINDOW} tokens + bos, teacher-forced; bytes: '
                 f"teacher-forced decode of its first {args.decode_tokens} tokens, prefetch off; "
                 f"python {platform.python_version()}",
@@ -216,14 +230,15 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        four = convert(src, tmp / "plain-4", 4, 64)
+        four = convert(src, tmp / "plain-4", 4, dict(plain_settings)[4])
         with offload.load(four, device="cpu", dtype="float32", context=args.decode_tokens + 2) as rt:
             plan = rt.store.plan
-        vram = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + SLOTS * plan.blob_bytes
+        vram = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
         record["device_budget_bytes"] = vram
-        record["device_budget"] = f"dense + KV cache + margin + {SLOTS} plain 4-bit blobs ({SLOTS} of 32 experts)"
-        settings = [(f"plain {b}-bit g{g}", dict(bits=b, group_size=g)) for b, g in SETTINGS]
-        settings += [(f"sparse up{up} chunks{cb} target {t}", dict(bits=up, group_size=64, sparse=t, chunk_bits=cb))
+        record["device_budget"] = (f"dense + KV cache + margin + {slots} plain 4-bit blobs ({slots} of {experts} "
+                                   f"experts)")
+        settings = [(f"plain {b}-bit g{g}", dict(bits=b, group_size=g)) for b, g in plain_settings]
+        settings += [(f"sparse up{up} chunks{cb} target {t}", dict(bits=up, group_size=group, sparse=t, chunk_bits=cb))
                      for up, cb, targets in SPARSE for t in targets]
         for name, options in settings:
             dst = convert(src, tmp / name.replace(" ", "_"), **options)
@@ -252,7 +267,7 @@ def main() -> None:
             save_record(record, out)
         shutil.rmtree(four)
     rows = record["rows"]
-    ref = rows["plain 4-bit g64"]
+    ref = rows[f"plain 4-bit g{dict(plain_settings)[4]}"]
     for row in rows.values():
         row["ppl_vs_4bit"] = round(row["ppl"] / ref["ppl"], 4)
         row["bytes_vs_4bit"] = round(row["bytes_per_token"] / ref["bytes_per_token"], 4)
@@ -281,7 +296,8 @@ def main() -> None:
                      "heldout_precision": r["predictor"]["heldout_text"]["precision"],
                      "heldout_recall": r["predictor"]["heldout_text"]["recall"]}
                  for s, r in sparse_rows.items()}}
-    record["predictor_choice"] = predictor_choice(src)
+    if args.model == "demo":  # what chose the predictors' rank and share: measured once, on the demo model
+        record["predictor_choice"] = predictor_choice(src)
     record["seconds"] = round(time.perf_counter() - start, 1)
     save_record(record, out)
     print(json.dumps({"dominates": record["dominates"], "acceptance": record["acceptance"]}, indent=1))
