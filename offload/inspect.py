@@ -97,6 +97,13 @@ def describe(path: str | os.PathLike | None) -> dict:
         out["quantized"] = "experts MXFP4 as shipped (4.25 bits a weight), attention as stored"
     if info:
         experts = "MXFP4" if info["bits"] == "mxfp4" else f"{info['bits']}-bit (group {info['group_size']})"
+        sp = info.get("sparse")
+        if sp:  # convert --sparse: --bits is the up projection's; each neuron's chunk has its own width
+            chunks = "float16" if sp["chunk_bits"] == 16 else f"{sp['chunk_bits']}-bit"
+            rank = (info.get("predictor") or {}).get("rank")
+            predictors = f"neuron predictors of rank {rank}" if rank else "no neuron predictors"
+            experts = (f"sparse (up projection {experts}, neuron chunks {chunks}, {sp['target']:g} of the neurons "
+                       f"dropped on {sp.get('calibration', 'its calibration text')}, {predictors})")
         out["quantized"] = f"experts {experts}, attention " + (
             f"{fmt[0]}-bit (group {fmt[1]})" if fmt else "fp16")
     return out

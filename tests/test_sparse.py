@@ -183,6 +183,14 @@ def test_a_smaller_device_budget_reuses_held_chunks_and_counts_each_copy(demo_sp
     assert (stats["bytes_h2d"] - stats["expert_misses"] * base) % C == 0
 
 
+def test_inspect_describes_a_sparse_folder(demo_sparse):
+    result = run_cli("inspect", demo_sparse, "--json")
+    assert result.returncode == 0, result.stderr
+    described = json.loads(result.stdout)["quantized"]
+    assert described.startswith("experts sparse (up projection 4-bit (group 64), neuron chunks 4-bit, 0.6 of the "
+                                "neurons dropped on pydoc_data.topics, neuron predictors of rank 32)"), described
+
+
 def test_convert_sparse_records_its_settings_and_a_rerun_with_others_is_refused(demo_sparse, tmp_path):
     info = json.loads((demo_sparse / "moe_offload.json").read_text())
     assert info["sparse"] == {"target": 0.6, "chunk_bits": 4, "calibration": "pydoc_data.topics",
