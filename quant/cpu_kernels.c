@@ -402,57 +402,21 @@ int moe_mxfp4_matmul(int N, int K, int T, const uint8_t *blocks, const uint8_t *
     return 0;
 }
 
-/* Floats of workspace `moe_qexpert` needs. */
+/* Floats of workspace `moe_qexperts` needs for T tokens in all. */
 int64_t moe_qexpert_work(int bits, int G, int D, int F, int T)
 {
     return moe_qmatmul_work(bits, G, F, D, T) + moe_qmatmul_work(bits, G, D, F, T) + 3 * (int64_t)T * F;
 }
 
-/* One SwiGLU expert: y [T, D] = w2 (silu(w1 x) * (w3 x)) with w1, w3 [F, D] and w2 [D, F], all three
- * quantized alike; x [T, D]. One OpenMP region: gate and up rows, then the product, then the down rows. */
-int moe_qexpert(int bits, int G, int D, int F, int T,
-                const uint8_t *q1, int64_t q1row, const uint16_t *s1, const uint16_t *z1,
-                const uint8_t *q2, int64_t q2row, const uint16_t *s2, const uint16_t *z2,
-                const uint8_t *q3, int64_t q3row, const uint16_t *s3, const uint16_t *z3,
-                const float *x, float *y, float *work, int nthreads)
-{
-    Mat w1 = {bits, G, F, D, q1, q1row, s1, z1, NULL}, w2 = {bits, G, D, F, q2, q2row, s2, z2, NULL},
-        w3 = {bits, G, F, D, q3, q3row, s3, z3, NULL};
-    if (check(&w1, T) || check(&w2, T) || check(&w3, T)) return 1;
-    float *xp = work, *xsum = xp + (int64_t)T * D;
-    float *hp = work + moe_qmatmul_work(bits, G, F, D, T), *hsum = hp + (int64_t)T * F;
-    float *gate = work + moe_qmatmul_work(bits, G, F, D, T) + moe_qmatmul_work(bits, G, D, F, T);
-    float *up = gate + (int64_t)T * F, *h = up + (int64_t)T * F;
-    prepare_input(&w1, T, x, xp, xsum);
-    const int up_blocks = (F + ROW_BLOCK - 1) / ROW_BLOCK, down_blocks = (D + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(guided)
-        for (int b = 0; b < 2 * up_blocks; b++) {
-            const int r = b % up_blocks, n0 = r * ROW_BLOCK, n1 = n0 + ROW_BLOCK < F ? n0 + ROW_BLOCK : F;
-            if (b < up_blocks) rows(&w1, n0, n1, xp, xsum, T, gate);
-            else rows(&w3, n0, n1, xp, xsum, T, up);
-        }
-        swiglu(gate, up, h, (int64_t)T * F);
-#pragma omp single
-        prepare_input(&w2, T, h, hp, hsum);
-#pragma omp for schedule(guided)
-        for (int b = 0; b < down_blocks; b++) {
-            const int n1 = (b + 1) * ROW_BLOCK < D ? (b + 1) * ROW_BLOCK : D;
-            rows(&w2, b * ROW_BLOCK, n1, hp, hsum, T, y);
-        }
-    }
-    return 0;
-}
-
 #define MAX_GROUP 64 /* experts in one moe_qexperts call */
 
-/* Several SwiGLU experts of one layer in one OpenMP region: a fine-grained model's token uses 8 small experts
- * a layer, where one region per expert pays its fork and barriers 8 times. Expert e (all alike: bits, G, D,
- * F) reads tokens [t0, t0 + Ts[e]) of x [sum Ts, D] and writes the same rows of y; its 12 pointer-sized
- * arguments (q, qrow, scale, zero for w1, w2, w3) are p[12e .. 12e + 11]. Every row is summed exactly as
- * moe_qexpert sums it, so each output equals that expert's own moe_qexpert call bit for bit. Workspace:
- * moe_qexpert_work(bits, G, D, F, sum Ts) floats. */
+/* SwiGLU experts y [T, D] = w2 (silu(w1 x) * (w3 x)), w1, w3 [F, D] and w2 [D, F] quantized alike, several of
+ * one layer in one OpenMP region (a fine-grained model's token uses 8 small experts a layer, where one region per
+ * expert pays its fork and barriers 8 times): the gate and up rows of all of them, then the products, then
+ * their down rows. Expert e (all alike: bits, G, D, F) reads tokens [t0, t0 + Ts[e]) of x [sum Ts, D] and
+ * writes the same rows of y; its 12 pointer-sized arguments (q, qrow, scale, zero for w1, w2, w3) are
+ * p[12e .. 12e + 11]. Each row is summed by one thread in one order, whatever the other experts of the call:
+ * an expert's output is the same alone or in a group. Workspace: moe_qexpert_work(bits, G, D, F, sum Ts). */
 int moe_qexperts(int n, int bits, int G, int D, int F, const int *Ts, const int64_t *p, const float *x, float *y,
                  float *work, int nthreads)
 {

@@ -120,9 +120,8 @@ def load(march: str = "native") -> ctypes.CDLL | None:
     lib.moe_isa.restype = _c_int
     lib.moe_qmatmul_work.restype = lib.moe_qexpert_work.restype = _i64
     lib.moe_qmatmul_work.argtypes = lib.moe_qexpert_work.argtypes = [_c_int] * 5
-    lib.moe_qmatmul.restype = lib.moe_qexpert.restype = _c_int
+    lib.moe_qmatmul.restype = _c_int
     lib.moe_qmatmul.argtypes = [_c_int] * 5 + [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _c_int]
-    lib.moe_qexpert.argtypes = [_c_int] * 5 + [_ptr, _i64, _ptr, _ptr] * 3 + [_ptr, _ptr, _ptr, _c_int]
     lib.moe_qexperts.restype = _c_int
     lib.moe_qexperts.argtypes = [_c_int] * 5 + [_ptr] * 5 + [_c_int]
     lib.moe_mxfp4_matmul.restype = _c_int
@@ -180,18 +179,7 @@ def qexpert(x: torch.Tensor, parts: dict[str, torch.Tensor], bits: int, group_si
             lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) for x [T, D] and an expert's quantized parts ("w1.q", "w1.scale", "w1.zero",
     ... as a quantized blob names them): [T, D] in x's dtype. `lib` as in `qmatmul`."""
-    lib = lib or _library()
-    T, D = x.shape
-    F = parts["w1.q"].shape[0]
-    xf = _float_input(x)
-    y = torch.empty(T, D, dtype=torch.float32)
-    work = torch.empty(lib.moe_qexpert_work(bits, group_size, D, F, T), dtype=torch.float32)
-    args = [a for name in ("w1", "w2", "w3")
-            for a in _rows(parts[f"{name}.q"], parts[f"{name}.scale"], parts[f"{name}.zero"])]
-    if lib.moe_qexpert(bits, group_size, D, F, T, *args, xf.data_ptr(), y.data_ptr(), work.data_ptr(),
-                       torch.get_num_threads()):
-        raise ValueError(f"the CPU kernel does not take a {bits}-bit expert [{F}, {D}] in groups of {group_size}")
-    return y.to(x.dtype)
+    return qexperts([x], [parts], bits, group_size, lib=lib)[0]
 
 
 MAX_GROUP = 64  # experts in one `qexperts` call (the C side's MAX_GROUP)
@@ -200,7 +188,7 @@ MAX_GROUP = 64  # experts in one `qexperts` call (the C side's MAX_GROUP)
 def qexperts(xs: list[torch.Tensor], parts: list[dict[str, torch.Tensor]], bits: int, group_size: int,
              lib: ctypes.CDLL | None = None) -> list[torch.Tensor]:
     """`qexpert` of several experts of one layer (alike: bits, group size, shapes), expert i on xs[i]
-    [T_i, D], in one call and one thread region: each result equals its own `qexpert` call bit for bit."""
+    [T_i, D], in one call and one thread region: each result is the one its expert gives alone."""
     lib = lib or _library()
     if not 1 <= len(xs) == len(parts) <= MAX_GROUP:
         raise ValueError(f"qexperts takes 1 to {MAX_GROUP} experts with one input each, got {len(parts)} "

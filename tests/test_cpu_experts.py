@@ -69,7 +69,8 @@ def test_a_layers_experts_run_together_with_the_same_results(quantized, monkeypa
     monkeypatch.setattr(cpu_kernels, "qexperts", lambda xs, *a, **k: calls.append(len(xs)) or grouped(xs, *a, **k))
     options = [dict(), dict(cpu_experts="all"), dict(vram=budget(quantized, 3))]
     together = [run(quantized, **o) for o in options]
-    assert calls and all(n == 2 for n in calls)  # top-2: both experts of a decode step in one call
+    # top-2: both experts of a decode step in one call (an expert alone, a prefill's, is a call of one)
+    assert 2 in calls and set(calls) <= {1, 2}
     monkeypatch.setattr(ExpertStore, "run_group", None)  # the MoE block then runs them one at a time
     calls.clear()
     for o, (tokens, logits, stats, _) in zip(options, together):
@@ -77,7 +78,7 @@ def test_a_layers_experts_run_together_with_the_same_results(quantized, monkeypa
         assert tokens == alone[0] and torch.equal(logits, alone[1]), o
         assert {k: stats[k] for k in ("uses", "expert_hits", "cpu_expert_calls")} == \
             {k: alone[2][k] for k in ("uses", "expert_hits", "cpu_expert_calls")}, o
-    assert not calls
+    assert calls and set(calls) == {1}  # every expert in a call of its own
 
 
 def test_cli_cpu_experts_all_and_threads(tiny_checkpoint):
