@@ -431,11 +431,7 @@ class ExpertStore:
             key = (layer, experts[i])
             kind, slot = self._count_use(key)
             if kind == "cpu":
-                host = self._host_slot(key)
-                with self.lock:  # the host tier's policy counts the use
-                    self.host_table.lookup(key)
-                self.stats_.cpu_expert_calls += 1
-                views.append(self.host_views[host])
+                views.append(self._cpu_views(key))
             else:
                 self.prefetched.discard(key)
                 views.append(self.dev_views[slot])
@@ -723,14 +719,19 @@ class ExpertStore:
                          "device_expert_s": median_time(on_device, sync)}
         return self.measured["cpu_expert_s"] < self.measured["h2d_blob_s"] + self.measured["device_expert_s"]
 
-    def _run_on_cpu(self, key: Key, x: torch.Tensor) -> torch.Tensor:
+    def _cpu_views(self, key: Key) -> dict[str, torch.Tensor]:
+        """The host slot views of `key` (read from disk first if need be) for a computation on the CPU, counted."""
         host = self._host_slot(key)
         with self.lock:  # the reader thread changes the host table (a failed read removes its expert)
             self.host_table.lookup(key)
         self.stats_.cpu_expert_calls += 1
+        return self.host_views[host]
+
+    def _run_on_cpu(self, key: Key, x: torch.Tensor) -> torch.Tensor:
+        views = self._cpu_views(key)
         x_cpu = x.to("cpu")  # [t, D]; on a GPU this waits for the compute stream to produce x
         t0 = time.perf_counter() if self.profiler else 0.0
-        y = self.source.compute(self.host_views[host], x_cpu)
+        y = self.source.compute(views, x_cpu)
         if self.profiler:
             self.profiler.cpu_expert(key, t0, time.perf_counter())
         return y.to(x.device, non_blocking=True)
