@@ -213,7 +213,7 @@ def main() -> None:
     D, F = cfg.hidden_size, cfg.intermediate_size
     group = next(g for g in (64, 32, 16) if D % g == 0 and F % g == 0)
     plain_settings = [(b, g if D % g == 0 and F % g == 0 else group) for b, g in SETTINGS]
-    experts = len(cfg.moe_layers) * cfg.num_local_experts
+    experts = cfg.experts_total
     slots = experts * SLOTS // 32  # the demo's 8 of 32: a quarter of the experts
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"

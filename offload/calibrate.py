@@ -37,12 +37,18 @@ class Calibration:
     windows: int                      # forwards the text took (`progress` counts them)
     source: str                       # the file, or DEFAULT_CORPUS
 
-    def inputs(self, layer: int, e: int) -> tuple[torch.Tensor, bool]:
-        """The calibration inputs of expert (layer, e) [n, D], and whether they are the layer-wide fallback."""
+    def tokens_of(self, layer: int, e: int) -> tuple[torch.Tensor, bool]:
+        """Which calibration tokens expert (layer, e) calibrates on (a mask [N]): those routed to it, or every
+        token of the layer when fewer than MIN_ROUTED are; and whether it is that layer-wide fallback."""
         routed = (self.routed[layer] == e).any(1)
         if int(routed.sum()) < MIN_ROUTED:
-            return self.hidden[layer], True
-        return self.hidden[layer][routed], False
+            return torch.ones_like(routed), True
+        return routed, False
+
+    def inputs(self, layer: int, e: int) -> tuple[torch.Tensor, bool]:
+        """The calibration inputs of expert (layer, e) [n, D], and whether they are the layer-wide fallback."""
+        tokens, wide = self.tokens_of(layer, e)
+        return (self.hidden[layer] if wide else self.hidden[layer][tokens]), wide
 
 
 def calibration_text(path: str | None) -> tuple[str, str]:
@@ -143,12 +149,10 @@ def fit_predictor(calib: Calibration, key: tuple[int, int], source: int, up: qua
     score on the held-out calibration tokens (counts: guessed, active, both).
 
     Ridge regression of v = up(x) [n, F] on [h_source, 1] [n, D + 1] over the tokens routed to the expert
-    (the layer's tokens when fewer than MIN_ROUTED, as `inputs`), reduced to rank r along the fit's top
+    (the layer's tokens when fewer than MIN_ROUTED: `tokens_of`), reduced to rank r along the fit's top
     singular directions; its threshold guesses GUESS_SHARE as many (token, neuron) pairs as are active in the fit."""
     layer, e = key
-    routed = (calib.routed[layer] == e).any(1)
-    if int(routed.sum()) < MIN_ROUTED:
-        routed = torch.ones_like(routed)
+    routed, _ = calib.tokens_of(layer, e)
     n = calib.hidden[layer].shape[0]
     fit = routed & (torch.arange(n) < n - n // HOLDOUT)
     w3 = quant.dequantize(up)                                                           # [F, D]

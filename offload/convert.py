@@ -133,7 +133,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int, group_siz
             calib = None
             if sparse is not None:
                 calib = calibrate.record(ckpt.path, calib_text, calib_name, calibration_tokens,
-                                         progress=(lambda d, t: progress(d, t + _experts_total(cfg)))
+                                         progress=(lambda d, t: progress(d, t + cfg.experts_total))
                                          if progress else None)
             _write_output(ckpt, partial, bits, group_size, dense_fmt, settings, workers, progress, calib)
         except Exception:
@@ -172,10 +172,6 @@ def _start_partial(partial: Path, src: Path) -> None:
         shutil.rmtree(partial)  # a stale interrupted conversion: start again
     partial.mkdir(parents=True)
     (partial / PARTIAL_MARKER).write_text(json.dumps({"source": str(src.resolve())}) + "\n")
-
-
-def _experts_total(cfg) -> int:
-    return len(cfg.moe_layers) * cfg.num_local_experts
 
 
 def _write_output(ckpt: Checkpoint, partial: Path, bits: int, group_size: int, dense_fmt: tuple[int, int] | None,
