@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from . import cpu_kernels, mxfp4, sparse
 from .blob import BlobLayout
 from .errors import UserError
-from .kernels import fused_kernels, use_fused
+from .kernels import ROW_BLOCK_ELEMS, fused_kernels, use_fused
 from .quantize import dequantize_parts, quantize, quantized_shapes
 
 NAMES = ("w1", "w2", "w3")
-ROW_BLOCK_ELEMS = 1 << 21      # weights dequantized at once on the CPU (8 MB in float32)
 GPU_ROW_BLOCK_ELEMS = 1 << 24  # on a GPU (prefill): 4 blocks of a Mixtral matrix, ~200 MB of float32 temporaries
 
 

@@ -34,13 +34,12 @@ import torch.nn.functional as F
 from . import pack as _pack
 from .blob import BlobLayout
 from .errors import UserError
-from .kernels import linear
+from .kernels import ROW_BLOCK_ELEMS, linear
 from .quantize import QuantizedTensor, dequantize_parts, quantize, quantized_shapes
 
 KIND = "sparse"
 CHUNK_BITS = (16, 8, 4, 3, 2)
 CHUNK_ALIGN = 16   # bytes: chunk rows start 16-byte aligned in every tier (the scale view needs 2)
-ROW_BLOCK_ELEMS = 1 << 21
 
 
 def _codes_nbytes(hidden: int, chunk_bits: int) -> int:
