@@ -151,3 +151,10 @@ def run_cli(*args: str, timeout: float = 300, stdin: str = "") -> subprocess.Com
     """Run the command line as a user would, in a fresh interpreter (`stdin`: the text piped into it)."""
     return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, input=stdin)
+
+
+def inspect_json(folder, *options: str) -> dict:
+    """`moe-offload inspect FOLDER --json OPTIONS` as a user runs it: it exits 0, and this is its JSON."""
+    result = run_cli("inspect", folder, "--json", *options)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

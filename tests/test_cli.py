@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import offload
-from conftest import REPO, make_checkpoint, run_cli
+from conftest import REPO, inspect_json, make_checkpoint, run_cli
 
 
 def test_generate_json_is_one_object_with_tokens_and_stats(tiny_checkpoint):
@@ -122,9 +122,7 @@ def test_bfloat16_checkpoint_loads_and_generates(tmp_path):
 
 
 def test_inspect_counts_dense_and_expert_parameters(tiny_checkpoint):
-    result = run_cli("inspect", tiny_checkpoint, "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    info = inspect_json(tiny_checkpoint)
     assert info["model_type"] == "mixtral"
     assert info["params_experts"] == 3 * 6 * 3 * 64 * 96
     assert info["bytes_per_expert"] == 3 * 64 * 96 * 4

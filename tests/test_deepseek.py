@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_generate_fails_in_one_line, copy_with, run_cli
+from conftest import assert_generate_fails_in_one_line, copy_with, inspect_json, run_cli
 from oracle import assert_greedy_matches, assert_logits_match, ours, save_reference
 
 VOCAB = 320
@@ -190,10 +190,8 @@ DEEPSEEK_V2_LITE = {  # its published config.json (the fields that set its size 
 
 def test_inspect_plans_deepseek_v2_lite_from_its_config_alone_with_the_latent_cache(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V2_LITE))
-    result = run_cli("inspect", tmp_path, "--json", "--vram", "12GiB", "--ram", "32GiB", "--device", "cuda",
-                     "--context", "4096")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    info = inspect_json(tmp_path, "--vram", "12GiB", "--ram", "32GiB", "--device", "cuda",
+                        "--context", "4096")
     assert abs(info["params_total"] / 15.7e9 - 1) < 0.02           # published: 15.7B parameters
     # Published: 2.4B activated, a count that leaves the input embedding's 102400 x 2048 out.
     assert abs((info["params_active_per_token"] - 102400 * 2048) / 2.4e9 - 1) < 0.03

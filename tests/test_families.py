@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import offload
-from conftest import assert_generate_fails_in_one_line, copy_with, greedy_logits, make_checkpoint, run_cli
+from conftest import assert_generate_fails_in_one_line, copy_with, greedy_logits, inspect_json, make_checkpoint, run_cli
 from offload.models import FAMILIES
 
 PROMPT = [1, 17, 42, 99, 17, 250, 3, 61]
@@ -137,9 +137,7 @@ def test_convert_quantizes_the_experts_and_the_result_follows_the_float_model(fa
 
 def test_inspect_counts_experts_shared_and_dense_parameters(family):
     name, folder = family
-    result = run_cli("inspect", folder, "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    info = inspect_json(folder)
     cfg = offload.models.open_checkpoint(folder).config
     assert info["model_type"] == name
     assert info["experts_total"] == len(cfg.moe_layers) * cfg.num_local_experts
@@ -232,9 +230,7 @@ QWEN3_30B_A3B = {  # its published config.json (the fields that set its size)
 
 def test_inspect_plans_qwen3_30b_a3b_from_its_config_alone(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
-    result = run_cli("inspect", tmp_path, "--json", "--vram", "12GiB", "--ram", "32GiB", "--device", "cuda")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    info = inspect_json(tmp_path, "--vram", "12GiB", "--ram", "32GiB", "--device", "cuda")
     assert info["weights"].startswith("none")
     assert abs(info["params_total"] / 30.5e9 - 1) < 0.02          # published: 30.5B parameters
     assert abs(info["params_active_per_token"] / 3.3e9 - 1) < 0.02  # published: 3.3B activated

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_generate_fails_in_one_line, copy_with, run_cli
+from conftest import assert_generate_fails_in_one_line, copy_with, inspect_json, run_cli
 from oracle import assert_greedy_matches, assert_logits_match, ours, save_reference
 from safetensors.torch import load_file, save_file
 
@@ -318,10 +318,8 @@ GPT_OSS_20B = {  # its published config.json
 
 def test_inspect_plans_gpt_oss_20b_from_its_config_alone_in_8_gib_with_mxfp4_experts_streamed(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(GPT_OSS_20B))
-    result = run_cli("inspect", tmp_path, "--json", "--vram", "8GiB", "--ram", "16GiB", "--device", "cuda",
-                     "--context", "4096")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    info = inspect_json(tmp_path, "--vram", "8GiB", "--ram", "16GiB", "--device", "cuda",
+                        "--context", "4096")
     assert abs(info["params_total"] / 20.9e9 - 1) < 0.02              # published: 20.9B parameters
     assert info["experts_total"] == 24 * 32 and info["expert_uses_per_token"] == 24 * 4
     weights = 3 * 2880 * 2880

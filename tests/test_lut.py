@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import offload
-from conftest import REPO, greedy_logits, reference_logits, run_cli, tiny_mole_config, write_tokenizer
+from conftest import REPO, greedy_logits, inspect_json, reference_logits, run_cli, tiny_mole_config, write_tokenizer
 from lut.build import TABLE_FILE, build_tables
 from lut.config import MoLEConfig
 from lut.model import MoLEForCausalLM, load_model, save_model
@@ -257,9 +257,7 @@ def test_cli_build_writes_a_servable_folder_atomically(mole, tmp_path):
 
 
 def test_inspect_describes_a_table_folder_and_a_mole_checkpoint(mole, tables32):
-    result = run_cli("inspect", tables32, "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    info = inspect_json(tables32)
     layout = TableLayout.open(tables32 / TABLE_FILE)
     assert info["bytes_tables"] == layout.vocab * layout.record_nbytes
     assert info["bytes_h2d_per_decode_token"] == info["bytes_per_token_record"] == layout.record_nbytes
@@ -268,9 +266,7 @@ def test_inspect_describes_a_table_folder_and_a_mole_checkpoint(mole, tables32):
     plan = run_cli("inspect", tables32, "--vram", "1GiB")
     assert plan.returncode == 2 and "a table folder has no expert slots to plan" in plan.stderr
     # The MoLE checkpoint itself is a model family: its routed experts are served like Mixtral's.
-    result = run_cli("inspect", mole[0], "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
+    info = inspect_json(mole[0])
     cfg = mole[1].cfg
     assert info["experts_per_layer"] == info["experts_per_token"] == cfg.num_local_experts
     assert info["bytes_per_expert"] == 3 * cfg.hidden_size * cfg.intermediate_size * 4  # float32 w1, w2, w3

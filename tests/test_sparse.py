@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import offload
 import quant
-from conftest import greedy_logits, make_checkpoint, run_cli
+from conftest import greedy_logits, inspect_json, make_checkpoint, run_cli
 from offload.convert import convert
 from offload.demo import DEMO_DIR
 from offload.generate import decode_one
@@ -184,9 +184,7 @@ def test_a_smaller_device_budget_reuses_held_chunks_and_counts_each_copy(demo_sp
 
 
 def test_inspect_describes_a_sparse_folder(demo_sparse):
-    result = run_cli("inspect", demo_sparse, "--json")
-    assert result.returncode == 0, result.stderr
-    described = json.loads(result.stdout)["quantized"]
+    described = inspect_json(demo_sparse)["quantized"]
     assert described.startswith("experts sparse (up projection 4-bit (group 64), neuron chunks 4-bit, 0.6 of the "
                                 "neurons dropped on pydoc_data.topics, neuron predictors of rank 32)"), described
 
