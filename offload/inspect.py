@@ -8,7 +8,6 @@ import torch
 
 from lut.config import is_table_folder
 from lut.serve import describe_tables
-from quant import sparse
 from quant.blob import BlobLayout
 from quant.errors import UserError
 from quant.units import parse_bytes
@@ -19,7 +18,7 @@ from .models import EXPERT_MODEL_TYPES, family, open_checkpoint, read_config
 from .runtime import (DTYPES, check_context, check_device_name, check_dtype_name, open_checked, resolve_device,
                       resolve_dtype, resolve_model_path)
 from .store.memory import dense_bytes, device_bytes_free, device_capability, expected_traffic, kv_bytes, plan_memory
-from .store.partial import staging_nbytes, staging_streams
+from .store.partial import staging_nbytes
 
 
 def open_folder(path: str | os.PathLike | None):
@@ -144,13 +143,11 @@ def memory_plan(path: str | os.PathLike | None, vram=None, ram=None, device: str
     blob = expert_blob_bytes(cfg, source, info, dt)
     free = device_bytes_free(dev) if dev.type == "cuda" and not planning_only else None
     capability = device_capability(dev) if dev.type == "cuda" and not planning_only else None
-    # Sparse experts stage their partial copies on the device (offload/store/partial.py).
-    sparse_layout = source.layout if source is not None and source.layout.kind == sparse.KIND else None
     plan = plan_memory(cfg, dt.itemsize, str(dev), vram, ram, context, blob, free_device_bytes=free,
                        dense_format=dense_format(info), capability=capability,
                        quantized_experts=info is not None or getattr(cfg, "mxfp4", False),
-                       staging_bytes=staging_nbytes(sparse_layout, staging_streams(dev.type == "cuda", 1))
-                       if sparse_layout else 0)
+                       # sparse experts stage their partial copies on the device (offload/store/partial.py)
+                       staging_bytes=staging_nbytes(source.layout, dev.type == "cuda") if source is not None else 0)
     resident = plan.device_slots == plan.experts_total
     used = plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + plan.staging_bytes + plan.expert_pool_bytes
     return {

@@ -39,11 +39,14 @@ def staging_streams(cuda: bool, device_slots: int) -> int:
     return 0 if not device_slots else 2 if cuda else 1
 
 
-def staging_nbytes(layout: BlobLayout, streams: int) -> int:
-    """Device bytes of `streams` staging pairs: rows [F, C] each, on the GPU (its host rows are pinned RAM), or a
-    CPU slot pool's gathered rows (its "device" is host memory)."""
+def staging_nbytes(layout: BlobLayout, cuda: bool) -> int:
+    """Device bytes the staging pairs of a store with device slots take (the memory plan's `staging_bytes`):
+    rows [F, C] per pair, on the GPU (its host rows are pinned RAM), or a CPU slot pool's gathered rows (its
+    "device" is host memory); 0 for blobs that are not sparse (whole copies stage nothing)."""
+    if layout.kind != sparse.KIND:
+        return 0
     F, C = layout.record("chunks").shape
-    return streams * F * C
+    return staging_streams(cuda, 1) * F * C
 
 
 class _Staging:

@@ -123,8 +123,7 @@ class ExpertStore:
             context=context, blob_bytes=self.layout.nbytes, dense=dense_bytes, dense_format=self.source.dense_format,
             free_device_bytes=free, capability=device_capability(device) if self.cuda else None,
             quantized_experts=self.layout.kind != "dense", device_experts=cpu_experts != "all",
-            staging_bytes=staging_nbytes(self.layout, staging_streams(self.cuda, 1))
-            if self.layout.kind == sparse.KIND else 0)
+            staging_bytes=staging_nbytes(self.layout, self.cuda))
         N = self.layout.nbytes
 
         # Host tier: pinned when a GPU will DMA from it (pageable memory would force a staging copy), to the
