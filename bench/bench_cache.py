@@ -39,7 +39,7 @@ from common import RESULTS, device_name, save_record  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
 from offload.store import Stats  # noqa: E402
 from offload.store.cache import DEFAULT_POLICY, POLICIES, Cycle, SlotTable  # noqa: E402
-from offload.store.optimum import _uses, optimum, rate, replay  # noqa: E402
+from offload.store.optimum import _uses, optimum, rate, replay, step  # noqa: E402
 
 FINEGRAINED = Path(__file__).resolve().parents[1] / "runs" / "qwen3-demo"
 Key = tuple[int, int]
@@ -57,9 +57,9 @@ def record_trace(folder: Path, texts: list[str], tokens: int, dtype: str = "floa
     with offload.load(folder, device="cpu", dtype=dtype, prefetch=0) as rt:
         prepare = rt.store.prepare
 
-        def recording(layer, h, experts, *rest):
-            steps.append([int(h.shape[0] == 1), layer, list(experts)])
-            return prepare(layer, h, experts, *rest)
+        def recording(layer, h, experts, guesses=None, tokens=None):
+            steps.append(step(h.shape[0] == 1, layer, experts, tokens))
+            return prepare(layer, h, experts, guesses, tokens)
 
         rt.store.prepare = recording
         for text in texts:
@@ -77,7 +77,7 @@ class Told(Cycle):
     def __init__(self, trace: list[list], horizon: int):
         super().__init__()
         self.horizon = horizon
-        steps = [(needed[0][0], {e for _, e in needed}) for _, needed in _uses(trace) if needed]
+        steps = [(needed[0][0], {e for _, e in needed}) for _, needed, _, _ in _uses(trace) if needed]
         upcoming: dict[int, set] = {}
         self.future: list[dict[int, set]] = [{}] * len(steps)  # step -> layer -> experts of its next visit
         for i in range(len(steps) - 1, -1, -1):
@@ -85,7 +85,7 @@ class Told(Cycle):
             upcoming[steps[i][0]] = steps[i][1]
         self.step = -1
 
-    def visit(self, layer: int) -> None:
+    def visit(self, layer: int, experts=(), tokens=None) -> None:
         super().visit(layer)
         self.step += 1
 
@@ -108,7 +108,7 @@ def told_rate(trace: list[list], slots: int, horizon: int) -> float:
     """`Told`'s demand hit rate on the trace, replayed as `optimum.replay` does."""
     table = SlotTable(slots, Told(trace, horizon))
     hits = uses = 0
-    for decode, needed in _uses(trace):
+    for decode, needed, _, _ in _uses(trace):
         if needed:
             table.visit(needed[0][0])
         for key in needed:
@@ -172,7 +172,7 @@ def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
             f"used {r['prefetch_hits']}, wasted {r['prefetch_wasted']}" for p, r in runs.items()), flush=True)
     return {"model": name, "folder": str(folder), "experts": total, "experts_per_token": cfg.num_experts_per_tok,
             "layers_with_experts": len(cfg.moe_layers),
-            "decode_expert_uses": sum(len(experts) for decode, _, experts in trace if decode), "rows": rows,
+            "decode_expert_uses": sum(len(s[2]) for s in trace if s[0]), "rows": rows,
             "check": {"device_slots": check_slots, "policy": DEFAULT_POLICY,
                       "store_decode_hit_rate": store["hit_rate"], "replayed_hit_rate": rows[1][DEFAULT_POLICY]},
             "prefetch": prefetch}

@@ -391,7 +391,11 @@ def test_profile_records_the_routing_and_the_optimum_on_it(tiny_checkpoint):
     trace = routing["trace"]
     assert [step[1] for step in trace] == list(range(layers)) * 4  # a prefill and 3 decode steps, layer by layer
     assert [step[0] for step in trace] == [0] * layers + [1] * 3 * layers
-    assert routing["device_slots"] == 3 and routing["policy"] == "cycle"
+    assert routing["device_slots"] == 3 and routing["policy"] == "context"
+    # The tokens the cache policy read: the prompt's last ones at the prefill (the contexts' history), then each
+    # decode step's input, the token generated before it.
+    fed = [rt.encode(PROMPT)[-3:]] + [[t] for t in record["tokens"][:3]]
+    assert [step[3] for step in trace] == [ids for ids in fed for _ in range(layers)]
     assert optimum(trace, 3)["misses_all"] == fewest_misses(trace, 3)
     assert routing["optimum_hit_rate"] == rate(optimum(trace, 3))
     assert all(r <= routing["optimum_hit_rate"] for r in routing["replayed_hit_rates"].values())

@@ -15,6 +15,7 @@ import offload
 from offload.errors import UserError
 from offload.generate import decode_one, prefill
 from offload.store.cache import POLICIES
+from offload.store.optimum import replay, step
 
 PROMPT = "The quick brown fox jumps over the lazy dog and the experts"
 
@@ -194,6 +195,27 @@ def test_a_bigger_budget_never_misses_more(tiny_checkpoint, policy):
               for n in (1, 2, 3, 4, 6, 9, 13, 18)]
     assert all(a >= b for a, b in zip(misses, misses[1:])), misses
     assert misses[-1] < misses[0]
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_replaying_the_routing_trace_is_the_store(tiny_checkpoint, policy):
+    """The ruler measures the store: replaying the layer steps the store was asked for (with the token ids the
+    context policy learns from) gives exactly the store's own decode hits, prefetch off. With room for a
+    prefill layer's experts: below that the store loads the rest as they run, in an order no trace records."""
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=0, policy=policy, cpu_experts="never",
+                      vram=budget(tiny_checkpoint, 8))
+    trace, prepare = [], rt.store.prepare
+
+    def recording(layer, h, experts, guesses=None, tokens=None):
+        trace.append(step(h.shape[0] == 1, layer, experts, tokens))
+        return prepare(layer, h, experts, guesses, tokens)
+
+    rt.store.prepare = recording
+    generated = rt.generate_ids(rt.encode(PROMPT * 2), 24)
+    next(generated)  # the prefill's token
+    rt.store.reset_stats()
+    assert len(list(generated)) == 23
+    assert replay(trace, 8, policy)["hits"] == rt.store.stats()["expert_hits"] > 0
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))

@@ -257,8 +257,9 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_a_decode_step_reads_the_device_once_per_layer_and_once_for_its_token(tiny_checkpoint, monkeypatch, prefetch):
     """On a GPU each read of a device value by the host drains the compute stream (and the copies compute
-    waits on). A decode step reads once per layer (the routed experts with the router-ahead guesses, in one
-    transfer: offload.models.moe.to_host) and once to sample its token; nothing else reads on the way."""
+    waits on). A decode step reads once per layer (the routed experts with the router-ahead guesses and the
+    token id the cache policy learns from, in one transfer: offload.models.moe.to_host) and once to sample its
+    token; nothing else reads on the way."""
     from offload.models import moe
 
     copy_every_guess(monkeypatch)
@@ -282,7 +283,7 @@ def test_a_decode_step_reads_the_device_once_per_layer_and_once_for_its_token(ti
     if prefetch:
         assert rt.store.stats()["prefetch_issued"] > 0
         k = rt.config.num_experts_per_tok
-        assert max(transfers) == k + min(prefetch, layers - 1) * k  # routing and the guesses, one tensor
+        assert max(transfers) == k + min(prefetch, layers - 1) * k + 1  # routing, the guesses, the token: one tensor
     assert len(transfers) + len(reads.ops) <= (layers + 1) * decode_steps
 
 

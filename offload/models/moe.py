@@ -20,11 +20,14 @@ import torch.nn.functional as F
 class ExpertProvider(Protocol):
     """Whoever owns the experts. The MoE block calls `prepare` once per layer, then `run` per expert; a
     provider may also have `guess(layer, h)`, device tensors of expert ids it wants on the host for that
-    `prepare` (router-ahead guesses), which the block brings over with its own routing in one transfer."""
+    `prepare` (router-ahead guesses), which the block brings over with its own routing and the step's token
+    ids in one transfer."""
 
-    def prepare(self, layer: int, h: torch.Tensor, experts: list[int], guesses: list[list[int]] | None = None) -> None:
+    def prepare(self, layer: int, h: torch.Tensor, experts: list[int], guesses: list[list[int]] | None = None,
+                tokens: list[int] | None = None) -> None:
         """Layer `layer` is about to run `experts` (sorted) on router input h [T, D]; start what can start.
-        `guesses`: `guess(layer, h)`'s tensors as lists, when the provider has `guess`."""
+        `guesses`: `guess(layer, h)`'s tensors as lists, and `tokens` the T token ids, when the provider has
+        `guess`."""
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert (layer, expert) applied to x [t, D] -> [t, D], in x's dtype and on x's device. A provider may
@@ -109,7 +112,8 @@ class MoE:
         order = torch.argsort(flat, stable=True)                      # [T*k] positions grouped by expert
         guess = getattr(self.experts, "guess", None)
         ahead = guess(self.layer, h) if guess else []                 # [T, k'] per layer ahead, on the device
-        host = to_host(torch.cat([flat[order], *(g.flatten() for g in ahead)]))
+        tokens = [token_ids.flatten().to(flat.dtype)] if guess else []  # for the store's cache policy
+        host = to_host(torch.cat([flat[order], *(g.flatten() for g in ahead), *tokens]))
         sorted_ids, rest = host[:flat.numel()], host[flat.numel():]
         guesses = []
         for g in ahead:
@@ -118,7 +122,7 @@ class MoE:
         used, counts = zip(*((e, len(list(run))) for e, run in itertools.groupby(sorted_ids)))
         used = list(used)
         if guess:
-            self.experts.prepare(self.layer, h, used, guesses)
+            self.experts.prepare(self.layer, h, used, guesses, rest)
         else:
             self.experts.prepare(self.layer, h, used)
         if h.shape[0] == 1:

@@ -46,6 +46,7 @@ import torch
 from quant.errors import UserError
 
 from ..store import ExpertStore
+from ..store.optimum import step
 
 TIME_PARTS = ("dense_s", "expert_s", "copy_wait_s", "disk_wait_s", "cpu_expert_s")
 TRACE_MIN_S = 20e-6  # host waits shorter than this (a lookup under the lock) are summed but not drawn
@@ -104,9 +105,9 @@ class Profiler:
     def disk(self, key, t0: float, t1: float, nbytes: int) -> None:
         self.disk_points.append((key, t0, t1, nbytes))
 
-    def route(self, layer: int, experts: list[int], decode: bool) -> None:
+    def route(self, layer: int, experts: list[int], decode: bool, tokens: list[int] | None = None) -> None:
         """A layer step's routing (the store's `prepare`): profile.json's trace, replayed against the optimum."""
-        self.routing.append([int(decode), layer, list(experts)])
+        self.routing.append(step(decode, layer, experts, tokens))
 
     def host_wait(self, key, t0: float, t1: float) -> None:
         self.pending.append(("host_wait", key, t0, t1))

@@ -22,6 +22,7 @@ traces in bench/bench_cache.py (bench/results/cache-cpu.json); the figures are i
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
@@ -30,14 +31,15 @@ Key = Hashable
 
 
 class LRU:
-    """Least recently used first. `touch` marks a use; `victim` picks whom to evict. `visit(layer)` says a
-    layer's step begins and `admit(key)` that a key came in unasked (a prefetch): hooks for policies that
-    use them (LRU counts an admission as a use)."""
+    """Least recently used first. `touch` marks a use; `victim` picks whom to evict. `visit(layer, experts,
+    tokens)` says a layer's step begins, running those experts for the forward of those token ids (None: not
+    known), and `admit(key)` that a key came in unasked (a prefetch): hooks for policies that use them (LRU
+    counts an admission as a use)."""
 
     def __init__(self) -> None:
         self.order: OrderedDict[Key, None] = OrderedDict()
 
-    def visit(self, layer: int) -> None:
+    def visit(self, layer: int, experts: Iterable[int] = (), tokens: list[int] | None = None) -> None:
         pass
 
     def touch(self, key: Key) -> None:
@@ -106,7 +108,7 @@ class Cycle:
         self.rank: dict[Key, float] = {}               # resident key -> its sort number in `sorted`
         self.expected: dict[int, set] = {}             # layer -> keys a prefetch brought in for its next visit
 
-    def visit(self, layer: int) -> None:
+    def visit(self, layer: int, experts: Iterable[int] = (), tokens: list[int] | None = None) -> None:
         if layer not in self.visits:
             self.visits[layer] = 0
             self.position = {lay: i for i, lay in enumerate(sorted(self.visits))}
@@ -175,8 +177,227 @@ class Cycle:
         return best if best is not None else fallback
 
 
-POLICIES = {"cycle": Cycle, "lru": LRU, "lfu": LFU}
-DEFAULT_POLICY = "cycle"
+class _Seen:
+    """What followed one token context: `n` occurrences, and per layer per expert how many of them used it
+    0, 1, .. AHEAD-1 tokens later."""
+
+    __slots__ = ("cells", "n", "used")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.used: dict[int, dict[int, list[int]]] = {}  # layer -> expert -> uses per tokens ahead
+        self.cells = 0                                    # experts counted (the memory cap's unit)
+
+
+class Context(Cycle):
+    """Cycle, with each expert's chance of being used at its layer's next visits learned from what followed the
+    same tokens before.
+
+    Decoded text repeats itself (names, phrases, code, markup, and a small model's loops), and a token's routing
+    is mostly a function of the token and its neighbours. So for each of the current token's contexts (the
+    token alone, then with one, then with two tokens before it: `NGRAM`), the policy counts how often each
+    (layer, expert) was used by that token and the next AHEAD-1 tokens after it. An expert's chance q of being
+    used at its layer's next visit, t tokens ahead, starts from its decayed use rate (Cycle's) and each context,
+    coarse to fine, moves it toward what it saw: q <- (uses + q) / (n + 1), n that context's earlier
+    occurrences (a context seen once moves q halfway; an unseen one leaves it).
+
+    Which to evict: the resident expert whose next use is least urgent, by expected 1/T (T: layer steps until
+    its next use), summed over its layer's next AHEAD visits at distance d, d + L, .. (the contexts' q) and then
+    its rate (1 / its expected wait). 1/T weights a use soon above a likelier one later, which is what counts
+    when the slot will be wanted again before long. Measured against Belady's optimum in bench/bench_cache.py.
+
+    Without token ids (`tokens` None) no context is known and it is Cycle with that urgency. A prefill's tokens
+    only extend the history the next decode token's contexts are read from (its routing is not per token here).
+
+    Cost: an expert no context counted has its rate's q scaled alike, so within a layer those go in rate order
+    (Cycle's sorted lists): a victim is the best of one such candidate per layer and the experts the current
+    contexts counted, not of every resident expert. Memory: the contexts seen least recently are dropped once
+    MAX_CELLS (layer, expert) counters are held (about 30 MB of Python objects)."""
+
+    NGRAM = 3
+    AHEAD = 3
+    MAX_CELLS = 1 << 18
+
+    def __init__(self, decay: float = 0.95) -> None:
+        super().__init__(decay)
+        self.history: list[int] = []                         # the last NGRAM token ids
+        self.seen: OrderedDict[tuple[int, ...], _Seen] = OrderedDict()
+        self.cells = 0
+        self.recent: list[list[_Seen]] = []                  # contexts of this token, the one before, ..
+        self.known: list[tuple[int, _Seen]] = []             # this token's contexts seen before: (earlier n, seen)
+        self.last_layer: int | None = None
+        self.tokens_seen = 0
+        self.orders: dict[int, tuple] = {}                   # layer -> ((token, side), ranked keys, key -> rank, view)
+        self.views: dict[int, tuple] = {}                    # layer -> its `_view` at a layer step
+        self.steps = 0                                       # layer steps so far
+        self.changes: dict[int, int] = {}                    # layer -> keys placed or dropped so far
+        self.heap: list[tuple[float, int, int, Key]] = []    # (urgency, layer, its changes then, key)
+        self.heap_token = -1                                 # the token the heap was built in
+        self.dirty: set[int] = set()                         # layers to rank again before the next victim
+
+    def visit(self, layer: int, experts: Iterable[int] = (), tokens: list[int] | None = None) -> None:
+        super().visit(layer)
+        self.steps += 1
+        self._changed(layer)  # its keys' next visit is now the next token's: its heap entry is stale
+        if self.last_layer is None or layer <= self.last_layer:  # a forward begins
+            self._begin(tokens)
+        self.last_layer = layer
+        for ahead, contexts in enumerate(self.recent):
+            for seen in contexts:
+                self._count(seen, layer, experts, ahead)
+
+    def _begin(self, tokens: list[int] | None) -> None:
+        """A forward of `tokens`: one decode token gets its contexts; a prefill (or no ids) only history."""
+        self.known = []
+        self.tokens_seen += 1
+        if tokens is None:
+            self.history, self.recent = [], []
+            return
+        self.history = (self.history + list(tokens))[-self.NGRAM:]
+        if len(tokens) != 1:
+            self.recent = []
+            return
+        contexts = []
+        for m in range(1, len(self.history) + 1):
+            ngram = tuple(self.history[-m:])
+            seen = self.seen.get(ngram)
+            if seen is None:
+                seen = self.seen[ngram] = _Seen()
+            else:
+                self.seen.move_to_end(ngram)
+                self.known.append((seen.n, seen))
+            seen.n += 1
+            contexts.append(seen)
+        self.recent = [contexts] + self.recent[:self.AHEAD - 1]
+        while self.cells > self.MAX_CELLS and len(self.seen) > len(contexts):
+            _, old = self.seen.popitem(last=False)
+            self.cells -= old.cells
+
+    def _count(self, seen: _Seen, layer: int, experts: Iterable[int], ahead: int) -> None:
+        per_expert = seen.used.setdefault(layer, {})
+        for e in experts:
+            uses = per_expert.get(e)
+            if uses is None:
+                uses = per_expert[e] = [0] * self.AHEAD
+                seen.cells += 1
+                self.cells += 1
+            uses[ahead] += 1
+
+    def urgency(self, key: Key) -> float:
+        """Expected 1/T, T the layer steps until `key` is used (0 for a key never used and never counted)."""
+        return self._urgency(key, self._view(key[0]))
+
+    def _view(self, layer: int) -> tuple:
+        """What `layer`'s keys are weighed with at this layer step: (L, d, first, counts): layers in the cycle,
+        steps to the layer's next visit, 0 if that visit is this token's (else 1: the next token's), and for
+        each of this token's contexts seen before, (its earlier occurrences, expert -> uses) of the layer."""
+        view = self.views.get(layer)
+        if view is None or view[0] != self.steps:
+            L = len(self.position) or 1
+            here = self.position.get(self.current, -1)
+            where = self.position.get(layer, 0)
+            d = (where - here - 1) % L + 1 if here >= 0 else 1
+            view = self.views[layer] = (self.steps, L, d, 0 if where > here else 1,
+                                        [(n, seen.used.get(layer, {})) for n, seen in self.known])
+        return view
+
+    def _urgency(self, key: Key, view: tuple) -> float:
+        _, L, k, first, counts = view
+        r = self._rate(key)
+        counted = [(n + 1, used.get(key[1])) for n, used in counts]
+        v, missed = 0.0, 1.0
+        for ahead in range(first, self.AHEAD):
+            q = r
+            for n1, uses in counted:
+                q = ((uses[ahead] if uses else 0) + q) / n1
+            v += missed * q / k
+            missed *= 1 - q
+            k += L
+        return v + (missed / (k + L * (1 / r - 1)) if r > 0 else 0.0)
+
+    def next_use(self, key: Key) -> float:
+        """Layer steps until `key` is used, as 1 / its urgency (what prefetch weighs a guess against)."""
+        u = self.urgency(key)
+        return 1 / u if u > 0 else math.inf
+
+    def _ranked(self, layer: int) -> list[tuple[float, Key]]:
+        """`layer`'s resident keys, least urgent first, as ranked at this token and side of the layer's visit
+        (kept in order as keys come and go, at the distance they were ranked at; ranked again when the token or
+        the side changes)."""
+        view = self._view(layer)
+        stamp = (self.tokens_seen, view[3])
+        cached = self.orders.get(layer)
+        if cached is None or cached[0] != stamp:
+            ranked = sorted((self._urgency(key, view), key) for _, key in self.sorted.get(layer, ()))
+            cached = self.orders[layer] = (stamp, ranked, {key: u for u, key in ranked}, view)
+        return cached[1]
+
+    def _place(self, key: Key) -> None:
+        super()._place(key)
+        self._changed(key[0])
+        cached = self.orders.get(key[0])
+        if cached is not None:
+            u = self._urgency(key, cached[3])  # at the distance the others were ranked at
+            bisect.insort(cached[1], (u, key))
+            cached[2][key] = u
+
+    def forget_order(self, key: Key) -> None:
+        super().forget_order(key)
+        self._changed(key[0])
+        cached = self.orders.get(key[0])
+        if cached is not None and key in cached[2]:
+            u = cached[2].pop(key)
+            del cached[1][bisect.bisect_left(cached[1], (u, key))]
+
+    def _changed(self, layer: int) -> None:
+        self.changes[layer] = self.changes.get(layer, 0) + 1
+        self.dirty.add(layer)
+
+    def victim(self, keys: Iterable[Key], protected: set) -> Key | None:
+        """The least urgent of one candidate per layer, else a prefetched guess. The candidates wait in a heap
+        built once per token: as the layer steps go by, a key's next visits only come closer (its urgency only
+        grows) until its layer runs, which pushes that layer again; so a popped entry whose urgency now is no
+        more than the next entry's (an old value, a lower bound) is the least urgent of all."""
+        if self.heap_token != self.tokens_seen:
+            self.heap_token, self.heap = self.tokens_seen, []
+            self.dirty = {layer for layer, resident in self.sorted.items() if resident}
+        for layer in self.dirty:
+            self._push(layer, protected)
+        self.dirty = set()
+        while self.heap:
+            u, layer, changes, key = self.heap[0]
+            if changes != self.changes.get(layer, 0):
+                heapq.heappop(self.heap)  # stale: the layer's fresh entry is in the heap
+                continue
+            if key in protected:
+                heapq.heappop(self.heap)
+                self._push(layer, protected)
+                continue
+            now = self._urgency(key, self._view(layer))
+            if now > u:
+                heapq.heapreplace(self.heap, (now, layer, changes, key))
+                continue
+            heapq.heappop(self.heap)
+            self.dirty.add(layer)  # popped: pushed again at the next call
+            return key
+        for resident in self.sorted.values():  # only guesses may go
+            for _, key in resident:
+                if key not in protected:
+                    return key
+        return None
+
+    def _push(self, layer: int, protected: set) -> None:
+        """Put `layer`'s candidate on the heap: its least urgent key that may go (not protected, not a guess
+        still to be used), with its urgency now (the rank was taken earlier in the token)."""
+        expected = self.expected.get(layer, ())
+        for _, key in self._ranked(layer):
+            if key not in protected and key not in expected:
+                heapq.heappush(self.heap, (self._urgency(key, self._view(layer)), layer, self.changes.get(layer, 0), key))
+                return
+
+
+POLICIES = {"context": Context, "cycle": Cycle, "lru": LRU, "lfu": LFU}
+DEFAULT_POLICY = "context"
 
 
 class SlotTable:
@@ -206,9 +427,10 @@ class SlotTable:
         """The resident keys (layer, expert) of `layer` (a copy)."""
         return set(self.by_layer.get(layer, ()))
 
-    def visit(self, layer: int) -> None:
-        """A layer's step begins (the store's `prepare`): the policy's clock."""
-        self.policy.visit(layer)
+    def visit(self, layer: int, experts: Iterable[int] = (), tokens: list[int] | None = None) -> None:
+        """A layer's step begins (the store's `prepare`), running `experts` for the forward of `tokens`: the
+        policy's clock."""
+        self.policy.visit(layer, experts, tokens)
 
     def lookup(self, key: Key) -> int | None:
         """The slot holding `key` (and mark it used), or None."""

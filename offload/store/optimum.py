@@ -1,8 +1,9 @@
 """The ruler for the device cache: a routing trace replayed through a policy, and Belady's offline optimum.
 
 A routing trace is what the forward asked the store for, layer step by layer step, in order:
-`[(decode, layer, experts), ...]` (decode: a one-token step; prefill steps are kept, since they change what
-the cache holds). Both functions below apply the store's own rule: on a miss the expert takes a slot
+`[(decode, layer, experts, tokens), ...]` (decode: a one-token step; prefill steps are kept, since they change
+what the cache holds; tokens: the step's last token ids, as many as the context policy reads, or None where
+not known; `step` writes one). Both functions below apply the store's own rule: on a miss the expert takes a slot
 (evicting when full), and the experts of the step being run never evict each other. Hit rates count demand
 hits of decode steps only (prefetch off): a prefill asks for nearly every expert once.
 
@@ -16,23 +17,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .cache import POLICIES, SlotTable
+from .cache import POLICIES, Context, SlotTable
 
-Step = tuple[bool, int, list[int]]  # (decode step?, layer, expert ids it ran)
+Step = tuple  # (decode step?, layer, expert ids it ran[, its last token ids or None])
 
 
-def _uses(trace: Iterable[Step]) -> list[tuple[bool, list[tuple[int, int]]]]:
-    """Each step's keys in the order the store meets them (distinct, as the MoE block groups tokens)."""
-    return [(bool(decode), [(layer, e) for e in dict.fromkeys(experts)]) for decode, layer, experts in trace]
+def step(decode: bool, layer: int, experts: list[int], tokens: list[int] | None) -> list:
+    """One layer step of a trace (JSON-ready): the tokens cut to what the context policy reads."""
+    return [int(decode), layer, list(experts), None if tokens is None else list(tokens[-Context.NGRAM:])]
+
+
+def _uses(trace: Iterable[Step]) -> list[tuple[bool, list[tuple[int, int]], list[int], list[int] | None]]:
+    """Each step: decode?, its keys in the order the store meets them (distinct, as the MoE block groups
+    tokens), its experts and its tokens (None in a trace without them)."""
+    return [(bool(s[0]), [(s[1], e) for e in dict.fromkeys(s[2])], s[2], s[3] if len(s) > 3 else None)
+            for s in trace]
 
 
 def replay(trace: Iterable[Step], slots: int, policy: str) -> dict:
     """`policy`'s hits on the trace through the store's SlotTable: {"hits", "uses"} of the decode steps."""
     table = SlotTable(slots, POLICIES[policy]())
     hits = uses = 0
-    for decode, needed in _uses(trace):
+    for decode, needed, experts, tokens in _uses(trace):
         if needed:
-            table.visit(needed[0][0])
+            table.visit(needed[0][0], experts, tokens)
         protected = set(needed)
         for key in needed:
             hit = table.lookup(key) is not None
@@ -47,7 +55,7 @@ def optimum(trace: Iterable[Step], slots: int) -> dict:
     """Belady's MIN on the trace: {"hits", "uses"} of the decode steps, and "misses_all" over every step
     (the quantity MIN minimises)."""
     steps = _uses(trace)
-    flat = [key for _, needed in steps for key in needed]
+    flat = [key for _, needed, _, _ in steps for key in needed]
     never = len(flat)
     next_use = [never] * len(flat)
     seen: dict = {}
@@ -56,7 +64,7 @@ def optimum(trace: Iterable[Step], slots: int) -> dict:
         seen[flat[i]] = i
     resident: dict = {}  # key -> position of its next use
     hits = uses = misses = i = 0
-    for decode, needed in steps:
+    for decode, needed, _, _ in steps:
         protected = set(needed)
         for key in needed:
             hit = key in resident

@@ -37,7 +37,7 @@ from quant.errors import UserError
 from quant.units import parse_bytes
 
 from ..formats.checkpoint import Checkpoint
-from .cache import DEFAULT_POLICY, LRU, POLICIES, SlotTable
+from .cache import DEFAULT_POLICY, LRU, POLICIES, Cycle, SlotTable
 from .partial import PartialSlots, staging_nbytes, staging_streams
 from .memory import device_bytes_free, device_capability, human, plan_memory
 from .reader import Reader
@@ -141,7 +141,8 @@ class ExpertStore:
         self.host_views = [self.layout.views(self.host[s]) for s in range(self.plan.host_slots)]
         # The host tier is touched out of the layer order (the reader thread, CPU experts): a policy that
         # runs on the layer cycle's clock has none there, so it keeps LRU.
-        self.host_table = SlotTable(self.plan.host_slots, LRU() if policy == "cycle" else POLICIES[policy]())
+        host_policy = POLICIES[policy]()
+        self.host_table = SlotTable(self.plan.host_slots, LRU() if isinstance(host_policy, Cycle) else host_policy)
         self.host_reads: dict[Key, Future] = {}      # disk reads in flight, by key
         self.host_busy: dict[int, object] = {}       # host slot -> event of an H2D copy still reading it
         self.reader = Reader()
@@ -229,16 +230,18 @@ class ExpertStore:
             return []
         return [self.routers[nxt].choose(h) for nxt in self.layers_ahead(layer)]
 
-    def prepare(self, layer: int, h: torch.Tensor, experts: list[int], guesses: list[list[int]] | None = None) -> None:
+    def prepare(self, layer: int, h: torch.Tensor, experts: list[int], guesses: list[list[int]] | None = None,
+                tokens: list[int] | None = None) -> None:
         """Plan this layer's experts (hit / copy / CPU), start every move, then prefetch the next K layers
-        (`guesses`: `guess(layer, h)` brought to the host; a caller without them costs a transfer more)."""
+        (`guesses`: `guess(layer, h)` brought to the host; a caller without them costs a transfer more;
+        `tokens`: the step's token ids, which the cache policy learns routing from, when known)."""
         needed = [(layer, e) for e in experts]
         decode = h.shape[0] == 1
         self.plan_of: dict[Key, tuple[str, int | None]] = {}
-        self.dev_table.visit(layer)  # the cache policy's clock: the layer cycle
+        self.dev_table.visit(layer, experts, tokens)  # the cache policy's clock: the layer cycle
         self._score_guesses(layer, experts)
         if self.profiler:
-            self.profiler.route(layer, experts, decode)
+            self.profiler.route(layer, experts, decode, tokens)
         for key in needed:
             slot = self.dev_table.lookup(key)
             if slot is not None:
