@@ -14,6 +14,9 @@ What it measures, and against what:
     experts each will use (not an online policy: `Told`), / MIN;
   * a check that the replay is the store: the runtime's own hit rate with prefetch off at one slot count,
     decoding the same prompts, equals the replayed default policy's;
+  * what each policy's bookkeeping costs the host thread, in ms per decode token, on the routing shapes of
+    Mixtral-8x7B and Qwen3-30B-A3B at a quarter of their experts on the device (synthetic routing: tokens drawn
+    from a Zipf law, each routed as the last time it appeared 60% of the time; for cost only, not hit rates);
   * prefetch's cost and worth, from the store itself (default policy, every slot count): decode hit rate and
     bytes host->device per decode token with --prefetch 0, 1 and 2, and the prefetched copies evicted unused.
 
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -198,6 +203,41 @@ def measure_decode(folder: Path, texts: list[str], tokens: int, vram: int, prefe
             **{k: totals[k] for k in ("prefetch_issued", "prefetch_hits", "prefetch_wasted", "prefetch_skipped")}}
 
 
+SHAPES = {"Mixtral-8x7B": (32, 8, 2), "Qwen3-30B-A3B": (48, 128, 8)}  # MoE layers, experts, experts per token
+
+
+def policy_cost(tokens: int = 200, seed: int = 0) -> list[dict]:
+    """Each policy's bookkeeping (visit, lookups, evictions) in ms per decode token on synthetic routing of real
+    model shapes, with a quarter of the experts in device slots."""
+    rows = []
+    for model, (layers, experts, k) in SHAPES.items():
+        rng = random.Random(seed)
+        remembered: dict[tuple[int, int], list[int]] = {}
+        steps = []
+        for _ in range(tokens):
+            token = min(int(rng.paretovariate(1.0)), 300)
+            for layer in range(layers):
+                picked = remembered.setdefault((token, layer), rng.sample(range(experts), k))
+                steps.append((layer, picked if rng.random() < 0.6 else rng.sample(range(experts), k), [token]))
+        slots = layers * experts // 4
+        for policy in POLICIES:
+            table = SlotTable(slots, POLICIES[policy]())
+            misses = 0
+            t0 = time.perf_counter()
+            for layer, picked, token in steps:
+                table.visit(layer, picked, token)
+                needed = {(layer, e) for e in picked}
+                for key in needed:
+                    if table.lookup(key) is None:
+                        table.assign(key, needed)
+                        misses += 1
+            ms = (time.perf_counter() - t0) / tokens * 1e3
+            rows.append({"shape": model, "device_slots": slots, "policy": policy, "ms_per_token": round(ms, 3),
+                         "misses_per_token": round(misses / tokens, 1)})
+            print(f"  {model}, {slots} slots, {policy}: {ms:.2f} ms/token ({misses / tokens:.1f} misses/token)")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=5)
@@ -214,6 +254,8 @@ def main() -> None:
     else:
         record["missing"] = f"{FINEGRAINED}: run python scripts/train_finegrained.py to add the fine-grained model"
         print(record["missing"])
+    print("policy bookkeeping per decode token:", flush=True)
+    record["policy_cost"] = policy_cost()
     for name, folder in models.items():
         record["models"].append(study(name, folder, texts, args.tokens))
         save_record(record, args.out)

@@ -82,10 +82,6 @@ class PartialSlots:
         """Bytes slot `slot` received since its fill: its base and the chunks it holds."""
         return self.base + int(self.held[slot].sum()) * self.C
 
-    def mean_chunks(self, slots: list[int]) -> float:
-        """The chunks the given slots hold, on average (what a copy of an expert comes to move, its uses' needs)."""
-        return float(self.held[slots].sum()) / len(slots) if slots else 0.0
-
     def _chunks(self, row: torch.Tensor) -> torch.Tensor:
         """The chunk rows [F, C] of one blob buffer (a host or device slot)."""
         return row[self.chunk_offset:self.chunk_offset + self.F * self.C].view(self.F, self.C)

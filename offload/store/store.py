@@ -161,12 +161,13 @@ class ExpertStore:
         # only when this says it pays for itself (`_worth_copying`).
         self.guess_outcomes: dict[tuple[int, int, int], list[int]] = {}
         self.pending_guesses: dict[int, list[tuple[int, int, int]]] = {}  # layer -> (ahead, rank, expert)
-        # What copying guesses cost this run beyond the copies prefetch-off would make: wrong guesses (copied, not
-        # used when their layer ran) and reloads (demand misses of an expert a wrong guess had evicted; a right
-        # guess's eviction is the one its own miss would have made).
-        self.wrong_guess_copies = 0
-        self.guess_reloads = 0
-        self.guess_evicted: dict[Key, Key] = {}      # expert evicted by a guess copy -> that guess, until either
+        # What copying guesses costs beyond the copies prefetch-off would make, counted exactly: `shadow` is the
+        # device table prefetch-off would have (same slots, same policy), fed the same layer steps; its misses
+        # are the copies that run would make, `copies` this one's (demand and guesses). Routing never depends
+        # on the cache, so the two runs ask for the same experts.
+        self.shadow = (SlotTable(self.plan.device_slots, POLICIES[policy](), per_layer=layers)
+                       if self.prefetch and self.plan.device_slots else None)
+        self.shadow_misses = self.copies = 0
         # Guess copies queued or running on a GPU, oldest first: (key, event recorded after the copy). At most
         # one layer's worth at a time, so a miss of the next layer shares the copy engine with few of them.
         self.guess_copies: list[tuple[Key, object]] = []
@@ -239,6 +240,8 @@ class ExpertStore:
         decode = h.shape[0] == 1
         self.plan_of: dict[Key, tuple[str, int | None]] = {}
         self.dev_table.visit(layer, experts, tokens)  # the cache policy's clock: the layer cycle
+        if self.shadow is not None:
+            self._shadow_step(layer, experts, tokens, needed)
         self._score_guesses(layer, experts)
         if self.profiler:
             self.profiler.route(layer, experts, decode, tokens)
@@ -270,12 +273,16 @@ class ExpertStore:
 
     # A guess is copied only when its measured accuracy p (`guess_outcomes`) says it pays for itself: a right
     # guess moves the bytes its miss would have moved anyway, a wrong one moves them for nothing, so p must
-    # beat even odds; and what guesses cost a run beyond prefetch-off's copies (wrong guesses, and the demand
-    # misses of experts a guess evicted: `guess_reloads`) may add at most WASTE_SHARE to its bytes.
-    # Until a kind of guess has been scored GUESS_WARMUP times it is not copied.
+    # beat even odds; and the copies this run has made beyond what prefetch-off's would have (`shadow`: wrong
+    # guesses, and the misses their evictions and a right guess's early ones caused) may add at most
+    # WASTE_SHARE to them. Until a kind of guess has been scored GUESS_WARMUP times it is not copied. A guess
+    # for a layer further ahead holds its slot longer before its use (the policy keeps it until its layer has
+    # run), so it must be surer: FARTHER more per layer (measured, bench/bench_cache.py: with 0, --prefetch 2
+    # got fewer hits than 1 on both trained models; with 0.2, as many).
     MIN_GUESS_ACCURACY = 0.5
-    WASTE_SHARE = 0.04
+    WASTE_SHARE = 0.05
     GUESS_WARMUP = 8
+    FARTHER = 0.2
 
     def _score_guesses(self, layer: int, experts: list[int]) -> None:
         """Layer `layer` runs `experts`: score the guesses earlier layers made for it (copied or not)."""
@@ -285,10 +292,14 @@ class ExpertStore:
             tally = self.guess_outcomes.setdefault((layer, ahead, rank), [0, 0])
             tally[0] += e in used
             tally[1] += 1
-        self.wrong_guess_copies += len({e for _, _, e in pending if e not in used and (layer, e) in self.prefetched})
-        if self.guess_evicted:  # the right guesses' evictions are not theirs to pay for
-            right = {(layer, e) for e in used}
-            self.guess_evicted = {k: g for k, g in self.guess_evicted.items() if g not in right}
+
+    def _shadow_step(self, layer: int, experts: list[int], tokens: list[int] | None, needed: list[Key]) -> None:
+        """The layer step on the prefetch-off device table: count the copies that run would make."""
+        self.shadow.visit(layer, experts, tokens)
+        for key in needed:
+            if self.shadow.lookup(key) is None:
+                self.shadow.assign(key, set(needed))
+                self.shadow_misses += 1
 
     def guess_accuracy(self, layer: int, ahead: int, rank: int) -> float | None:
         """The measured share of guesses of this kind, made for an expert not on the device, that their layer
@@ -299,27 +310,18 @@ class ExpertStore:
 
     def _worth_copying(self, key: Key, p: float | None, ahead: int, keep: set) -> bool:
         """Copy a guess used with probability p, `ahead` layers from now? Not unless it beats even odds and
-        the run's wrong guesses stay within WASTE_SHARE of its bytes; and never into a slot whose expert the
-        policy expects to be used sooner than the guess (ahead / p layer steps, its expected wait)."""
-        if p is None or p < self.MIN_GUESS_ACCURACY:
+        the run's copies stay within WASTE_SHARE over prefetch-off's (counting this one's expected waste); and
+        never into a slot whose expert the policy expects to be used sooner than the guess (ahead / p layer
+        steps, its expected wait)."""
+        if p is None or p < self.MIN_GUESS_ACCURACY + self.FARTHER * (ahead - 1):
             return False
-        blob = self._copy_bytes()
-        spent = self.wrong_guess_copies + self.guess_reloads
-        if (spent + 1 - p) * blob > self.WASTE_SHARE * (self.stats_.bytes_h2d + blob):
+        if self.copies - self.shadow_misses + 1 - p > self.WASTE_SHARE * (self.shadow_misses + 1):
             return False
         next_use = getattr(self.dev_table.policy, "next_use", None)
         if next_use is None or self.dev_table.free:
             return True
         victim = self.dev_table.policy.victim(self.dev_table.slot_of, keep)
         return victim is not None and next_use(victim) > ahead / p
-
-    def _copy_bytes(self) -> int:
-        """What copying one expert moves, to weigh a guess: its blob; a sparse expert's base plus the chunks its
-        uses come to need, measured as what the resident experts hold on average."""
-        if self.partial is None:
-            return self.layout.nbytes
-        held = self.partial.mean_chunks(list(self.dev_table.slot_of.values()))
-        return self.partial.base + round(held * self.partial.C)
 
     def _prefetch(self, layer: int, guesses: list[list[int]], needed: set, h: torch.Tensor | None = None) -> None:
         """Router-ahead: the residual stream changes slowly, so layer L+j's router applied to layer L's
@@ -576,10 +578,7 @@ class ExpertStore:
             self.stats_.prefetch_wasted += 1
             self.stats_.bytes_prefetch_wasted += (self.layout.nbytes if self.partial is None
                                                   else self.partial.held_bytes(slot))
-        if prefetch and evicted is not None:
-            self.guess_evicted[evicted] = key
-        if self.guess_evicted.pop(key, None) is not None:  # back on the device: a demand miss a wrong guess caused
-            self.guess_reloads += not prefetch
+        self.copies += 1
         if evicted in self.plan_of:
             # Fewer slots than this layer's experts: the evicted one (hit or copied) is loaded again when it runs.
             self.plan_of[evicted] = ("miss", None)
@@ -750,8 +749,7 @@ class ExpertStore:
         # The experts an earlier run prefetched and never used stay in their slots, but a hit on one now is
         # not this run's prefetch hit: it issued none of them.
         self.prefetched.clear()
-        self.wrong_guess_copies = self.guess_reloads = 0
-        self.guess_evicted.clear()
+        self.shadow_misses = self.copies = 0
         self.peak_before = 0
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
