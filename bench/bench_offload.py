@@ -203,8 +203,8 @@ def policy_sweep(models: dict, texts: list[str], tokens: dict) -> list[dict]:
         trace = record_trace(folder, texts, tokens[name], dtype)
         cfg = config_of(folder)
         out.append({"model": name, "dtype": dtype, "tokens": tokens[name], "experts": cfg.experts_total, "experts_per_token": cfg.num_experts_per_tok,
-                    "decode_expert_uses": sum(len(experts) for decode, _, experts in trace if decode),
-                    "rows": policy_rows(trace, cfg.experts_total, cfg.num_experts_per_tok)})
+                    "decode_expert_uses": sum(len(s[2]) for s in trace if s[0]),
+                    "rows": policy_rows(trace, cfg.experts_total, cfg.num_experts_per_tok, len(cfg.moe_layers))})
     return out
 
 

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, temperature: float, top_k: int,
               top_p: float, seed: Optional[int], chat: bool, device: str, dtype: str, as_json: bool,
               context: int, vram: Optional[str] = None, ram: Optional[str] = None, prefetch: int = 1,
-              cpu_experts: str = "auto", cache_policy: str = "cycle", threads: Optional[int] = None) -> None:
+              cpu_experts: str = "auto", cache_policy: str = "context", threads: Optional[int] = None) -> None:
     import offload
     from offload.generate import Sampling
 
@@ -100,9 +100,11 @@ GEN_OPTIONS = dict(
                                                           "on the CPU instead of copying it (auto: when measured "
                                                           "cheaper); all: keep every expert in RAM and compute it "
                                                           "there, the GPU holding only dense weights and the KV cache."),
-    cache_policy=typer.Option("cycle", "--cache-policy", help="Which expert leaves a full device cache: cycle (the "
-                                                              "one whose next use, in the layer cycle, is expected "
-                                                              "farthest away), lru or lfu."),
+    cache_policy=typer.Option("context", "--cache-policy", help="Which expert leaves a full device cache: context "
+                                                                "(the least urgent, its next uses learned from what "
+                                                                "followed the same tokens before), cycle (the one "
+                                                                "whose next use, in the layer cycle, is expected "
+                                                                "farthest away), lru or lfu."),
     threads=typer.Option(None, "--threads", help="CPU threads for torch and the CPU expert kernels "
                                                  "(default: the physical cores)."),
 )

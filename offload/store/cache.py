@@ -13,10 +13,12 @@ the tight-budget regime this runtime is for, and global LRU also lets layers wit
 give slots to spread-out ones as the budget grows; so: global. `SlotTable(per_layer=L)` is kept for the
 comparison (`--per-layer-cache` in the benchmark).
 
-Which key to evict: `Cycle` (the default, `--cache-policy cycle`) knows that decode visits the layers in a
-cycle, so an expert's next use is its layer's cycle distance away plus whole tokens; LRU evicts exactly the
-experts the next layers are about to use. Measured against Belady's offline optimum on the same routing
-traces in bench/bench_cache.py (bench/results/cache-cpu.json); the figures are in the README.
+Which key to evict: `Context` (the default, `--cache-policy context`) is `Cycle` with each expert's chance of
+use at its layer's next visits learned from what followed the same tokens before; `Cycle` knows that decode
+visits the layers in a cycle, so an expert's next use is its layer's cycle distance away plus whole tokens;
+LRU evicts exactly the experts the next layers are about to use. Measured against Belady's offline optimum
+on the same routing traces in bench/bench_cache.py (bench/results/cache-cpu.json); the figures are in the
+README.
 """
 
 from __future__ import annotations
@@ -209,10 +211,13 @@ class Context(Cycle):
     Without token ids (`tokens` None) no context is known and it is Cycle with that urgency. A prefill's tokens
     only extend the history the next decode token's contexts are read from (its routing is not per token here).
 
-    Cost: an expert no context counted has its rate's q scaled alike, so within a layer those go in rate order
-    (Cycle's sorted lists): a victim is the best of one such candidate per layer and the experts the current
-    contexts counted, not of every resident expert. Memory: the contexts seen least recently are dropped once
-    MAX_CELLS (layer, expert) counters are held (about 30 MB of Python objects)."""
+    Cost: each layer's resident experts are ranked twice a token (its contexts change with the token, and its
+    next visit moves to the next token once it has run), and kept in order as experts come and go; a victim is
+    the least urgent of one candidate per layer, from a heap built once a token, not a scan of every resident
+    expert. Within a layer the order is taken at the distance of its ranking: as the visit comes closer it may
+    shift, and about 1% of victims (tests/test_optimum.py) are not the least urgent resident expert. Memory:
+    the contexts seen least recently are dropped once MAX_CELLS (layer, expert) counters are held (about 30 MB
+    of Python objects)."""
 
     NGRAM = 3
     AHEAD = 3
@@ -355,9 +360,10 @@ class Context(Cycle):
 
     def victim(self, keys: Iterable[Key], protected: set) -> Key | None:
         """The least urgent of one candidate per layer, else a prefetched guess. The candidates wait in a heap
-        built once per token: as the layer steps go by, a key's next visits only come closer (its urgency only
-        grows) until its layer runs, which pushes that layer again; so a popped entry whose urgency now is no
-        more than the next entry's (an old value, a lower bound) is the least urgent of all."""
+        built once per token: as the layer steps go by, a key's next visits only come closer and its contexts'
+        counts only grow, so its urgency only grows until its layer runs (or its keys change), which pushes that
+        layer again. An entry's urgency is thus a lower bound of its urgency now: the top entry, weighed again,
+        is the least urgent of all if it has not grown, else it goes back with its new value."""
         if self.heap_token != self.tokens_seen:
             self.heap_token, self.heap = self.tokens_seen, []
             self.dirty = {layer for layer, resident in self.sorted.items() if resident}
