@@ -154,7 +154,10 @@ class ExpertStore:
         layers = cfg.num_hidden_layers if per_layer_cache else 0
         if layers and self.plan.device_slots < layers * cfg.num_experts_per_tok:
             raise UserError(f"a per-layer cache needs at least {layers * cfg.num_experts_per_tok} device slots")
-        self.dev_table = SlotTable(self.plan.device_slots, POLICIES[policy](), per_layer=layers)
+        # A device tier with a slot for every expert never evicts: there a policy would only keep count (the
+        # context policy's counting is the costly part), and every policy keeps the same experts.
+        chosen = POLICIES[policy] if self.plan.device_slots < self.plan.experts_total else LRU
+        self.dev_table = SlotTable(self.plan.device_slots, chosen(), per_layer=layers)
         self.prefetched: set[Key] = set()            # on the device by prefetch, not used since
         # Router-ahead accuracy, measured on every guess (copied or not) when its layer runs:
         # (layer, layers ahead, rank among the router's picks) -> [guesses used, guesses]. A guess is copied
@@ -165,7 +168,7 @@ class ExpertStore:
         # device table prefetch-off would have (same slots, same policy), fed the same layer steps; its misses
         # are the copies that run would make, `copies` this one's (demand and guesses). Routing never depends
         # on the cache, so the two runs ask for the same experts.
-        self.shadow = (SlotTable(self.plan.device_slots, POLICIES[policy](), per_layer=layers)
+        self.shadow = (SlotTable(self.plan.device_slots, chosen(), per_layer=layers)
                        if self.prefetch and self.plan.device_slots else None)
         self.shadow_misses = self.copies = 0
         # Guess copies queued or running on a GPU, oldest first: (key, event recorded after the copy). At most
