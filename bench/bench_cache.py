@@ -109,22 +109,6 @@ class Told(Cycle):
         return max(candidates, key=self.next_use) if candidates else None
 
 
-def told_rate(trace: list[list], slots: int, horizon: int) -> float:
-    """`Told`'s demand hit rate on the trace, replayed as `optimum.replay` does."""
-    table = SlotTable(slots, Told(trace, horizon))
-    hits = uses = 0
-    for decode, needed, _, _ in _uses(trace):
-        if needed:
-            table.visit(needed[0][0])
-        for key in needed:
-            hit = table.lookup(key) is not None
-            if not hit:
-                table.assign(key, set(needed))
-            hits += hit and decode
-            uses += decode
-    return hits / uses
-
-
 def policy_rows(trace: list[list], total: int, per_token: int, layers: int,
                 fractions=(1 / 8, 1 / 4, 1 / 2, 3 / 4)) -> list[dict]:
     """For slot counts that are these fractions of the experts: Belady's optimum and each policy's demand hit
@@ -139,7 +123,8 @@ def policy_rows(trace: list[list], total: int, per_token: int, layers: int,
             row[policy] = round(got, 4)
             row[f"{policy}_vs_min"] = round(got / best, 3) if best else None
         for horizon in range(1, layers):
-            row[f"cycle_told_{horizon}_layers_vs_min"] = round(told_rate(trace, slots, horizon) / best, 3) if best else None
+            told = rate(replay(trace, slots, Told(trace, horizon)))
+            row[f"cycle_told_{horizon}_layers_vs_min"] = round(told / best, 3) if best else None
         rows.append(row)
         print("  " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     return rows
@@ -225,12 +210,7 @@ def policy_cost(tokens: int = 200, seed: int = 0) -> list[dict]:
             misses = 0
             t0 = time.perf_counter()
             for layer, picked, token in steps:
-                table.visit(layer, picked, token)
-                needed = {(layer, e) for e in picked}
-                for key in needed:
-                    if table.lookup(key) is None:
-                        table.assign(key, needed)
-                        misses += 1
+                misses += len(picked) - table.demand_step(layer, picked, token)
             ms = (time.perf_counter() - t0) / tokens * 1e3
             rows.append({"shape": model, "device_slots": slots, "policy": policy, "ms_per_token": round(ms, 3),
                          "misses_per_token": round(misses / tokens, 1)})

@@ -398,7 +398,8 @@ class Context(Cycle):
         expected = self.expected.get(layer, ())
         for _, key in self._ranked(layer):
             if key not in protected and key not in expected:
-                heapq.heappush(self.heap, (self._urgency(key, self._view(layer)), layer, self.changes.get(layer, 0), key))
+                u = self._urgency(key, self._view(layer))
+                heapq.heappush(self.heap, (u, layer, self.changes.get(layer, 0), key))
                 return
 
 
@@ -437,6 +438,22 @@ class SlotTable:
         """A layer's step begins (the store's `prepare`), running `experts` for the forward of `tokens`: the
         policy's clock."""
         self.policy.visit(layer, experts, tokens)
+
+    def demand_step(self, layer: int, experts: list[int], tokens: list[int] | None = None) -> int:
+        """A layer step on the table alone, by the store's rule: the policy's clock, then each of the step's
+        distinct experts a hit or given a slot, never evicting another of them (none when every slot holds
+        one: it is not kept). Returns the hits. How the trace replays and the store's prefetch-off shadow
+        take a step."""
+        needed = [(layer, e) for e in dict.fromkeys(experts)]
+        self.visit(layer, experts, tokens)
+        protected = set(needed)
+        hits = 0
+        for key in needed:
+            if self.lookup(key) is not None:
+                hits += 1
+            else:
+                self.assign(key, protected)
+        return hits
 
     def lookup(self, key: Key) -> int | None:
         """The slot holding `key` (and mark it used), or None."""

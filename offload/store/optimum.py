@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .cache import POLICIES, Context, SlotTable
+from .cache import LRU, POLICIES, Context, SlotTable
 
 Step = tuple  # (decode step?, layer, expert ids it ran[, its last token ids or None])
 
@@ -34,20 +34,16 @@ def _uses(trace: Iterable[Step]) -> list[tuple[bool, list[tuple[int, int]], list
             for s in trace]
 
 
-def replay(trace: Iterable[Step], slots: int, policy: str) -> dict:
-    """`policy`'s hits on the trace through the store's SlotTable: {"hits", "uses"} of the decode steps."""
-    table = SlotTable(slots, POLICIES[policy]())
+def replay(trace: Iterable[Step], slots: int, policy: str | LRU) -> dict:
+    """`policy` (a name of POLICIES, or a policy object)'s hits on the trace through the store's SlotTable:
+    {"hits", "uses"} of the decode steps."""
+    table = SlotTable(slots, POLICIES[policy]() if isinstance(policy, str) else policy)
     hits = uses = 0
     for decode, needed, experts, tokens in _uses(trace):
         if needed:
-            table.visit(needed[0][0], experts, tokens)
-        protected = set(needed)
-        for key in needed:
-            hit = table.lookup(key) is not None
-            if not hit:
-                table.assign(key, protected)  # None: fewer slots than this step's experts; nothing is kept
-            hits += hit and decode
-            uses += decode
+            hit = table.demand_step(needed[0][0], experts, tokens)
+            hits += hit if decode else 0
+            uses += len(needed) if decode else 0
     return {"hits": hits, "uses": uses}
 
 

@@ -141,8 +141,8 @@ class ExpertStore:
         self.host_views = [self.layout.views(self.host[s]) for s in range(self.plan.host_slots)]
         # The host tier is touched out of the layer order (the reader thread, CPU experts): a policy that
         # runs on the layer cycle's clock has none there, so it keeps LRU.
-        host_policy = POLICIES[policy]()
-        self.host_table = SlotTable(self.plan.host_slots, LRU() if isinstance(host_policy, Cycle) else host_policy)
+        host_policy = LRU if issubclass(POLICIES[policy], Cycle) else POLICIES[policy]
+        self.host_table = SlotTable(self.plan.host_slots, host_policy())
         self.host_reads: dict[Key, Future] = {}      # disk reads in flight, by key
         self.host_busy: dict[int, object] = {}       # host slot -> event of an H2D copy still reading it
         self.reader = Reader()
@@ -243,8 +243,8 @@ class ExpertStore:
         decode = h.shape[0] == 1
         self.plan_of: dict[Key, tuple[str, int | None]] = {}
         self.dev_table.visit(layer, experts, tokens)  # the cache policy's clock: the layer cycle
-        if self.shadow is not None:
-            self._shadow_step(layer, experts, tokens, needed)
+        if self.shadow is not None:  # the prefetch-off table: count the copies that run would make
+            self.shadow_misses += len(needed) - self.shadow.demand_step(layer, experts, tokens)
         self._score_guesses(layer, experts)
         if self.profiler:
             self.profiler.route(layer, experts, decode, tokens)
@@ -295,14 +295,6 @@ class ExpertStore:
             tally = self.guess_outcomes.setdefault((layer, ahead, rank), [0, 0])
             tally[0] += e in used
             tally[1] += 1
-
-    def _shadow_step(self, layer: int, experts: list[int], tokens: list[int] | None, needed: list[Key]) -> None:
-        """The layer step on the prefetch-off device table: count the copies that run would make."""
-        self.shadow.visit(layer, experts, tokens)
-        for key in needed:
-            if self.shadow.lookup(key) is None:
-                self.shadow.assign(key, set(needed))
-                self.shadow_misses += 1
 
     def guess_accuracy(self, layer: int, ahead: int, rank: int) -> float | None:
         """The measured share of guesses of this kind, made for an expert not on the device, that their layer
