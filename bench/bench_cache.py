@@ -6,18 +6,23 @@ What it measures, and against what:
     demo model (Mixtral, 8 experts, top-2) and, when it has been trained (scripts/train_finegrained.py),
     the small fine-grained Qwen3-MoE in runs/qwen3-demo (32 experts, top-4);
   * for device-slot counts from an eighth to three quarters of the experts: the demand hit rate (prefetch
-    off) of each policy of offload/store/cache.py, replayed on the trace through the store's own SlotTable
+    off) of each policy of offload/store/cache.py, and of the default (context) policy started from the model's
+    routing prior (offload/store/prior.py: the folder's routing-prior.safetensors, which the demo ships, counted
+    on the training text; else one counted now on that text), replayed on the trace through the store's own SlotTable
     with the store's rule that the experts of the layer being run never evict each other, against Belady's
     MIN on the same trace under the same rule (on a miss, evict the resident expert used farthest in the
     future): the best any policy can do without prefetch. Figures: hit rates and policy / MIN;
+  * what the prior's gain is made of (these models reproduce their training text): the context policy from a
+    prior counted on as many training tokens as the held-out passages the prompts leave unused hold, and on those
+    passages;
   * what the gap is made of: the cycle policy told, for the next 1, 2, .. layers of the token, which of their
     experts each will use (not an online policy: `Told`), / MIN;
   * a check that the replay is the store: the runtime's own hit rate with prefetch off at one slot count,
-    decoding the same prompts, equals the replayed default policy's;
+    decoding the same prompts from the prior, equals the replayed default policy's from the prior;
   * what each policy's bookkeeping costs the host thread, in ms per decode token, on the routing shapes of
     Mixtral-8x7B and Qwen3-30B-A3B at a quarter of their experts on the device (synthetic routing: tokens drawn
     from a Zipf law, each routed as the last time it appeared 60% of the time; for cost only, not hit rates);
-  * prefetch's cost and worth, from the store itself (default policy, every slot count): decode hit rate and
+  * prefetch's cost and worth, from the store itself (default policy and prior, every slot count): decode hit rate and
     bytes host->device per decode token with --prefetch 0, 1 and 2, and the prefetched copies evicted unused.
 
     python bench/bench_cache.py                 # writes bench/results/cache-cpu.json
@@ -31,6 +36,7 @@ import argparse
 import math
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,12 +45,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import offload  # noqa: E402
 from common import RESULTS, device_name, save_record  # noqa: E402
+
+import offload  # noqa: E402
+from offload.calibrate import calibration_text, routing_prior  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
 from offload.store import Stats  # noqa: E402
-from offload.store.cache import DEFAULT_POLICY, POLICIES, Cycle, SlotTable  # noqa: E402
+from offload.store.cache import DEFAULT_POLICY, POLICIES, Context, Cycle, SlotTable, make_policy  # noqa: E402
 from offload.store.optimum import _uses, optimum, rate, replay, step  # noqa: E402
+from offload.store.prior import FILE as PRIOR_FILE  # noqa: E402
+from offload.store.prior import RoutingPrior  # noqa: E402
 
 FINEGRAINED = Path(__file__).resolve().parents[1] / "runs" / "qwen3-demo"
 Key = tuple[int, int]
@@ -110,18 +120,26 @@ class Told(Cycle):
 
 
 def policy_rows(trace: list[list], total: int, per_token: int, layers: int,
-                fractions=(1 / 8, 1 / 4, 1 / 2, 3 / 4)) -> list[dict]:
+                fractions=(1 / 8, 1 / 4, 1 / 2, 3 / 4), prior: RoutingPrior | None = None,
+                others: dict[str, RoutingPrior] | None = None) -> list[dict]:
     """For slot counts that are these fractions of the experts: Belady's optimum and each policy's demand hit
-    rate on the trace, with policy / optimum; and the cycle policy told the next 1 .. L-1 layers' picks."""
+    rate on the trace, with policy / optimum (the context policy cold, started from `prior` as `context_prior`,
+    and from each of `others` as `context_prior_LABEL`); and the cycle policy told the next 1 .. L-1 layers'
+    picks."""
     rows = []
     for fraction in fractions:
         slots = max(per_token, round(total * fraction))
         best = rate(optimum(trace, slots))
         row = {"device_slots": slots, "fraction_of_experts": round(slots / total, 3), "belady_min": round(best, 4)}
-        for policy in POLICIES:
-            got = rate(replay(trace, slots, policy))
-            row[policy] = round(got, 4)
-            row[f"{policy}_vs_min"] = round(got / best, 3) if best else None
+        runs = {policy: (policy, None) for policy in POLICIES}
+        if prior is not None:
+            runs[f"{DEFAULT_POLICY}_prior"] = (DEFAULT_POLICY, prior)
+        for label, other in (others or {}).items():
+            runs[f"{DEFAULT_POLICY}_prior_{label}"] = (DEFAULT_POLICY, other)
+        for name, (policy, start) in runs.items():
+            got = rate(replay(trace, slots, policy, start))
+            row[name] = round(got, 4)
+            row[f"{name}_vs_min"] = round(got / best, 3) if best else None
         for horizon in range(1, layers):
             told = rate(replay(trace, slots, Told(trace, horizon)))
             row[f"cycle_told_{horizon}_layers_vs_min"] = round(told / best, 3) if best else None
@@ -137,21 +155,41 @@ def vram_for(folder: Path, slots: int) -> int:
     return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
 
 
+def folder_prior(folder: Path) -> Path:
+    """The model's routing prior: the folder's (the demo ships one; scripts/train_finegrained.py writes one), else
+    one counted now on the default calibration text (the demo corpus' training split) into a temporary file."""
+    if (folder / PRIOR_FILE).is_file():
+        return folder / PRIOR_FILE
+    path = Path(tempfile.mkdtemp()) / PRIOR_FILE
+    print(f"  counting a routing prior for {folder} on the training text", flush=True)
+    routing_prior(folder, *calibration_text(None)).save(path)
+    return path
+
+
 def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
     print(f"{name}: tracing {len(texts)} x {tokens} greedy tokens", flush=True)
     trace = record_trace(folder, texts, tokens)
     cfg = offload.models.open_checkpoint(folder).config
     total = cfg.experts_total
-    rows = policy_rows(trace, total, cfg.num_experts_per_tok, len(cfg.moe_layers))
-    # The replay is the store: the runtime's default policy with prefetch off, at one budget, on the same prompts.
+    prior_path = folder_prior(folder)
+    prior = RoutingPrior.load(prior_path)
+    # What the prior's gain is made of, on this model that has memorized its training text: as little
+    # training text as the held-out passages the prompts leave over, and those passages themselves.
+    train, source = calibration_text(None)
+    unused = "\n".join(documents("heldout")[len(texts):])
+    small = routing_prior(folder, unused, "unused held-out passages")
+    others = {"train_as_many_tokens": routing_prior(folder, train, source, max_tokens=int(small.meta["tokens"])),
+              "heldout_unused": small}
+    rows = policy_rows(trace, total, cfg.num_experts_per_tok, len(cfg.moe_layers), prior=prior, others=others)
+    # The replay is the store: the runtime's default policy (from the prior) with prefetch off, at one budget.
     check_slots = rows[1]["device_slots"]
-    store = measure_decode(folder, texts, tokens, vram_for(folder, check_slots), prefetch=0)
+    store = measure_decode(folder, texts, tokens, vram_for(folder, check_slots), prefetch=0, prior=prior_path)
     prefetch = []
     for row in rows:
         vram = vram_for(folder, row["device_slots"])
-        runs = {p: measure_decode(folder, texts, tokens, vram, prefetch=p) for p in (0, 1, 2)}
+        runs = {p: measure_decode(folder, texts, tokens, vram, prefetch=p, prior=prior_path) for p in (0, 1, 2)}
         off = runs[0]
-        entry = {"device_slots": row["device_slots"], "policy": DEFAULT_POLICY}
+        entry = {"device_slots": row["device_slots"], "policy": DEFAULT_POLICY, "routing_prior": True}
         for p, r in runs.items():
             entry[f"prefetch_{p}"] = {**r, "bytes_h2d_vs_prefetch_0": round(r["bytes_h2d_per_token"] / off["bytes_h2d_per_token"], 4)
                                       if off["bytes_h2d_per_token"] else None}
@@ -162,18 +200,26 @@ def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
             f"used {r['prefetch_hits']}, wasted {r['prefetch_wasted']}" for p, r in runs.items()), flush=True)
     return {"model": name, "folder": str(folder), "experts": total, "experts_per_token": cfg.num_experts_per_tok,
             "layers_with_experts": len(cfg.moe_layers),
-            "decode_expert_uses": sum(len(s[2]) for s in trace if s[0]), "rows": rows,
-            "check": {"device_slots": check_slots, "policy": DEFAULT_POLICY,
-                      "store_decode_hit_rate": store["hit_rate"], "replayed_hit_rate": rows[1][DEFAULT_POLICY]},
+            "decode_expert_uses": sum(len(s[2]) for s in trace if s[0]),
+            "routing_prior": {"source": prior.meta["source"], "tokens": int(prior.meta["tokens"]),
+                              "distinct_tokens": len(prior)},
+            "other_priors": {label: {"source": p.meta["source"], "tokens": int(p.meta["tokens"])}
+                             for label, p in others.items()},
+            "rows": rows,
+            "check": {"device_slots": check_slots, "policy": DEFAULT_POLICY, "routing_prior": True,
+                      "store_decode_hit_rate": store["hit_rate"],
+                      "replayed_hit_rate": rows[1][f"{DEFAULT_POLICY}_prior"]},
             "prefetch": prefetch}
 
 
-def measure_decode(folder: Path, texts: list[str], tokens: int, vram: int, prefetch: int) -> dict:
-    """The store's own counters over the decode steps (default policy): demand + prefetch hit rate, bytes
-    host->device per decode token, and what prefetch issued, got used, and wasted (evicted unused)."""
+def measure_decode(folder: Path, texts: list[str], tokens: int, vram: int, prefetch: int, prior: Path) -> dict:
+    """The store's own counters over the decode steps (default policy, from the routing `prior`): demand +
+    prefetch hit rate, bytes host->device per decode token, and what prefetch issued, got used, and wasted
+    (evicted unused)."""
     totals = {k: 0 for k in Stats.FIELDS}
     steps = 0
-    with offload.load(folder, device="cpu", dtype="float32", prefetch=prefetch, vram=vram, cpu_experts="never") as rt:
+    with offload.load(folder, device="cpu", dtype="float32", prefetch=prefetch, vram=vram, cpu_experts="never",
+                      routing_prior=prior) as rt:
         for text in texts:
             gen = rt.generate_ids(rt.encode(text), tokens)
             next(gen)  # the prefill's token: its experts are not a decode step's
@@ -193,28 +239,37 @@ SHAPES = {"Mixtral-8x7B": (32, 8, 2), "Qwen3-30B-A3B": (48, 128, 8)}  # MoE laye
 
 def policy_cost(tokens: int = 200, seed: int = 0) -> list[dict]:
     """Each policy's bookkeeping (visit, lookups, evictions) in ms per decode token on synthetic routing of real
-    model shapes, with a quarter of the experts in device slots."""
+    model shapes, with a quarter of the experts in device slots; the context policy also from a routing prior
+    counted on as many tokens more of the same synthetic text (each token new to the run then materializes its
+    prior counts)."""
     rows = []
     for model, (layers, experts, k) in SHAPES.items():
         rng = random.Random(seed)
         remembered: dict[tuple[int, int], list[int]] = {}
         steps = []
-        for _ in range(tokens):
+        for _ in range(2 * tokens):
             token = min(int(rng.paretovariate(1.0)), 300)
             for layer in range(layers):
                 picked = remembered.setdefault((token, layer), rng.sample(range(experts), k))
                 steps.append((layer, picked if rng.random() < 0.6 else rng.sample(range(experts), k), [token]))
+        calibration, steps = steps[:len(steps) // 2], steps[len(steps) // 2:]
+        prior = RoutingPrior.build(torch.tensor([t[0] for layer, _, t in calibration if layer == 0]),
+                                   {lay: torch.tensor([p for layer, p, _ in calibration if layer == lay])
+                                    for lay in range(layers)},
+                                   layers=layers, experts=experts, vocab=301, ahead=Context.AHEAD)
         slots = layers * experts // 4
-        for policy in POLICIES:
-            table = SlotTable(slots, POLICIES[policy]())
+        runs = {policy: (policy, None) for policy in POLICIES}
+        runs[f"{DEFAULT_POLICY}_prior"] = (DEFAULT_POLICY, prior)
+        for name, (policy, start) in runs.items():
+            table = SlotTable(slots, make_policy(policy, start))
             misses = 0
             t0 = time.perf_counter()
             for layer, picked, token in steps:
                 misses += len(picked) - table.demand_step(layer, picked, token)
             ms = (time.perf_counter() - t0) / tokens * 1e3
-            rows.append({"shape": model, "device_slots": slots, "policy": policy, "ms_per_token": round(ms, 3),
+            rows.append({"shape": model, "device_slots": slots, "policy": name, "ms_per_token": round(ms, 3),
                          "misses_per_token": round(misses / tokens, 1)})
-            print(f"  {model}, {slots} slots, {policy}: {ms:.2f} ms/token ({misses / tokens:.1f} misses/token)")
+            print(f"  {model}, {slots} slots, {name}: {ms:.2f} ms/token ({misses / tokens:.1f} misses/token)")
     return rows
 
 

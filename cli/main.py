@@ -20,7 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, temperature: float, top_k: int,
               top_p: float, seed: Optional[int], chat: bool, device: str, dtype: str, as_json: bool,
               context: int, vram: Optional[str] = None, ram: Optional[str] = None, prefetch: int = 1,
-              cpu_experts: str = "auto", cache_policy: str = "context", threads: Optional[int] = None) -> None:
+              cpu_experts: str = "auto", cache_policy: str = "context", threads: Optional[int] = None,
+              routing_prior: str = "auto") -> None:
     import offload
     from offload.generate import Sampling
 
@@ -31,7 +32,8 @@ def _generate(model: Optional[str], prompt: Optional[str], max_new_tokens: int, 
 
     with progress_bar("reading experts into RAM", transient=True, disable=as_json) as progress:
         rt = offload.load(model, device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
-                          cpu_experts=cpu_experts, policy=cache_policy, threads=_threads(threads), progress=progress)
+                          cpu_experts=cpu_experts, policy=cache_policy, routing_prior=routing_prior,
+                          threads=_threads(threads), progress=progress)
     pieces = []
     out = sys.stderr if as_json else sys.stdout
     stream = rt.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)  # checks the request
@@ -105,6 +107,11 @@ GEN_OPTIONS = dict(
                                                                 "followed the same tokens before), cycle (the one "
                                                                 "whose next use, in the layer cycle, is expected "
                                                                 "farthest away), lru or lfu."),
+    routing_prior=typer.Option("auto", "--routing-prior", help="Where the context policy starts from: a file "
+                                                               "written by `moe-offload prior` (which experts "
+                                                               "followed each token on calibration text), or "
+                                                               "none (default: the model folder's "
+                                                               "routing-prior.safetensors when it has one)."),
     threads=typer.Option(None, "--threads", help="CPU threads for torch and the CPU expert kernels "
                                                  "(default: the physical cores)."),
 )
@@ -122,7 +129,8 @@ def generate(
     as_json: bool = GEN_OPTIONS["as_json"], context: int = GEN_OPTIONS["context"],
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
     prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
-    cache_policy: str = GEN_OPTIONS["cache_policy"], threads: Optional[int] = GEN_OPTIONS["threads"],
+    cache_policy: str = GEN_OPTIONS["cache_policy"], routing_prior: str = GEN_OPTIONS["routing_prior"],
+    threads: Optional[int] = GEN_OPTIONS["threads"],
 ) -> None:
     """Generate text from PROMPT with MODEL, streaming it to the terminal (PROMPT '-': read it from stdin)."""
     if prompt is None:
@@ -133,7 +141,7 @@ def generate(
 
         raise UserError("the prompt is empty (usage: moe-offload generate [MODEL] PROMPT)")
     _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, dtype, as_json, context,
-              vram, ram, prefetch, cpu_experts, cache_policy, threads)
+              vram, ram, prefetch, cpu_experts, cache_policy, threads, routing_prior)
 
 
 def _read_prompt(prompt: Optional[str]) -> Optional[str]:
@@ -259,7 +267,8 @@ def profile(
     device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
     prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
-    cache_policy: str = GEN_OPTIONS["cache_policy"], threads: Optional[int] = GEN_OPTIONS["threads"],
+    cache_policy: str = GEN_OPTIONS["cache_policy"], routing_prior: str = GEN_OPTIONS["routing_prior"],
+    threads: Optional[int] = GEN_OPTIONS["threads"],
 ) -> None:
     """Generate with timing on; write a JSON profile, PNG plots and a Perfetto trace; say what bounds the run."""
     from offload.generate import Sampling
@@ -272,7 +281,8 @@ def profile(
     with progress_bar("reading experts into RAM", transient=True) as progress:
         result = run_profile(model, text, out, max_new_tokens, sampling, chat=chat, device=device, dtype=dtype,
                              context=context, vram=vram, ram=ram, prefetch=prefetch, cpu_experts=cpu_experts,
-                             policy=cache_policy, threads=_threads(threads), progress=progress)
+                             policy=cache_policy, routing_prior=routing_prior, threads=_threads(threads),
+                             progress=progress)
     from rich.console import Console
     from rich.table import Table
 
@@ -328,6 +338,47 @@ def convert(
                else f"wrote {out}", err=True)
 
 
+@app.command()
+@user_errors
+def prior(
+    model: str = typer.Argument(..., help="Model folder (or 'demo')."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="A UTF-8 text file like the text the "
+                                                                          "model will generate (default: the demo "
+                                                                          "model's training text, "
+                                                                          "pydoc_data.topics)."),
+    tokens: int = typer.Option(131072, "--tokens", help="Calibration tokens to count at most."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where to write it (default: "
+                                                          "MODEL/routing-prior.safetensors, which runs of MODEL "
+                                                          "then use)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file at the destination."),
+    device: str = GEN_OPTIONS["device"],
+) -> None:
+    """Learn which experts follow each token on calibration text, so the context cache policy starts warm:
+    a token met for the first time in a run is then weighed by what followed it there."""
+    from cli.progress import progress_bar
+    from offload import UserError
+    from offload.calibrate import calibration_text, routing_prior
+    from offload.runtime import resolve_model_path
+    from offload.store.prior import FILE
+
+    src = resolve_model_path(model)
+    dst = Path(out) if out is not None else Path(src) / FILE
+    if tokens < 2:
+        raise UserError(f"--tokens must be at least 2, got {tokens}")
+    if dst.exists() and not force:
+        raise UserError(f"{dst} exists; pass --force to replace it, or --out elsewhere")
+    if not dst.parent.is_dir():
+        raise UserError(f"--out {dst}: no folder {dst.parent}")
+    text, name = calibration_text(calibration)
+    with progress_bar("routing the calibration text", unit="windows") as progress:
+        learned = routing_prior(src, text, name, tokens, progress, device=device)
+    try:
+        learned.save(dst)
+    except OSError as exc:
+        raise UserError(f"cannot write {dst} ({exc.strerror or exc})") from None
+    typer.echo(f"wrote {dst}: {len(learned)} distinct tokens of {learned.meta['tokens']} calibration tokens", err=True)
+
+
 THREADS = GEN_OPTIONS["threads"]
 
 
@@ -349,7 +400,7 @@ def serve(
     device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
     prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
-    cache_policy: str = GEN_OPTIONS["cache_policy"],
+    cache_policy: str = GEN_OPTIONS["cache_policy"], routing_prior: str = GEN_OPTIONS["routing_prior"],
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /metrics, /health), one generation at a time."""
@@ -362,7 +413,7 @@ def serve(
                    max_body=parse_bytes(max_body, "--max-body"), progress=progress,
                    ready=lambda url: typer.echo(f"moe-offload: serving {model} at {url}", err=True),
                    device=device, dtype=dtype, context=context, vram=vram, ram=ram, prefetch=prefetch,
-                   cpu_experts=cpu_experts, policy=cache_policy)
+                   cpu_experts=cpu_experts, policy=cache_policy, routing_prior=routing_prior)
 
 
 @app.command()
@@ -377,7 +428,7 @@ def chat(
     device: str = GEN_OPTIONS["device"], dtype: str = GEN_OPTIONS["dtype"], context: int = GEN_OPTIONS["context"],
     vram: Optional[str] = GEN_OPTIONS["vram"], ram: Optional[str] = GEN_OPTIONS["ram"],
     prefetch: int = GEN_OPTIONS["prefetch"], cpu_experts: str = GEN_OPTIONS["cpu_experts"],
-    cache_policy: str = GEN_OPTIONS["cache_policy"],
+    cache_policy: str = GEN_OPTIONS["cache_policy"], routing_prior: str = GEN_OPTIONS["routing_prior"],
 ) -> None:
     """Chat with MODEL in the terminal (its chat template; earlier turns stay in the KV cache). /reset,
     /stats, /exit; Ctrl-C stops an answer. A stdin that is not a terminal is read one message a line."""
@@ -391,7 +442,7 @@ def chat(
         run_chat(model, max_new_tokens=max_new_tokens, sampling=sampling, system=system, threads=_threads(threads),
                  write=lambda text: _write(sys.stdout, text), note=lambda text: typer.echo(text, err=True),
                  progress=progress, device=device, dtype=dtype, context=context, vram=vram, ram=ram,
-                 prefetch=prefetch, cpu_experts=cpu_experts, policy=cache_policy)
+                 prefetch=prefetch, cpu_experts=cpu_experts, policy=cache_policy, routing_prior=routing_prior)
 
 
 def _human_bytes(n: int) -> str:

@@ -36,6 +36,7 @@ class Calibration:
     tokens: int
     windows: int                      # forwards the text took (`progress` counts them)
     source: str                       # the file, or DEFAULT_CORPUS
+    ids: torch.Tensor | None = None   # the token ids [N]
 
     def tokens_of(self, layer: int, e: int) -> tuple[torch.Tensor, bool]:
         """Which calibration tokens expert (layer, e) calibrates on (a mask [N]): those routed to it, or every
@@ -75,24 +76,28 @@ class _Recorder:
     """Stands in front of the expert store in each MoE block while the calibration text runs: keeps the
     block's expert input, then lets the store do its work."""
 
-    def __init__(self, store, sink: dict[int, list[torch.Tensor]]):
+    def __init__(self, store, sink: dict[int, list[torch.Tensor]] | None):
         self.store, self.sink = store, sink
 
-    def prepare(self, layer: int, h: torch.Tensor, experts: list[int], guesses=None) -> None:
-        self.sink.setdefault(layer, []).append(h.detach().float().cpu())
+    def prepare(self, layer: int, h: torch.Tensor, experts: list[int], guesses=None, tokens=None) -> None:
+        if self.sink is not None:
+            self.sink.setdefault(layer, []).append(h.detach().float().cpu())
         self.store.prepare(layer, h, experts)
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         return self.store.run(layer, expert, x)
 
 
-def record(src: Path, text: str, name: str, max_tokens: int = MAX_TOKENS, progress=None) -> Calibration:
-    """Run the float model in `src` over `text` (at most `max_tokens` tokens) and record every MoE layer's
-    expert inputs and routing. `progress(done, total)` counts windows."""
+def record(src: Path, text: str, name: str, max_tokens: int = MAX_TOKENS, progress=None,
+           hidden: bool = True, device: str = "cpu", dtype: str = "float32") -> Calibration:
+    """Run the model in `src` over `text` (at most `max_tokens` tokens; float32 on the CPU unless told) and
+    record every MoE layer's routing and, with `hidden`, its expert inputs. `progress(done, total)` counts
+    windows."""
     from .models.moe import MoE
     from .runtime import load
 
-    rt = load(src, device="cpu", dtype="float32", context=WINDOW + 1)  # capped at the model's positions
+    rt = load(src, device=device, dtype=dtype, context=WINDOW + 1,  # capped at the model's positions
+              routing_prior="none")
     try:
         ids = rt.tokenizer.encode(text)
         bos = rt.tokenizer.bos_id
@@ -107,14 +112,15 @@ def record(src: Path, text: str, name: str, max_tokens: int = MAX_TOKENS, progre
         windows = list(range(0, len(ids), window))
         try:
             for b in blocks:
-                b.experts = _Recorder(b.experts, sink)
+                b.experts = _Recorder(b.experts, sink if hidden else None)
             for done, i in enumerate(windows, 1):
                 chunk = ids[i:i + window]
                 with torch.no_grad():
                     rt.model.forward(torch.tensor([bos] + chunk), 0)
                 for b in blocks:  # drop bos: its input is the same in every window
                     routed.setdefault(b.layer, []).append(b.last_routing[1:].cpu())
-                    sink[b.layer][-1] = sink[b.layer][-1][1:]
+                    if hidden:
+                        sink[b.layer][-1] = sink[b.layer][-1][1:]
                 if progress:
                     progress(done, len(windows))
         finally:
@@ -123,7 +129,29 @@ def record(src: Path, text: str, name: str, max_tokens: int = MAX_TOKENS, progre
     finally:
         rt.close()
     return Calibration({layer: torch.cat(hs) for layer, hs in sink.items()},
-                       {layer: torch.cat(r) for layer, r in routed.items()}, len(ids), len(windows), name)
+                       {layer: torch.cat(r) for layer, r in routed.items()}, len(ids), len(windows), name,
+                       torch.tensor(ids))
+
+
+PRIOR_TOKENS = 1 << 17  # calibration tokens a routing prior is counted on at most (the demo's corpus: ~104k)
+
+
+def routing_prior(src: Path, text: str, name: str, max_tokens: int = PRIOR_TOKENS, progress=None,
+                  device: str = "cpu"):
+    """The routing prior (offload/store/prior.py) of the model in `src` on `text`: its routing of each token,
+    teacher-forced, counted per token id and tokens ahead. On a GPU (`device`) the model runs in its half
+    precision, streaming its experts like a run."""
+    from .models import open_checkpoint
+    from .store.cache import Context
+    from .store.prior import RoutingPrior
+
+    calib = record(src, text, name, max_tokens, progress, hidden=False, device=device,
+                   dtype="float32" if device == "cpu" else "auto")
+    ckpt = open_checkpoint(src)
+    cfg = ckpt.config
+    ckpt.close()
+    return RoutingPrior.build(calib.ids, calib.routed, layers=cfg.num_hidden_layers, experts=cfg.num_local_experts,
+                              vocab=cfg.vocab_size, ahead=Context.AHEAD, source=name)
 
 
 def threshold(x: torch.Tensor, up: quant.QuantizedTensor, target: float) -> float:

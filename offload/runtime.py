@@ -25,6 +25,7 @@ from .models.linear import linear
 from .models.transformer import Transformer
 from .store import ExpertStore, check_options
 from .store.memory import check_table_vram
+from .store.prior import find as find_prior
 from .store.sources import open_source
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -302,7 +303,8 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
          context: int = 2048, progress=None, threads: int | None = None, **store_options) -> Runtime:
     """Open a model folder of any family in offload.models (or 'demo') for generation. Extra options go to
     the expert store. `threads`: CPU threads (`set_threads`); None leaves torch's count as it is (a caller
-    that set it keeps it).
+    that set it keeps it). `routing_prior`: where the context cache policy starts from (offload/store/prior.py):
+    'auto' (the default: the folder's routing-prior.safetensors when it has one), 'none', or a file.
 
     When every expert fits in the host RAM budget, they are all read in now; `progress(done, total)` is
     called before the first and after each. On a GPU the host tier is page-locked first (seconds for tens
@@ -317,6 +319,7 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
     check_context(context)
     context = min(context, cfg.max_position_embeddings)
     tokenizer = Tokenizer(ckpt.path, cfg.bos_token_id, cfg.eos_token_id)
+    prior_choice = store_options.pop("routing_prior", "auto")
     store = None
     try:
         if cfg.model_type in TABLE_MODEL_TYPES:
@@ -328,7 +331,9 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
             store = TableStore(ckpt, dev, dt, **{k: v for k, v in store_options.items() if k not in experts_only})
             check_table_vram(store, context)
         else:
-            store = ExpertStore(ckpt, dev, dt, context=context, progress=progress, **store_options)
+            prior = find_prior(ckpt.path, prior_choice, cfg)
+            store = ExpertStore(ckpt, dev, dt, context=context, progress=progress, routing_prior=prior,
+                                **store_options)
         fmt = dense_format(read_info(ckpt.path))
         ckpt.validate({**stored_dense_shapes(ckpt, fmt), **store.expected_shapes()})
         model = build_model(ckpt, store, dev, dt, context, fmt)

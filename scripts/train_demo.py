@@ -14,7 +14,8 @@ What it does, in order:
    printed every 100 steps is only watched, never trained on.
 3. writes the folder: model.safetensors in bfloat16 under the Hugging Face Hub names
    (`model.layers.N.block_sparse_moe.experts.E.w1.weight`, ...), config.json, generation_config.json,
-   tokenizer.json, tokenizer_config.json (with a Mixtral-style chat template) and README.md.
+   tokenizer.json, tokenizer_config.json (with a Mixtral-style chat template), routing-prior.safetensors
+   (`moe-offload prior` on the training text: where the context cache policy starts from) and README.md.
    The folder is built next to the target and swapped in at the end, so an interrupted run
    leaves the old folder intact.
 4. reloads the folder in float32 and reports held-out loss, greedy samples, and routing
@@ -285,6 +286,15 @@ def folder_bytes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
 
 
+def write_routing_prior(folder: Path) -> None:
+    """routing-prior.safetensors: which experts followed each token on the training text (what `moe-offload
+    prior` writes), where the context cache policy starts from (offload/store/prior.py)."""
+    from offload.calibrate import DEFAULT_CORPUS, routing_prior
+    from offload.store.prior import FILE
+
+    routing_prior(folder, corpus("train"), DEFAULT_CORPUS).save(folder / FILE)
+
+
 def write_readme(folder: Path, args, report: dict) -> None:
     c, s = report["params"], report["stats"]
     files = "\n".join(f"| {name} | {size:,} |" for name, size in report["files"].items())
@@ -359,6 +369,9 @@ with the previous token's in the same layer; random top-2 of 8 gives {base["reus
 |---|---|---|---|---|---|---|
 {layers}
 
+routing-prior.safetensors holds which experts followed each token of the training text (what
+`moe-offload prior` writes); the context cache policy starts from it (offload/store/prior.py).
+
 ## Files
 | file | bytes |
 |---|---|
@@ -402,6 +415,7 @@ def main() -> None:
     model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
     check_names(tmp, cfg)
+    write_routing_prior(tmp)
 
     # Everything below is measured on what was written, read back the way a user would.
     model = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.float32)

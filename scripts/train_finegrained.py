@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from outfolder import replaceable, swap_in, work_folder  # noqa: E402
-from train_demo import add_dropout, evaluate, pack, routing_stats, train  # noqa: E402
+from train_demo import add_dropout, evaluate, pack, routing_stats, train, write_routing_prior  # noqa: E402
 from offload.demo import DEMO_DIR, documents  # noqa: E402
 
 OUT = REPO / "runs" / "qwen3-demo"
@@ -103,6 +103,7 @@ def main() -> None:
     model.config._experts_implementation = None
     model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
+    write_routing_prior(tmp)
     model = Qwen3MoeForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     heldout_loss = evaluate(model, heldout_stream, args.seq)
     stats = routing_stats(model, heldout_stream, args.seq)

@@ -241,8 +241,10 @@ def test_guesses_that_do_not_pay_are_not_copied(tiny_checkpoint, reference):
 
 
 def test_prefetch_hits_on_the_trained_demo_model():
+    """Guesses are copied once they have been right often enough: over 120 tokens (over 24, with the routing
+    prior's warm start, the cache already holds what the guesses would bring)."""
     rt = offload.load("demo", device="cpu", context=256, prefetch=1, vram=budget("demo", 12))
-    list(rt.generate("The for statement is used to", max_new_tokens=24))
+    list(rt.generate("The for statement is used to", max_new_tokens=120))
     s = rt.stats()
     assert s["prefetch_issued"] > 0 and s["prefetch_hits"] > 0
 

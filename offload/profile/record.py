@@ -13,6 +13,7 @@ from quant import cpu_kernels, pinned
 from ..store.cache import POLICIES
 from ..store.memory import human
 from ..store.optimum import optimum, rate, replay
+from ..store.prior import describe
 from ..store.timing import copy_bandwidth
 from .profiler import TIME_PARTS, Profiler
 from .schema import SCHEMA_ID
@@ -112,6 +113,7 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
         "settings": {"vram_budget": plan.vram_budget, "ram_budget": plan.ram_budget, "prefetch": store.prefetch,
                      "cpu_experts": store.stats()["cpu_experts"], "context": rt.model.max_seq,
                      "cache_policy": store.policy, "threads": torch.get_num_threads(),
+                     "routing_prior": describe(store.routing_prior),
                      "cpu_kernels": cpu_kernels.path(),  # how quantized experts run on the CPU here
                      "device_slots": plan.device_slots, "host_slots": plan.host_slots, "blob_bytes": plan.blob_bytes,
                      "cpu_expert_costs": store.measured},
@@ -121,17 +123,18 @@ def build_record(rt, prof: Profiler, prompt: str, prompt_ids: list[int], probe: 
         "per_layer": layers,
         "memory": prof.memory,
     }
-    record["routing"] = routing_record(prof.routing, plan.device_slots, store.policy)
+    record["routing"] = routing_record(prof.routing, plan.device_slots, store.policy, store.routing_prior)
     record["verdict"] = verdict(record)
     return record
 
 
-def routing_record(trace: list[list], slots: int, policy: str) -> dict:
+def routing_record(trace: list[list], slots: int, policy: str, prior=None) -> dict:
     """The run's routing trace and, at its device-slot count, the demand hit rate (decode steps, prefetch
-    off, from empty slots) each cache policy gets replaying it next to Belady's optimum on the same trace."""
+    off, from empty slots) each cache policy gets replaying it (the context policy from the run's routing
+    `prior`) next to Belady's optimum on the same trace."""
     counts = optimum(trace, slots)
     best = rate(counts)
-    replayed = {name: rate(replay(trace, slots, name)) for name in POLICIES}
+    replayed = {name: rate(replay(trace, slots, name, prior)) for name in POLICIES}
     return {"trace": trace, "device_slots": slots, "policy": policy, "decode_expert_uses": counts["uses"],
             "optimum_hit_rate": best, "policy_hit_rate": replayed[policy],
             "policy_vs_optimum": replayed[policy] / best if best else None, "replayed_hit_rates": replayed}

@@ -223,8 +223,11 @@ class Context(Cycle):
     AHEAD = 3
     MAX_CELLS = 1 << 18
 
-    def __init__(self, decay: float = 0.95) -> None:
+    def __init__(self, decay: float = 0.95, prior=None) -> None:
         super().__init__(decay)
+        if prior is not None and prior.ahead != self.AHEAD:
+            raise ValueError(f"a routing prior counts {prior.ahead} tokens ahead, this policy {self.AHEAD}")
+        self.prior = prior                                   # offload/store/prior.py's RoutingPrior, or None
         self.history: list[int] = []                         # the last NGRAM token ids
         self.seen: OrderedDict[tuple[int, ...], _Seen] = OrderedDict()
         self.cells = 0
@@ -267,9 +270,10 @@ class Context(Cycle):
             ngram = tuple(self.history[-m:])
             seen = self.seen.get(ngram)
             if seen is None:
-                seen = self.seen[ngram] = _Seen()
+                seen = self.seen[ngram] = self._new(ngram)
             else:
                 self.seen.move_to_end(ngram)
+            if seen.n:
                 self.known.append((seen.n, seen))
             seen.n += 1
             contexts.append(seen)
@@ -277,6 +281,15 @@ class Context(Cycle):
         while self.cells > self.MAX_CELLS and len(self.seen) > len(contexts):
             _, old = self.seen.popitem(last=False)
             self.cells -= old.cells
+
+    def _new(self, ngram: tuple[int, ...]) -> _Seen:
+        """A context met for the first time in this run: empty, or for one token the prior's counts."""
+        seen = _Seen()
+        if self.prior is not None and len(ngram) == 1:
+            seen.n, seen.used = self.prior.used(ngram[0])
+            seen.cells = sum(len(per_expert) for per_expert in seen.used.values())
+            self.cells += seen.cells
+        return seen
 
     def _count(self, seen: _Seen, layer: int, experts: Iterable[int], ahead: int) -> None:
         per_expert = seen.used.setdefault(layer, {})
@@ -405,6 +418,12 @@ class Context(Cycle):
 
 POLICIES = {"context": Context, "cycle": Cycle, "lru": LRU, "lfu": LFU}
 DEFAULT_POLICY = "context"
+
+
+def make_policy(name: str, prior=None) -> LRU | Cycle:
+    """A fresh policy `name` of POLICIES; the context policy starts from `prior` (a RoutingPrior) when given."""
+    cls = POLICIES[name]
+    return cls(prior=prior) if issubclass(cls, Context) else cls()
 
 
 class SlotTable:

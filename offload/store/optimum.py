@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .cache import LRU, POLICIES, Context, SlotTable
+from .cache import LRU, Context, SlotTable, make_policy
 
 Step = tuple  # (decode step?, layer, expert ids it ran[, its last token ids or None])
 
@@ -34,10 +34,10 @@ def _uses(trace: Iterable[Step]) -> list[tuple[bool, list[tuple[int, int]], list
             for s in trace]
 
 
-def replay(trace: Iterable[Step], slots: int, policy: str | LRU) -> dict:
-    """`policy` (a name of POLICIES, or a policy object)'s hits on the trace through the store's SlotTable:
-    {"hits", "uses"} of the decode steps."""
-    table = SlotTable(slots, POLICIES[policy]() if isinstance(policy, str) else policy)
+def replay(trace: Iterable[Step], slots: int, policy: str | LRU, prior=None) -> dict:
+    """`policy` (a name of POLICIES, started from the routing `prior` if it takes one, or a policy object)'s
+    hits on the trace through the store's SlotTable: {"hits", "uses"} of the decode steps."""
+    table = SlotTable(slots, make_policy(policy, prior) if isinstance(policy, str) else policy)
     hits = uses = 0
     for decode, needed, experts, tokens in _uses(trace):
         if needed:

@@ -37,8 +37,9 @@ from quant.errors import UserError
 from quant.units import parse_bytes
 
 from ..formats.checkpoint import Checkpoint
-from .cache import DEFAULT_POLICY, LRU, POLICIES, Cycle, SlotTable
+from .cache import DEFAULT_POLICY, LRU, POLICIES, Cycle, SlotTable, make_policy
 from .partial import PartialSlots, staging_nbytes, staging_streams
+from .prior import describe
 from .memory import device_bytes_free, device_capability, human, plan_memory
 from .reader import Reader
 from .sources import open_source
@@ -96,11 +97,12 @@ class ExpertStore:
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, vram=None, ram=None,
                  prefetch: int = 0, cpu_experts: str = "auto", policy: str = DEFAULT_POLICY, context: int = 2048,
                  dense_bytes: int = 0, pin: bool | None = None, per_layer_cache: bool = False,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, routing_prior=None):
         cfg = ckpt.config
         self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
         check_options(prefetch, cpu_experts, policy)
         self.prefetch, self.cpu_experts, self.policy = prefetch, cpu_experts, policy
+        self.routing_prior = routing_prior  # offload/store/prior.py: where the context policy starts from
         self.source = open_source(ckpt, dtype)
         self.layout = self.source.layout
         self.cuda = device.type == "cuda"
@@ -156,7 +158,8 @@ class ExpertStore:
             raise UserError(f"a per-layer cache needs at least {layers * cfg.num_experts_per_tok} device slots")
         # A device tier with a slot for every expert never evicts: there a policy would only keep count (the
         # context policy's counting is the costly part), and every policy keeps the same experts.
-        chosen = POLICIES[policy] if self.plan.device_slots < self.plan.experts_total else LRU
+        evicts = self.plan.device_slots < self.plan.experts_total
+        chosen = (lambda: make_policy(policy, routing_prior)) if evicts else LRU
         self.dev_table = SlotTable(self.plan.device_slots, chosen(), per_layer=layers)
         self.prefetched: set[Key] = set()            # on the device by prefetch, not used since
         # Router-ahead accuracy, measured on every guess (copied or not) when its layer runs:
@@ -782,6 +785,7 @@ class ExpertStore:
             "vram_budget": self.plan.vram_budget, "ram_budget": self.plan.ram_budget,
             "device_slots": self.plan.device_slots, "host_slots": self.plan.host_slots,
             "blob_bytes": self.layout.nbytes, "prefetch": self.prefetch, "cache_policy": self.policy,
+            "routing_prior": describe(self.routing_prior),
             "cpu_experts": (self.cpu_experts if not self.cuda or self.cpu_experts == "all"
                             else ("on" if self.cpu_wins else "off")),
             "cpu_expert_costs": self.measured,  # what decided --cpu-experts auto on a GPU; None otherwise
