@@ -362,6 +362,8 @@ def prior(
     from offload.store.prior import FILE
 
     src = resolve_model_path(model)
+    if not Path(src).is_dir():
+        raise UserError(f"{model}: no such model folder")
     dst = Path(out) if out is not None else Path(src) / FILE
     if tokens < 2:
         raise UserError(f"--tokens must be at least 2, got {tokens}")

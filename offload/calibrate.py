@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import quant
+from lut import TABLE_MODEL_TYPES
 from quant.errors import UserError
 
 WINDOW = 256          # tokens per calibration forward (bos prepended)
@@ -145,11 +146,14 @@ def routing_prior(src: Path, text: str, name: str, max_tokens: int = PRIOR_TOKEN
     from .store.cache import Context
     from .store.prior import RoutingPrior
 
-    calib = record(src, text, name, max_tokens, progress, hidden=False, device=device,
-                   dtype="float32" if device == "cpu" else "auto")
-    ckpt = open_checkpoint(src)
+    ckpt = open_checkpoint(src)  # a folder that is not a model is refused here, before the text is read in
     cfg = ckpt.config
     ckpt.close()
+    if cfg.model_type in TABLE_MODEL_TYPES:
+        raise UserError(f"{src}: a lookup-table folder routes no tokens to experts; a routing prior is for "
+                        f"models with routed experts")
+    calib = record(src, text, name, max_tokens, progress, hidden=False, device=device,
+                   dtype="float32" if device == "cpu" else "auto")
     return RoutingPrior.build(calib.ids, calib.routed, layers=cfg.num_hidden_layers, experts=cfg.num_local_experts,
                               vocab=cfg.vocab_size, ahead=Context.AHEAD, source=name)
 

@@ -153,6 +153,7 @@ def test_the_demo_model_converts_at_every_width_and_generates(tmp_path):
         rt = offload.load(dst, device="cpu", context=128)
         text = "".join(rt.generate("The for statement", max_new_tokens=12))
         assert len(rt.last["tokens"]) == 12 and text
+        assert rt.store.routing_prior is not None  # the demo's prior came along
 
 
 def test_interrupted_conversion_leaves_nothing_generate_accepts_and_a_rerun_succeeds(tiny_checkpoint, tmp_path):

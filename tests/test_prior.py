@@ -162,3 +162,14 @@ def test_a_prior_of_another_model_is_a_one_line_error(tmp_path):
         assert "routing prior" in done.stderr or "--routing-prior" in done.stderr
     with pytest.raises(UserError, match="was made for a model with 4 layers, 8 experts"):
         offload.load(folder, device="cpu", routing_prior=other)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["/nonexistent/model"], "no such model folder"),
+    (["demo", "--tokens", "1"], "--tokens must be at least 2"),
+    (["demo", "--calibration", "/nonexistent.txt", "--out", "/tmp/never-written.safetensors"], "no such file"),
+    (["demo", "--out", "/nonexistent/dir/prior.safetensors"], "no folder"),
+])
+def test_bad_prior_input_is_one_line(args, needle):
+    done = run_cli("prior", *args)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr

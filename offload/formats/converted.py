@@ -43,8 +43,10 @@ DENSE_BITS = (16, 8, 4)
 DENSE_GROUP_SIZE = 64
 SPARSE_CHUNK_BITS = (16, 8, 4, 3, 2)  # --sparse: a neuron chunk float16 or group-wise (quant/sparse.py)
 PARTIAL_MARKER = ".moe-offload-partial"  # in DST.partial/ from its mkdir on: proof that convert made the folder
+# Copied as they are. The routing prior (offload/store/prior.py) too: quantized experts shift the routing a
+# little, not which experts follow which tokens, so the copy still starts the cache policy warm.
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-          "special_tokens_map.json", "tokenizer.model")
+          "special_tokens_map.json", "tokenizer.model", "routing-prior.safetensors")
 
 
 

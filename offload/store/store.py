@@ -311,7 +311,7 @@ class ExpertStore:
         the run's copies stay within WASTE_SHARE over prefetch-off's (counting this one's expected waste); and
         never into a slot whose expert the policy expects to be used sooner than the guess (ahead / p layer
         steps, its expected wait)."""
-        if p is None or p < self.MIN_GUESS_ACCURACY + self.FARTHER * (ahead - 1):
+        if p is None or p <= self.MIN_GUESS_ACCURACY + self.FARTHER * (ahead - 1):
             return False
         if self.copies - self.shadow_misses + 1 - p > self.WASTE_SHARE * (self.shadow_misses + 1):
             return False
