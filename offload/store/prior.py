@@ -77,18 +77,22 @@ class RoutingPrior:
         """From the token ids of a text [N] and each MoE layer's routing of them [N, k] (layer -> expert ids)."""
         ids = ids.long()
         N = ids.numel()
-        keys = []
-        for layer, chosen in routing.items():
+        span = layers * experts * ahead
+        found, tallies = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+        for layer, chosen in routing.items():  # counted a layer at a time: N x k x ahead keys at once, not x layers
             if chosen.shape[0] != N:
                 raise ValueError(f"layer {layer}: routing of {chosen.shape[0]} tokens, {N} token ids")
+            keys = []
             for a in range(min(ahead, N)):
                 # token at i, the experts its layer used for the token at i + a
                 token = ids[:N - a].unsqueeze(1).expand(-1, chosen.shape[1])
                 cell = (layer * experts + chosen[a:].long()) * ahead + a
-                keys.append((token * (layers * experts * ahead) + cell).flatten())
-        empty = torch.zeros(0, dtype=torch.long)
-        uniq, counts = torch.unique(torch.cat(keys), return_counts=True) if keys else (empty, empty)
-        span = layers * experts * ahead
+                keys.append((token * span + cell).flatten())
+            uniq, counts = torch.unique(torch.cat(keys), return_counts=True)
+            found.append(uniq)
+            tallies.append(counts)
+        uniq, order = torch.sort(torch.cat(found))  # keys of different layers differ: a sort merges them
+        counts = torch.cat(tallies)[order]
         owner, cells = uniq // span, uniq % span
         token, n = torch.unique(ids, return_counts=True)
         per_token = torch.zeros(token.numel(), dtype=torch.long)
