@@ -36,7 +36,6 @@ import argparse
 import math
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -155,15 +154,13 @@ def vram_for(folder: Path, slots: int) -> int:
     return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
 
 
-def folder_prior(folder: Path) -> Path:
+def folder_prior(folder: Path) -> RoutingPrior:
     """The model's routing prior: the folder's (the demo ships one; scripts/train_finegrained.py writes one), else
-    one counted now on the default calibration text (the demo corpus' training split) into a temporary file."""
+    one counted now on the default calibration text (the demo corpus' training split)."""
     if (folder / PRIOR_FILE).is_file():
-        return folder / PRIOR_FILE
-    path = Path(tempfile.mkdtemp()) / PRIOR_FILE
+        return RoutingPrior.load(folder / PRIOR_FILE)
     print(f"  counting a routing prior for {folder} on the training text", flush=True)
-    routing_prior(folder, *calibration_text(None)).save(path)
-    return path
+    return routing_prior(folder, *calibration_text(None))
 
 
 def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
@@ -171,8 +168,7 @@ def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
     trace = record_trace(folder, texts, tokens)
     cfg = offload.models.open_checkpoint(folder).config
     total = cfg.experts_total
-    prior_path = folder_prior(folder)
-    prior = RoutingPrior.load(prior_path)
+    prior = folder_prior(folder)
     # What the prior's gain is made of, on this model that has memorized its training text: as little
     # training text as the held-out passages the prompts leave over, and those passages themselves.
     train, source = calibration_text(None)
@@ -183,11 +179,11 @@ def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
     rows = policy_rows(trace, total, cfg.num_experts_per_tok, len(cfg.moe_layers), prior=prior, others=others)
     # The replay is the store: the runtime's default policy (from the prior) with prefetch off, at one budget.
     check_slots = rows[1]["device_slots"]
-    store = measure_decode(folder, texts, tokens, vram_for(folder, check_slots), prefetch=0, prior=prior_path)
+    store = measure_decode(folder, texts, tokens, vram_for(folder, check_slots), prefetch=0, prior=prior)
     prefetch = []
     for row in rows:
         vram = vram_for(folder, row["device_slots"])
-        runs = {p: measure_decode(folder, texts, tokens, vram, prefetch=p, prior=prior_path) for p in (0, 1, 2)}
+        runs = {p: measure_decode(folder, texts, tokens, vram, prefetch=p, prior=prior) for p in (0, 1, 2)}
         off = runs[0]
         entry = {"device_slots": row["device_slots"], "policy": DEFAULT_POLICY, "routing_prior": True}
         for p, r in runs.items():
@@ -212,7 +208,8 @@ def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
             "prefetch": prefetch}
 
 
-def measure_decode(folder: Path, texts: list[str], tokens: int, vram: int, prefetch: int, prior: Path) -> dict:
+def measure_decode(folder: Path, texts: list[str], tokens: int, vram: int, prefetch: int,
+                   prior: RoutingPrior) -> dict:
     """The store's own counters over the decode steps (default policy, from the routing `prior`): demand +
     prefetch hit rate, bytes host->device per decode token, and what prefetch issued, got used, and wasted
     (evicted unused)."""
@@ -237,24 +234,24 @@ def measure_decode(folder: Path, texts: list[str], tokens: int, vram: int, prefe
 SHAPES = {"Mixtral-8x7B": (32, 8, 2), "Qwen3-30B-A3B": (48, 128, 8)}  # MoE layers, experts, experts per token
 
 
-def policy_cost(tokens: int = 200, seed: int = 0) -> list[dict]:
+def policy_cost(tokens: int = 200, seed: int = 0, calibration: int = 4000) -> list[dict]:
     """Each policy's bookkeeping (visit, lookups, evictions) in ms per decode token on synthetic routing of real
     model shapes, with a quarter of the experts in device slots; the context policy also from a routing prior
-    counted on as many tokens more of the same synthetic text (each token new to the run then materializes its
-    prior counts)."""
+    counted on `calibration` tokens more of the same synthetic text (each token new to the run then copies in
+    its prior counts: thousands of (layer, expert, ahead) cells for a frequent token of a fine-grained model)."""
     rows = []
     for model, (layers, experts, k) in SHAPES.items():
         rng = random.Random(seed)
         remembered: dict[tuple[int, int], list[int]] = {}
         steps = []
-        for _ in range(2 * tokens):
+        for _ in range(calibration + tokens):
             token = min(int(rng.paretovariate(1.0)), 300)
             for layer in range(layers):
                 picked = remembered.setdefault((token, layer), rng.sample(range(experts), k))
                 steps.append((layer, picked if rng.random() < 0.6 else rng.sample(range(experts), k), [token]))
-        calibration, steps = steps[:len(steps) // 2], steps[len(steps) // 2:]
-        prior = RoutingPrior.build(torch.tensor([t[0] for layer, _, t in calibration if layer == 0]),
-                                   {lay: torch.tensor([p for layer, p, _ in calibration if layer == lay])
+        text, steps = steps[:calibration * layers], steps[calibration * layers:]
+        prior = RoutingPrior.build(torch.tensor([t[0] for layer, _, t in text if layer == 0]),
+                                   {lay: torch.tensor([p for layer, p, _ in text if layer == lay])
                                     for lay in range(layers)},
                                    layers=layers, experts=experts, vocab=301, ahead=Context.AHEAD)
         slots = layers * experts // 4

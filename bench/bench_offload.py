@@ -194,17 +194,22 @@ def policy_comparison(folder, device: str, slot_counts: list[int], tokens: int, 
 def policy_sweep(models: dict, texts: list[str], tokens: dict) -> list[dict]:
     """Each model's routing trace (greedy, prefetch off, float32 on the CPU: the trace does not depend on the
     device) replayed through every cache policy next to Belady's optimum, at an eighth to three quarters of
-    its experts."""
+    its experts; the context policy also from the folder's routing prior where it has one (`context_prior`:
+    the runtime's default there)."""
     from bench_cache import policy_rows, record_trace
+
+    from offload.store.prior import FILE, RoutingPrior
 
     out = []
     for name, (folder, dtype) in models.items():
         print(f"policies on {name}: tracing {len(texts)} x {tokens[name]} greedy tokens", flush=True)
         trace = record_trace(folder, texts, tokens[name], dtype)
         cfg = config_of(folder)
+        prior = RoutingPrior.load(folder / FILE) if (folder / FILE).is_file() else None
         out.append({"model": name, "dtype": dtype, "tokens": tokens[name], "experts": cfg.experts_total, "experts_per_token": cfg.num_experts_per_tok,
                     "decode_expert_uses": sum(len(s[2]) for s in trace if s[0]),
-                    "rows": policy_rows(trace, cfg.experts_total, cfg.num_experts_per_tok, len(cfg.moe_layers))})
+                    "rows": policy_rows(trace, cfg.experts_total, cfg.num_experts_per_tok, len(cfg.moe_layers),
+                                        prior=prior)})
     return out
 
 

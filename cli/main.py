@@ -358,12 +358,16 @@ def prior(
     from cli.progress import progress_bar
     from offload import UserError
     from offload.calibrate import calibration_text, routing_prior
+    from offload.demo import DEMO_DIR
     from offload.runtime import resolve_model_path
     from offload.store.prior import FILE
 
     src = resolve_model_path(model)
     if not Path(src).is_dir():
         raise UserError(f"{model}: no such model folder")
+    if out is None and Path(src).resolve() == DEMO_DIR.resolve():
+        raise UserError("the demo model's folder is part of the package and ships its prior; pass --out to write "
+                        "one elsewhere (and --routing-prior to use it)")
     dst = Path(out) if out is not None else Path(src) / FILE
     if tokens < 2:
         raise UserError(f"--tokens must be at least 2, got {tokens}")

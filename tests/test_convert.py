@@ -153,7 +153,8 @@ def test_the_demo_model_converts_at_every_width_and_generates(tmp_path):
         rt = offload.load(dst, device="cpu", context=128)
         text = "".join(rt.generate("The for statement", max_new_tokens=12))
         assert len(rt.last["tokens"]) == 12 and text
-        assert rt.store.routing_prior is not None  # the demo's prior came along
+        prior = "routing-prior.safetensors"  # the demo's routing prior came along
+        assert (dst / prior).read_bytes() == (resolve_model_path("demo") / prior).read_bytes()
 
 
 def test_interrupted_conversion_leaves_nothing_generate_accepts_and_a_rerun_succeeds(tiny_checkpoint, tmp_path):

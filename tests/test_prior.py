@@ -28,6 +28,20 @@ def random_routing(seed: int, n: int = 300, vocab: int = 20, layers: int = 3, ex
     return ids, routing
 
 
+def test_the_counts_are_what_the_context_policy_counts_online():
+    """A prior is what a cold context policy, decoding the same text, would have counted for each token alone."""
+    ids, routing = random_routing(4, n=400, vocab=15)
+    prior = RoutingPrior.build(ids, routing, layers=3, experts=6, vocab=15, ahead=Context.AHEAD)
+    policy = Context()
+    for i, t in enumerate(ids.tolist()):
+        for layer in range(3):
+            policy.visit(layer, routing[layer][i].tolist(), [t])
+    for t in range(15):
+        seen = policy.seen.get((t,))
+        online = (seen.n, {layer: u for layer, u in seen.used.items() if u}) if seen else (0, {})
+        assert prior.used(t) == online
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_the_counts_are_the_routing_that_followed_each_token(seed):
     ids, routing = random_routing(seed)
@@ -68,6 +82,21 @@ def test_the_file_round_trips_and_a_wrong_file_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
     with pytest.raises(UserError, match="not a routing prior"):
         RoutingPrior.load(tmp_path / "weights.safetensors")
+
+    # Tagged as a prior, damaged inside: refused at load, not midway through a run.
+    damages = {
+        "offsets": lambda t, m: t.update(offsets=t["offsets"][:-1]),
+        "cells": lambda t, m: t.update(cells=t["cells"] + 1000),
+        "counts": lambda t, m: t.update(counts=t["counts"].float()),
+        "meta": lambda t, m: m.pop("tokens"),
+        "layers": lambda t, m: m.update(layers="x"),
+    }
+    for name, damage in damages.items():
+        tensors, meta = dict(prior.tensors), dict(prior.meta)
+        damage(tensors, meta)
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(UserError, match="damaged"):
+            RoutingPrior.load(tmp_path / f"{name}.safetensors")
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -145,8 +174,15 @@ def test_the_prior_command_writes_a_file_runs_pick_up(tmp_path):
     done = run_cli("prior", folder, "--calibration", text)
     assert done.returncode == 0, done.stderr
     assert (folder / FILE).is_file() and "wrote" in done.stderr
-    with offload.load(folder, device="cpu", context=64) as rt:
+    with offload.load(folder, device="cpu", context=256, vram=budget(folder, 3)) as rt:
         assert rt.store.routing_prior is not None and rt.store.routing_prior.meta["source"] == str(text)
+    with offload.load(folder, device="cpu", context=256) as rt:  # every expert resident: nothing to evict
+        assert rt.store.routing_prior is None and rt.stats()["routing_prior"] == "none"
+    with offload.load(folder, device="cpu", context=256, vram=budget(folder, 3), policy="lru") as rt:
+        assert rt.store.routing_prior is None  # only the context policy reads one
+    with pytest.raises(UserError, match="does not read one"):
+        offload.load(folder, device="cpu", context=256, policy="cycle", routing_prior=folder / FILE)
+    assert not [f for f in folder.iterdir() if f.name.startswith(".")]  # no temporary file left
     again = run_cli("prior", folder, "--calibration", text)
     assert again.returncode == 2 and "--force" in again.stderr and again.stderr.count("\n") == 1
     assert run_cli("prior", folder, "--calibration", text, "--force").returncode == 0
@@ -166,9 +202,10 @@ def test_a_prior_of_another_model_is_a_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["/nonexistent/model"], "no such model folder"),
-    (["demo", "--tokens", "1"], "--tokens must be at least 2"),
+    (["demo", "--tokens", "1", "--out", "/tmp/never-written.safetensors"], "--tokens must be at least 2"),
     (["demo", "--calibration", "/nonexistent.txt", "--out", "/tmp/never-written.safetensors"], "no such file"),
     (["demo", "--out", "/nonexistent/dir/prior.safetensors"], "no folder"),
+    (["demo"], "part of the package"),
 ])
 def test_bad_prior_input_is_one_line(args, needle):
     done = run_cli("prior", *args)

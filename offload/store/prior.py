@@ -23,6 +23,7 @@ with metadata naming the model's shape (layers, experts, vocabulary), `ahead`, a
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -106,11 +107,14 @@ class RoutingPrior:
         return cls(tensors, meta)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write to `path` whole or not at all (a temporary file beside it, renamed over it)."""
+        """Write to `path` whole or not at all (a temporary file of its own beside it, renamed over it)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        tmp = Path(name)
         try:
-            tmp.write_bytes(save(self.tensors, metadata=self.meta))
+            with os.fdopen(fd, "wb") as f:
+                f.write(save(self.tensors, metadata=self.meta))
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -126,6 +130,9 @@ class RoutingPrior:
                             f"`moe-offload prior`") from None
         if meta.get("format") != FORMAT or set(tensors) != set(TENSORS):
             raise UserError(f"routing prior {path}: not a routing prior written by `moe-offload prior`")
+        problem = _damage(tensors, meta)
+        if problem:
+            raise UserError(f"routing prior {path}: damaged ({problem}); make it again with `moe-offload prior`")
         return cls(tensors, meta)
 
     def check(self, cfg, path: str | os.PathLike) -> None:
@@ -144,6 +151,36 @@ class RoutingPrior:
                             f"again with `moe-offload prior`, or pass --routing-prior none")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _damage(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
+    """What is wrong with a routing prior file's contents, or None: every field `used` reads is checked here,
+    so a damaged file is refused at load, not midway through a run."""
+    for key in ("layers", "experts", "vocab", "ahead", "tokens"):
+        if not meta.get(key, "").isdigit() or (key != "tokens" and int(meta[key]) == 0):
+            return f"metadata {key!r} is {meta.get(key)!r}, not a positive whole number"
+    for name, t in tensors.items():
+        if t.dtype not in (torch.int16, torch.int32, torch.int64) or t.dim() != 1:
+            return f"{name} is {t.dtype} of shape {list(t.shape)}, not a vector of whole numbers"
+    T, C = tensors["token"].numel(), tensors["cells"].numel()
+    offsets = tensors["offsets"]
+    if tensors["n"].numel() != T or offsets.numel() != T + 1 or tensors["counts"].numel() != C:
+        return "the tensors' lengths do not agree"
+    if int(offsets[0]) != 0 or int(offsets[-1]) != C or bool((offsets[1:] < offsets[:-1]).any()):
+        return "offsets do not run from 0 to the cell count"
+    span = int(meta["layers"]) * int(meta["experts"]) * int(meta["ahead"])
+    cells, token = tensors["cells"], tensors["token"]
+    if C and (int(cells.min()) < 0 or int(cells.max()) >= span):
+        return f"a cell is outside 0 .. {span - 1}"
+    if T and (int(token.min()) < 0 or int(token.max()) >= int(meta["vocab"])):
+        return "a token id is outside the vocabulary"
+    return None
+
+
 def describe(prior: RoutingPrior | None) -> str:
     """A run's routing prior in stats and profiles: its calibration text and tokens, or 'none'."""
     return "none" if prior is None else f"{prior.meta.get('source') or 'unnamed text'} ({prior.meta['tokens']} tokens)"
@@ -155,8 +192,12 @@ def _narrow(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int16 if fits else torch.int32)
 
 
-def find(folder: str | os.PathLike, choice: str | os.PathLike | None, cfg) -> RoutingPrior | None:
-    """The prior a run uses: `choice` 'auto' (the folder's FILE when there is one), 'none', or a path."""
+def find(folder: str | os.PathLike, choice, cfg) -> RoutingPrior | None:
+    """The prior a run uses: `choice` 'auto' (the folder's FILE when there is one), 'none', a path, or a
+    RoutingPrior."""
+    if isinstance(choice, RoutingPrior):
+        choice.check(cfg, choice.meta.get("source") or "given")
+        return choice
     if choice is None or str(choice) == "none":
         return None
     if str(choice) == "auto":

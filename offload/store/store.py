@@ -102,7 +102,8 @@ class ExpertStore:
         self.cfg, self.ckpt, self.device, self.dtype = cfg, ckpt, device, dtype
         check_options(prefetch, cpu_experts, policy)
         self.prefetch, self.cpu_experts, self.policy = prefetch, cpu_experts, policy
-        self.routing_prior = routing_prior  # offload/store/prior.py: where the context policy starts from
+        # offload/store/prior.py: where the context policy starts from (set below to None where nothing reads it)
+        self.routing_prior = routing_prior
         self.source = open_source(ckpt, dtype)
         self.layout = self.source.layout
         self.cuda = device.type == "cuda"
@@ -160,6 +161,8 @@ class ExpertStore:
         # context policy's counting is the costly part), and every policy keeps the same experts.
         evicts = self.plan.device_slots < self.plan.experts_total
         chosen = (lambda: make_policy(policy, routing_prior)) if evicts else LRU
+        if not evicts:
+            self.routing_prior = None
         self.dev_table = SlotTable(self.plan.device_slots, chosen(), per_layer=layers)
         self.prefetched: set[Key] = set()            # on the device by prefetch, not used since
         # Router-ahead accuracy, measured on every guess (copied or not) when its layer runs:
