@@ -183,10 +183,13 @@ def test_context_ranks_stay_consistent_and_victims_nearly_always_least_urgent():
     assert evictions > 1000 and least >= 0.97 * evictions
 
 
-def test_context_memory_is_capped():
-    """Past MAX_CELLS counters the contexts seen least recently are dropped, and the policy goes on."""
+@pytest.mark.parametrize("cap", [5, 200])
+def test_context_memory_is_capped(cap):
+    """Past MAX_CELLS counters the contexts seen least recently are dropped, and the policy goes on; one dropped
+    while an earlier token's context (a cap below a token's counters) is counted no more, so the count stays
+    the true sum."""
     policy = Context()
-    policy.MAX_CELLS = 200
+    policy.MAX_CELLS = cap
     table = SlotTable(6, policy)
     rng = random.Random(2)
     for _ in range(400):

@@ -278,9 +278,13 @@ class Context(Cycle):
             seen.n += 1
             contexts.append(seen)
         self.recent = [contexts] + self.recent[:self.AHEAD - 1]
+        dropped = set()
         while self.cells > self.MAX_CELLS and len(self.seen) > len(contexts):
             _, old = self.seen.popitem(last=False)
             self.cells -= old.cells
+            dropped.add(id(old))
+        if dropped:  # an earlier token's context dropped here is counted no more (its cells would go uncapped)
+            self.recent = [[seen for seen in ctxs if id(seen) not in dropped] for ctxs in self.recent]
 
     def _new(self, ngram: tuple[int, ...]) -> _Seen:
         """A context met for the first time in this run: empty, or for one token the prior's counts."""
