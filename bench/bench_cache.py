@@ -52,8 +52,8 @@ from offload.demo import DEMO_DIR, documents  # noqa: E402
 from offload.store import Stats  # noqa: E402
 from offload.store.cache import DEFAULT_POLICY, POLICIES, Context, Cycle, SlotTable, make_policy  # noqa: E402
 from offload.store.optimum import _uses, optimum, rate, replay, step  # noqa: E402
-from offload.store.prior import FILE as PRIOR_FILE  # noqa: E402
 from offload.store.prior import RoutingPrior  # noqa: E402
+from offload.store.prior import find as find_prior  # noqa: E402
 
 FINEGRAINED = Path(__file__).resolve().parents[1] / "runs" / "qwen3-demo"
 Key = tuple[int, int]
@@ -154,24 +154,17 @@ def vram_for(folder: Path, slots: int) -> int:
     return plan.dense_bytes + plan.kv_bytes + plan.margin_bytes + slots * plan.blob_bytes
 
 
-def folder_prior(folder: Path) -> RoutingPrior:
-    """The model's routing prior: the folder's (the demo ships one; scripts/train_finegrained.py writes one), else
-    one counted now on the default calibration text (the demo corpus' training split)."""
-    if (folder / PRIOR_FILE).is_file():
-        return RoutingPrior.load(folder / PRIOR_FILE)
-    print(f"  counting a routing prior for {folder} on the training text", flush=True)
-    return routing_prior(folder, *calibration_text(None))
-
-
 def study(name: str, folder: Path, texts: list[str], tokens: int) -> dict:
     print(f"{name}: tracing {len(texts)} x {tokens} greedy tokens", flush=True)
     trace = record_trace(folder, texts, tokens)
     cfg = offload.models.open_checkpoint(folder).config
     total = cfg.experts_total
-    prior = folder_prior(folder)
+    # The model's routing prior: the folder's (the demo ships one; scripts/train_finegrained.py writes one), else
+    # one counted now on the default calibration text (the demo corpus' training split).
+    train, source = calibration_text(None)
+    prior = find_prior(folder, "auto", cfg) or routing_prior(folder, train, source)
     # What the prior's gain is made of, on this model that has memorized its training text: as little
     # training text as the held-out passages the prompts leave over, and those passages themselves.
-    train, source = calibration_text(None)
     unused = "\n".join(documents("heldout")[len(texts):])
     small = routing_prior(folder, unused, "unused held-out passages")
     others = {"train_as_many_tokens": routing_prior(folder, train, source, max_tokens=int(small.meta["tokens"])),

@@ -198,14 +198,14 @@ def policy_sweep(models: dict, texts: list[str], tokens: dict) -> list[dict]:
     the runtime's default there)."""
     from bench_cache import policy_rows, record_trace
 
-    from offload.store.prior import FILE, RoutingPrior
+    from offload.store.prior import find
 
     out = []
     for name, (folder, dtype) in models.items():
         print(f"policies on {name}: tracing {len(texts)} x {tokens[name]} greedy tokens", flush=True)
         trace = record_trace(folder, texts, tokens[name], dtype)
         cfg = config_of(folder)
-        prior = RoutingPrior.load(folder / FILE) if (folder / FILE).is_file() else None
+        prior = find(folder, "auto", cfg)
         out.append({"model": name, "dtype": dtype, "tokens": tokens[name], "experts": cfg.experts_total, "experts_per_token": cfg.num_experts_per_tok,
                     "decode_expert_uses": sum(len(s[2]) for s in trace if s[0]),
                     "rows": policy_rows(trace, cfg.experts_total, cfg.num_experts_per_tok, len(cfg.moe_layers),

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 import quant
-from lut import TABLE_MODEL_TYPES
 from quant.errors import UserError
 
 WINDOW = 256          # tokens per calibration forward (bos prepended)
@@ -142,16 +141,14 @@ def routing_prior(src: Path, text: str, name: str, max_tokens: int = PRIOR_TOKEN
     """The routing prior (offload/store/prior.py) of the model in `src` on `text`: its routing of each token,
     teacher-forced, counted per token id and tokens ahead. On a GPU (`device`) the model runs in its half
     precision, streaming its experts like a run."""
-    from .models import open_checkpoint
+    from .models import EXPERT_MODEL_TYPES, open_checkpoint
     from .store.cache import Context
     from .store.prior import RoutingPrior
 
-    ckpt = open_checkpoint(src)  # a folder that is not a model is refused here, before the text is read in
+    # A folder that is not a model with routed experts (a table folder) is refused here, before the text runs.
+    ckpt = open_checkpoint(src, EXPERT_MODEL_TYPES)
     cfg = ckpt.config
     ckpt.close()
-    if cfg.model_type in TABLE_MODEL_TYPES:
-        raise UserError(f"{src}: a lookup-table folder routes no tokens to experts; a routing prior is for "
-                        f"models with routed experts")
     calib = record(src, text, name, max_tokens, progress, hidden=False, device=device,
                    dtype="float32" if device == "cpu" else "auto")
     return RoutingPrior.build(calib.ids, calib.routed, layers=cfg.num_hidden_layers, experts=cfg.num_local_experts,

@@ -301,13 +301,15 @@ def set_threads(threads: int) -> int:
 
 
 def prior_for(folder, choice, cfg, policy: str):
-    """The routing prior of a run (offload/store/prior.py), for the context policy only: with another policy
-    the folder's is not read, and one named is refused."""
-    if isinstance(POLICIES.get(policy), type) and issubclass(POLICIES[policy], Context):
+    """The routing prior of a run (offload/store/prior.py), for the context policy of a model with routed
+    experts only: otherwise the folder's is not read, and one named is refused."""
+    tables = cfg.model_type in TABLE_MODEL_TYPES
+    if not tables and isinstance(POLICIES.get(policy), type) and issubclass(POLICIES[policy], Context):
         return find_prior(folder, choice, cfg)
     if choice not in (None, "auto", "none"):
-        raise UserError(f"--routing-prior is where the context cache policy starts from; --cache-policy {policy} "
-                        f"does not read one")
+        raise UserError("--routing-prior: a lookup-table folder routes no tokens to experts; leave it out" if tables
+                        else f"--routing-prior is where the context cache policy starts from; --cache-policy "
+                             f"{policy} does not read one")
     return None
 
 
@@ -334,18 +336,16 @@ def load(path: str | os.PathLike | None = "demo", device: str = "auto", dtype: s
     prior_choice = store_options.pop("routing_prior", "auto")
     store = None
     try:
+        prior = prior_for(ckpt.path, prior_choice, cfg, store_options.get("policy", DEFAULT_POLICY))
         if cfg.model_type in TABLE_MODEL_TYPES:
             # Mixture-of-Lookup-Experts tables instead of routed experts. The expert store's options have nothing to act on here, but a wrong value is still refused, and
             # a name neither store takes is a TypeError, as for a Mixtral folder.
             check_options(**{k: store_options[k] for k in ("prefetch", "cpu_experts", "policy") if k in store_options})
-            if prior_choice not in (None, "auto", "none"):
-                raise UserError("--routing-prior: a lookup-table folder routes no tokens to experts; leave it out")
             experts_only = (inspect.signature(ExpertStore).parameters.keys()
                             - inspect.signature(TableStore).parameters.keys())
             store = TableStore(ckpt, dev, dt, **{k: v for k, v in store_options.items() if k not in experts_only})
             check_table_vram(store, context)
         else:
-            prior = prior_for(ckpt.path, prior_choice, cfg, store_options.get("policy", DEFAULT_POLICY))
             store = ExpertStore(ckpt, dev, dt, context=context, progress=progress, routing_prior=prior,
                                 **store_options)
         fmt = dense_format(read_info(ckpt.path))

@@ -51,7 +51,7 @@ def read_config(raw: dict, source: str, model_types: tuple[str, ...] = tuple(FAM
     if model_type not in model_types:
         hint = ""
         if model_type in TABLE_MODEL_TYPES:
-            hint = " (a table folder holds no experts to convert; convert the MoLE checkpoint it came from)"
+            hint = " (a table folder holds no routed experts; use the MoLE checkpoint it came from)"
         raise UserError(f"{source}: model_type is {model_type!r}, which this command does not run "
                         f"(supported: {', '.join(model_types)}){hint}")
     return FAMILIES[model_type].config(raw, source)

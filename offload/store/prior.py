@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from quant.errors import UserError
+from quant.files import save_tensors
 
 FILE = "routing-prior.safetensors"
 FORMAT = "moe-offload routing prior 1"
@@ -110,11 +111,10 @@ class RoutingPrior:
         """Write to `path` whole or not at all (a temporary file of its own beside it, renamed over it)."""
         path = Path(path)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
         tmp = Path(name)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(save(self.tensors, metadata=self.meta))
-            os.chmod(tmp, 0o666 & ~_umask())
+            save_tensors(self.tensors, tmp, metadata=self.meta)  # its "format" is ours
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -149,12 +149,6 @@ class RoutingPrior:
             raise UserError(f"routing prior {path} was made for a model with {mine[0]} layers, {mine[1]} experts "
                             f"and {mine[2]} tokens; this one has {model[0]}, {model[1]} and {model[2]}: make it "
                             f"again with `moe-offload prior`, or pass --routing-prior none")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _damage(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
