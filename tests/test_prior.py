@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import make_checkpoint, run_cli
 from test_optimum import repeating_trace
-from test_store import budget, run
+from test_store import budget, recorded, run
 
 import offload
 from offload import UserError
 from offload.calibrate import calibration_text, routing_prior
 from offload.demo import DEMO_DIR
 from offload.store.cache import Context
-from offload.store.optimum import optimum, replay, step
+from offload.store.optimum import optimum, replay
 from offload.store.prior import FILE, RoutingPrior
 
 
@@ -149,13 +149,7 @@ def test_a_prior_never_changes_tokens_or_logits(demo_runs):
 def test_replaying_with_the_prior_is_the_store():
     """The ruler with a prior: replaying the store's layer steps from the same prior gives its own hits."""
     rt = offload.load("demo", device="cpu", context=256, prefetch=0, cpu_experts="never", vram=budget("demo", 8))
-    trace, prepare = [], rt.store.prepare
-
-    def recording(layer, h, experts, guesses=None, tokens=None):
-        trace.append(step(h.shape[0] == 1, layer, experts, tokens))
-        return prepare(layer, h, experts, guesses, tokens)
-
-    rt.store.prepare = recording
+    trace = recorded(rt)
     generated = rt.generate_ids(rt.encode("The for statement is used to"), 40)
     next(generated)
     rt.store.reset_stats()

@@ -197,13 +197,8 @@ def test_a_bigger_budget_never_misses_more(tiny_checkpoint, policy):
     assert misses[-1] < misses[0]
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
-def test_replaying_the_routing_trace_is_the_store(tiny_checkpoint, policy):
-    """The ruler measures the store: replaying the layer steps the store was asked for (with the token ids the
-    context policy learns from) gives exactly the store's own decode hits, prefetch off. With room for a
-    prefill layer's experts: below that the store loads the rest as they run, in an order no trace records."""
-    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=0, policy=policy, cpu_experts="never",
-                      vram=budget(tiny_checkpoint, 8))
+def recorded(rt) -> list[list]:
+    """The routing trace (optimum.step's format) the store of `rt` is asked for from now on, as it is asked."""
     trace, prepare = [], rt.store.prepare
 
     def recording(layer, h, experts, guesses=None, tokens=None):
@@ -211,6 +206,17 @@ def test_replaying_the_routing_trace_is_the_store(tiny_checkpoint, policy):
         return prepare(layer, h, experts, guesses, tokens)
 
     rt.store.prepare = recording
+    return trace
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_replaying_the_routing_trace_is_the_store(tiny_checkpoint, policy):
+    """The ruler measures the store: replaying the layer steps the store was asked for (with the token ids the
+    context policy learns from) gives exactly the store's own decode hits, prefetch off. With room for a
+    prefill layer's experts: below that the store loads the rest as they run, in an order no trace records."""
+    rt = offload.load(tiny_checkpoint, device="cpu", context=256, prefetch=0, policy=policy, cpu_experts="never",
+                      vram=budget(tiny_checkpoint, 8))
+    trace = recorded(rt)
     generated = rt.generate_ids(rt.encode(PROMPT * 2), 24)
     next(generated)  # the prefill's token
     rt.store.reset_stats()
