@@ -195,10 +195,7 @@ def test_context_memory_is_capped(cap):
     for _ in range(400):
         t = rng.randrange(1000)  # many distinct contexts
         for layer in range(4):
-            experts = rng.sample(range(8), 2)
-            table.visit(layer, experts, [t])
-            for key in {(layer, e) for e in experts}:
-                table.lookup(key) is not None or table.assign(key, {(layer, e) for e in experts})
+            table.demand_step(layer, rng.sample(range(8), 2), [t])
         assert policy.cells <= policy.MAX_CELLS + 3 * 4 * 8  # at most one token's new counters over the cap
         assert policy.cells == sum(seen.cells for seen in policy.seen.values())
     assert len(policy.seen) < 3 * 400
