@@ -289,10 +289,10 @@ def folder_bytes(folder: Path) -> dict[str, int]:
 def write_routing_prior(folder: Path) -> None:
     """routing-prior.safetensors: which experts followed each token on the training text (what `moe-offload
     prior` writes), where the context cache policy starts from (offload/store/prior.py)."""
-    from offload.calibrate import DEFAULT_CORPUS, routing_prior
+    from offload.calibrate import calibration_text, routing_prior
     from offload.store.prior import FILE
 
-    routing_prior(folder, corpus("train"), DEFAULT_CORPUS).save(folder / FILE)
+    routing_prior(folder, *calibration_text(None)).save(folder / FILE)  # None: the training text
 
 
 def write_readme(folder: Path, args, report: dict) -> None:
